@@ -1,0 +1,109 @@
+"""``launcher run|config|submit``: parse, load the job, dispatch; one place reports errors and picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing import SignalException
+
+from . import config as config_mod
+from . import env as env_mod
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure
+from .spawn import spawn
+from .worker import execute
+
+
+def job_spec(job: config_mod.Job) -> dict[str, Any]:
+    """The worker spec that runs ``job`` (same in spawned ranks, torchrun and srun)."""
+    return {
+        "target": "launcher.worker:run_job",
+        "args": (config_mod.to_dict(job), job.source),
+        "backend": job.distributed.backend,
+        "timeout_s": job.distributed.timeout_s,
+        "startup_timeout_s": job.distributed.startup_timeout_s,
+        "seed": job.seed,
+    }
+
+
+def write_resolved(job: config_mod.Job) -> Path:
+    """Save the resolved job as ``run_dir/job.yaml`` (atomically) for the record and for resume checks."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    path = job.run_dir / "job.yaml"
+    tmp = path.with_name(f".job.yaml.{os.getpid()}.tmp")
+    tmp.write_text(config_mod.dump(job))
+    os.replace(tmp, path)
+    return path
+
+
+def cmd_run(job: config_mod.Job) -> int:
+    environment = env_mod.detect()
+    spec = job_spec(job)
+    if not environment.spawns_here():
+        # Under torchrun or in an srun step: this process is one rank of the job.
+        if environment.rank() == 0:
+            write_resolved(job)
+        execute(spec)
+        return EXIT_OK
+    write_resolved(job)
+    nproc = job.distributed.nproc_per_node
+    print(f"[launcher] {job.name}: starting {nproc} rank(s); logs in {job.run_dir / 'logs'}", flush=True)
+    results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=job.distributed.max_restarts)
+    print(f"[launcher] {job.name}: finished on {len(results)} rank(s); rank 0 returned {results[0]!r}")
+    return EXIT_OK
+
+
+def cmd_config(job: config_mod.Job) -> int:
+    print(config_mod.dump(job), end="")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launcher", description="Run the same PyTorch DDP job on a laptop, a GPU box or SLURM."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "run the job on this machine (or as one rank under torchrun / srun)"),
+        ("config", "print the resolved job file"),
+        ("submit", "submit the job to SLURM through submitit"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("job", help="job file (YAML)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides (value parsed as YAML)")
+        if name == "submit":
+            p.add_argument("--wait", action="store_true", help="follow the job and exit with its result")
+            p.add_argument("--sweep", action="append", default=[], help="an override set: 'a=1 b=2'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``launcher`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        job = config_mod.load(args.job, args.overrides)
+        if args.command == "config":
+            return cmd_config(job)
+        if args.command == "submit":
+            from .slurm import cmd_submit  # submitit is only imported when submitting
+
+            return cmd_submit(job, wait=args.wait, sweeps=args.sweep)
+        return cmd_run(job)
+    except config_mod.ConfigError as e:
+        print(f"launcher: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RankFailure as e:
+        print(f"launcher: job failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except LaunchError as e:
+        print(f"launcher: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SignalException as e:
+        print(f"launcher: stopped by {e.sigval.name}; all ranks were stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:
+        print("launcher: interrupted", file=sys.stderr)
+        return 130

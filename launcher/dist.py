@@ -1,0 +1,160 @@
+"""Process-group set-up and rank helpers that answer sensibly when nothing is distributed.
+
+Training code never branches on "is DDP on?": ``get_rank()`` is 0, ``get_world_size()`` is 1, ``barrier()`` is a
+no-op and the object collectives return the single-process answer when no process group exists.
+Functions marked *collective* must be called by all ranks together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as tdist
+
+from .env import ClusterEnvironment
+
+T = TypeVar("T")
+
+_state: dict[str, Any] = {"step": None, "step_timeout_s": None, "first_step_done": False}
+
+
+def is_initialized() -> bool:
+    """True when a default process group exists."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 when not distributed."""
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks, 1 when not distributed."""
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    """Rank on this node (from the launcher's environment), 0 when not distributed."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and when not distributed)."""
+    return get_rank() == 0
+
+
+def get_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` on NCCL runs, else CPU."""
+    if is_initialized() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_backend(backend: str, local_world_size: int) -> str:
+    """``auto`` -> NCCL when every local rank gets its own CUDA device, else Gloo."""
+    if backend != "auto":
+        return backend
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size:
+        return "nccl"
+    return "gloo"
+
+
+def init(env: ClusterEnvironment, backend: str, startup_timeout_s: float, step_timeout_s: float) -> str:
+    """Create the default process group for ``env``; returns the backend used.
+
+    The CUDA device is set before ``init_process_group`` (NCCL binds to the current device). Collectives use
+    ``startup_timeout_s`` until :func:`note_step` reports the first completed step, then ``step_timeout_s``.
+    """
+    backend = resolve_backend(backend, env.local_world_size())
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank())
+    kwargs: dict[str, Any] = {}
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        # srun step or another launcher that does not export MASTER_ADDR/PORT: say it explicitly.
+        kwargs["init_method"] = f"tcp://{env.master_addr()}:{env.master_port()}"
+    tdist.init_process_group(
+        backend=backend,
+        rank=env.rank(),
+        world_size=env.world_size(),
+        timeout=datetime.timedelta(seconds=startup_timeout_s),
+        **kwargs,
+    )
+    _state.update(step=None, step_timeout_s=step_timeout_s, first_step_done=False)
+    return backend
+
+
+def teardown() -> None:
+    """Destroy every process group (safe to call twice)."""
+    _gloo_group.cache_clear()
+    if is_initialized():
+        tdist.destroy_process_group()
+
+
+def note_step(step: int) -> None:
+    """Tell the launcher a training step completed (for error messages and timeouts).
+
+    After the first step the collective timeout drops from the start-up value to ``distributed.timeout_s``.
+    Not collective; cheap enough to call every step.
+    """
+    _state["step"] = step
+    if not _state["first_step_done"] and is_initialized() and _state["step_timeout_s"]:
+        _state["first_step_done"] = True
+        timeout = datetime.timedelta(seconds=_state["step_timeout_s"])
+        tdist.set_timeout(timeout)
+        if _gloo_group.cache_info().currsize:
+            tdist.set_timeout(timeout, _gloo_group())
+
+
+def current_step() -> int | None:
+    """The last step passed to :func:`note_step` (None before the first)."""
+    return _state["step"]
+
+
+@functools.lru_cache(maxsize=1)
+def _gloo_group() -> Any:
+    """A gloo group over all ranks for object collectives (never NCCL: they pickle on the CPU)."""
+    if tdist.get_backend() == "gloo":
+        return tdist.group.WORLD
+    return tdist.new_group(backend="gloo")
+
+
+def barrier() -> None:
+    """*Collective.* Wait for all ranks (no-op when not distributed); bounded by the group timeout."""
+    if is_initialized() and get_world_size() > 1:
+        tdist.monitored_barrier(_gloo_group()) if tdist.get_backend() == "gloo" else tdist.barrier()
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """*Collective.* Every rank's ``obj`` in rank order (``[obj]`` when not distributed)."""
+    if not is_initialized() or get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    tdist.all_gather_object(out, obj, group=_gloo_group())
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """*Collective.* Rank ``src``'s ``obj`` on every rank."""
+    if not is_initialized() or get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src, group=_gloo_group())
+    return box[0]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """*Collective.* Element-wise sum over ranks of a tensor on this rank's device (a new tensor)."""
+    out = values.clone()
+    if is_initialized() and get_world_size() > 1:
+        tdist.all_reduce(out)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """*Collective.* True when ``flag`` is true on at least one rank (one tiny all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=get_device())
+    return bool(all_reduce_sum(t).item() > 0)

@@ -1,0 +1,96 @@
+"""Exit codes and the errors users see when a job fails.
+
+Exit codes of ``launcher run`` / ``launcher submit --wait`` (also in the README):
+
+=====  ==========================================================
+0      the job finished
+1      a rank failed (its rank, host, exit code or signal and traceback are printed)
+2      bad usage or an invalid job file
+3      stopped to be requeued: state saved, run the same command again (SLURM does it for you)
+130    interrupted by Ctrl-C / SIGINT; 143 for SIGTERM
+=====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_REQUEUE = 3
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class LaunchError(RuntimeError):
+    """A user-facing launcher error (printed without a launcher traceback)."""
+
+
+class StopForRequeue(SystemExit):
+    """Raised inside a rank after its state was saved, to exit with :data:`EXIT_REQUEUE`."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_REQUEUE)
+
+
+# Messages that mean "a peer died" rather than "this rank is the cause": used to pick the root cause.
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "ECONNRESET", "Broken pipe")
+
+
+@dataclass
+class Failure:
+    """One failed rank."""
+
+    rank: int
+    host: str
+    exitcode: int
+    signal: str | None
+    timestamp: int
+    message: str
+    traceback: str
+    log_tail: str = ""
+
+    @property
+    def secondary(self) -> bool:
+        """True when this rank most likely failed because another one died first."""
+        return any(s in self.traceback or s in self.message for s in _SECONDARY)
+
+
+class RankFailure(LaunchError):
+    """A rank raised or died; carries the first failure (by time, root causes first) and all others."""
+
+    def __init__(self, failures: list[Failure]) -> None:
+        self.failures = sorted(failures, key=lambda f: (f.timestamp, f.secondary, f.rank))
+        self.first = self.failures[0]
+        super().__init__(self.render())
+
+    @property
+    def exit_code(self) -> int:
+        """What the launcher exits with: the requeue code passes through, anything else is a failure."""
+        if all(f.exitcode == EXIT_REQUEUE for f in self.failures):
+            return EXIT_REQUEUE
+        return EXIT_FAILURE
+
+    def render(self) -> str:
+        f = self.first
+        how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
+        lines = [f"rank {f.rank} failed first (host {f.host}, {how})"]
+        if f.traceback:
+            lines += [f"[rank{f.rank}]: {line}" for line in f.traceback.rstrip().splitlines()]
+        elif f.message:
+            lines.append(f"[rank{f.rank}]: {f.message}")
+        if f.log_tail and not f.traceback:
+            lines.append(f"last lines of rank {f.rank}'s log:")
+            lines += [f"[rank{f.rank}]: {line}" for line in f.log_tail.rstrip().splitlines()]
+        others = [o for o in self.failures if o is not f]
+        if others:
+            lines.append(
+                "also failed: "
+                + ", ".join(
+                    f"rank {o.rank} ({'signal ' + o.signal if o.signal else 'exit code ' + str(o.exitcode)})"
+                    for o in others
+                )
+            )
+        return "\n".join(lines)

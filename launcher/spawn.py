@@ -1,0 +1,228 @@
+"""Start ``nproc`` ranks on this machine and supervise them with torch.distributed.elastic's agent.
+
+What we add on top of the agent (and why we build it ourselves instead of calling ``elastic_launch``):
+
+* the rendezvous is a c10d store created on port 0 of loopback and kept open, so concurrent jobs never race
+  for a port (the agent hands that store to the ranks: MASTER_PORT is its port);
+* every rank runs :mod:`launcher.worker`, whose ``@record`` writes the traceback of a failure, so the user
+  needs no decorator; the first failure is reported with rank, host, exit code or signal and traceback;
+* Ctrl-C stops the ranks gracefully and a second Ctrl-C kills them at once (the agent alone would wait);
+* ranks run in their own sessions and are killed by process group, DataLoader workers included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+
+from .errors import Failure, LaunchError, RankFailure
+from .worker import target_name
+
+# The agent logs every failure at ERROR level; we report the first one ourselves, with its traceback.
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+
+#: Seconds a rank gets to exit after SIGTERM/SIGINT before SIGKILL (graceful stop and failure alike).
+SHUTDOWN_TIMEOUT_S = 3
+
+
+def spawn(
+    spec: dict[str, Any],
+    nproc: int,
+    log_dir: Path,
+    *,
+    max_restarts: int = 0,
+    console_ranks: set[int] | None = frozenset({0}),  # type: ignore[assignment]
+) -> dict[int, Any]:
+    """Run the worker ``spec`` in ``nproc`` local ranks; return ``{rank: result}``.
+
+    Raises:
+        RankFailure: a rank raised or died (after ``max_restarts`` restarts of all ranks).
+        SignalException: the launcher was asked to stop (the ranks are stopped first).
+    """
+    log_dir = Path(log_dir).absolute()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    spec = dict(spec, result_dir=str(log_dir / f"results-{run_id}"))
+    spec_path = log_dir / f"spec-{run_id}.pkl"
+    with open(spec_path, "wb") as f:
+        pickle.dump(spec, f)
+
+    rdzv = RendezvousParameters(
+        backend="c10d",
+        endpoint="127.0.0.1:0",
+        run_id=run_id,
+        min_nodes=1,
+        max_nodes=1,
+        local_addr="127.0.0.1",
+        is_host=True,
+        timeout=int(spec.get("startup_timeout_s", 600)),
+    )
+    worker_spec = WorkerSpec(
+        role="rank",
+        local_world_size=nproc,
+        entrypoint=sys.executable,
+        args=("-u", "-c", "from launcher.worker import main; main()", str(spec_path)),
+        rdzv_handler=rdzv_registry.get_rendezvous_handler(rdzv),
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        local_addr="127.0.0.1",
+    )
+    logs = DefaultLogsSpecs(
+        log_dir=str(log_dir), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter=set(console_ranks or ())
+    )
+    agent = LocalElasticAgent(
+        spec=worker_spec,
+        logs_specs=logs,
+        start_method="spawn",
+        log_line_prefix_template="[rank${rank}]:",
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    restore = _install_signal_handlers(agent)
+    try:
+        result = agent.run()
+    finally:
+        restore()
+        try:
+            worker_spec.rdzv_handler.shutdown()
+        except Exception:  # noqa: BLE001 - the run's outcome matters more than closing the store
+            pass
+        spec_path.unlink(missing_ok=True)
+    try:
+        if result.is_failed():
+            raise RankFailure([_failure(r, f) for r, f in result.failures.items()])
+        return _read_results(Path(spec["result_dir"]), nproc)
+    finally:
+        shutil.rmtree(spec["result_dir"], ignore_errors=True)
+
+
+def _install_signal_handlers(agent: LocalElasticAgent) -> Callable[[], None]:
+    """SIGINT/SIGTERM: graceful stop through the agent; a second signal kills every rank at once."""
+    # The agent registers its own handler for the signals in this variable each time it starts ranks;
+    # we keep SIGINT/SIGTERM for ourselves so that the second signal can escalate.
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            raise SignalException(f"launcher got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+        pcontext = getattr(agent, "_pcontext", None)  # private, but the only handle on the pids
+        for pid in (pcontext.pids().values() if pcontext else []):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(128 + received[0])
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def _failure(rank: int, pf: ProcessFailure) -> Failure:
+    message, tb = "", ""
+    data = pf.message
+    if isinstance(data, dict):
+        message = str(data.get("message", ""))
+        tb = str(data.get("extraInfo", {}).get("py_callstack", ""))
+    elif data:
+        message = str(data)
+    signame = None
+    if pf.exitcode < 0:
+        try:
+            signame = signal.Signals(-pf.exitcode).name
+        except ValueError:
+            signame = str(-pf.exitcode)
+    return Failure(
+        rank=rank,
+        host=socket.gethostname(),
+        exitcode=pf.exitcode,
+        signal=signame,
+        timestamp=pf.timestamp,
+        message=message,
+        traceback=tb,
+        log_tail=_log_tail(pf),
+    )
+
+
+def _log_tail(pf: ProcessFailure, lines: int = 30) -> str:
+    if not pf.error_file:
+        return ""
+    stderr = Path(pf.error_file).parent / "stderr.log"
+    try:
+        return "\n".join(stderr.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _read_results(folder: Path, nproc: int) -> dict[int, Any]:
+    out = {}
+    for rank in range(nproc):
+        path = folder / f"rank{rank}.pkl"
+        with open(path, "rb") as f:
+            out[rank] = pickle.load(f)  # written by our own ranks
+    return out
+
+
+def launch(
+    fn: Callable[..., Any],
+    nproc: int = 2,
+    backend: str = "auto",
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    timeout_s: float = 120.0,
+    startup_timeout_s: float = 300.0,
+    seed: int | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+) -> dict[int, Any]:
+    """Run ``fn(*args, **kwargs)`` in ``nproc`` ranks with the process group ready.
+
+    ``fn`` must be defined at module level (in a module or in the script being run). Returns
+    ``{rank: return value}``; raises :class:`launcher.RankFailure` with the failing rank's traceback.
+    """
+    target, main_file = target_name(fn)
+    spec = {
+        "target": target,
+        "main_file": main_file,
+        "args": tuple(args),
+        "kwargs": dict(kwargs or {}),
+        "backend": backend,
+        "timeout_s": timeout_s,
+        "startup_timeout_s": startup_timeout_s,
+        "seed": seed,
+    }
+    if log_dir is None:
+        with tempfile.TemporaryDirectory(prefix="launcher-") as tmp:
+            return spawn(spec, nproc, Path(tmp))
+    return spawn(spec, nproc, Path(log_dir))
+
+
+def describe(results: dict[int, Any]) -> str:
+    """One JSON line per rank for results that JSON can show."""
+    return "\n".join(f"rank {r}: {json.dumps(v, default=repr)}" for r, v in sorted(results.items()))
+
+
+__all__ = ["LaunchError", "RankFailure", "launch", "spawn"]

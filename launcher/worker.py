@@ -1,0 +1,118 @@
+"""The per-rank program: detect the environment, join the process group, call the target, tear down.
+
+Run as ``python -c "from launcher.worker import main; main()" SPEC.pkl`` by :mod:`launcher.spawn`, or called in place by ``launcher run``
+under torchrun / an srun step. The target is a ``"module:qualname"`` string resolved here, inside the rank,
+so nothing unpicklable crosses a process boundary. Errors are recorded with torch.distributed.elastic's
+``@record`` (the user adds no decorator) and carry the rank, host and last completed step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pickle
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from . import config as config_mod
+from . import dist, env as env_mod
+from .errors import StopForRequeue
+from .rng import seed_everything
+
+#: Module name under which a target defined in a script's ``__main__`` is imported in the ranks.
+MAIN_ALIAS = "__mp_main__"
+
+
+def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
+    """Import ``"module:qualname"``; ``__main__`` targets are loaded from ``main_file`` without running main."""
+    module_name, _, qualname = target.partition(":")
+    if module_name == "__main__":
+        if main_file is None:
+            raise ValueError(f"cannot resolve {target!r}: no main file")
+        if MAIN_ALIAS not in sys.modules:
+            spec = importlib.util.spec_from_file_location(MAIN_ALIAS, main_file)
+            assert spec and spec.loader
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[MAIN_ALIAS] = module
+            spec.loader.exec_module(module)
+        obj: Any = sys.modules[MAIN_ALIAS]
+    else:
+        obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def target_name(fn: Callable[..., Any]) -> tuple[str, str | None]:
+    """``("module:qualname", main_file)`` for a function the ranks can import."""
+    module = fn.__module__
+    main_file = None
+    if module in ("__main__", MAIN_ALIAS):
+        main_file = getattr(sys.modules["__main__"], "__file__", None)
+        module = "__main__"
+    if "<locals>" in fn.__qualname__ or "<lambda>" in fn.__qualname__:
+        raise ValueError(
+            f"{fn.__qualname__} cannot be started in other processes\n"
+            "HINT: define the function at module level so the ranks can import it"
+        )
+    return f"{module}:{fn.__qualname__}", main_file
+
+
+def run_job(job_data: dict[str, Any], source: str) -> Any:
+    """Target used by ``launcher run``: rebuild the resolved job and call its entry point with it."""
+    job = config_mod.from_dict(job_data, source)
+    return resolve(job.entry)(job)
+
+
+def execute(spec: dict[str, Any]) -> Any:
+    """Run one rank of ``spec`` in this process and return the target's result."""
+    environment = env_mod.detect()
+    dist.init(environment, spec["backend"], spec["startup_timeout_s"], spec["timeout_s"])
+    rank = dist.get_rank()
+    try:
+        if spec.get("seed") is not None:
+            seed_everything(int(spec["seed"]) + rank)
+        fn = resolve(spec["target"], spec.get("main_file"))
+        try:
+            result = fn(*spec.get("args", ()), **spec.get("kwargs", {}))
+        except StopForRequeue:
+            raise
+        except BaseException as e:
+            step = dist.current_step()
+            where = f"after step {step}" if step is not None else "before the first step"
+            e.add_note(f"[launcher] rank {rank} on {socket.gethostname()}, {where}")
+            raise
+        if spec.get("result_dir"):
+            _write_result(Path(spec["result_dir"]), rank, result)
+        return result
+    finally:
+        dist.teardown()
+
+
+def _write_result(folder: Path, rank: int, result: Any) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank{rank}.pkl.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(result, f)
+    os.replace(tmp, folder / f"rank{rank}.pkl")
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    """Rank entry point: ``argv[0]`` is the spec pickle written by :func:`launcher.spawn.spawn`."""
+    argv = sys.argv[1:] if argv is None else argv
+    # Rank logs go to files and are tailed to the console: line buffering keeps them in step.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    with open(argv[0], "rb") as f:
+        spec = pickle.load(f)  # written by our own launcher process a moment ago
+    execute(spec)
+
+
+if __name__ == "__main__":
+    main()
