@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import launcher
 
@@ -16,13 +18,20 @@ def main(job: launcher.Job) -> dict[str, Any]:
     model = torch.nn.parallel.DistributedDataParallel(model) if launcher.get_world_size() > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=job.train.lr)
     g = torch.Generator().manual_seed(job.seed + launcher.get_rank())
+    x = torch.randn(job.data.num_samples, 8, generator=g)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=job.train.batch_size,
+                        num_workers=job.data.num_workers, drop_last=True)
     step = 0
-    for step in range(1, (job.train.max_steps or 10) + 1):
-        x = torch.randn(job.train.batch_size, 8, generator=g)
-        y = (x[:, 0] > 0).long()
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        launcher.note_step(step)
+    sleep = float(job.args.get("step_sleep", 0.0))
+    while step < (job.train.max_steps or 10):
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            launcher.note_step(step)
+            time.sleep(sleep)
+            if step >= (job.train.max_steps or 10):
+                break
     return {"rank": launcher.get_rank(), "world_size": launcher.get_world_size(), "steps": step}

@@ -261,6 +261,12 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         return {str(k): _convert(v, vt, f"{where}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string; users mean a number.
+        try:
+            return float(value)
+        except ValueError:
+            raise fail() from None
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
             raise fail()
@@ -277,7 +283,7 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]!r} in {cls.__name__}\n"
+            f"{source}: unknown key '{prefix}{unknown[0]}' in {cls.__name__}\n"
             f"HINT: valid keys of {where or 'the job'} are: {', '.join(fields)}"
         )
     missing = [

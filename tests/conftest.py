@@ -1,0 +1,87 @@
+"""Shared fixtures: leak guards, the tiny job on a temporary run directory, and process-tree helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as tdist
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["launcher.testing"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks():
+    """Fail a test that leaks environment variables or leaves a process group behind."""
+    before = dict(os.environ)
+    yield
+    leaked_pg = tdist.is_available() and tdist.is_initialized()
+    if leaked_pg:
+        tdist.destroy_process_group()
+    after = dict(os.environ)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    changed -= {"PYTEST_CURRENT_TEST", "TORCHELASTIC_SIGNALS_TO_HANDLE"}
+    os.environ.clear()
+    os.environ.update(before)
+    assert not leaked_pg, "the test left a process group initialized"
+    assert not changed, f"the test leaked environment variables: {sorted(changed)}"
+
+
+def launcher_cmd(*args: str) -> list[str]:
+    """The CLI as users call it (through the venv's interpreter)."""
+    return [sys.executable, "-m", "launcher", *args]
+
+
+def run_cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        launcher_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def pids_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker`` (zombies excluded)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def wait_until(cond, timeout: float, interval: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(interval)
+    return cond()
+
+
+@pytest.fixture
+def run_root(tmp_path: Path) -> Path:
+    """A run directory root unique to the test (every process of the run mentions it)."""
+    return tmp_path / "runs"

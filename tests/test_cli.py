@@ -1,0 +1,95 @@
+"""The CLI end to end on the tiny job: runs, failures, signals, concurrency, torchrun in place."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, children_of, launcher_cmd, pids_mentioning, run_cli, wait_until
+
+
+def test_two_rank_run_succeeds_and_every_rank_ran(run_root):
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=5")
+    assert r.returncode == 0, r.stderr
+    assert "finished on 2 rank(s)" in r.stdout
+    logs = sorted((run_root / "tiny" / "logs").rglob("stdout.log"))
+    assert len(logs) == 2  # one per rank
+    assert (run_root / "tiny" / "job.yaml").exists()
+
+
+def start_long_job(run_root, *extra):
+    return subprocess.Popen(
+        launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=100000",
+                     "args.step_sleep=0.01", "data.num_workers=2", *extra),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def ranks_running(proc):
+    """The rank processes (children of the launcher), once both have DataLoader workers running."""
+    ranks = [p for p in children_of(proc.pid) if "launcher.worker" in open(f"/proc/{p}/cmdline").read()]
+    if len(ranks) == 2 and all(len(children_of(r)) >= 2 for r in ranks):
+        return ranks
+    return None
+
+
+def test_sigkill_of_one_rank_ends_the_job_within_5s_without_orphans(run_root):
+    proc = start_long_job(run_root)
+    try:
+        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
+        ranks = ranks_running(proc)
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=30)
+        elapsed = time.monotonic() - killed
+        out, err = proc.communicate()
+        assert proc.returncode == 1, err
+        assert elapsed < 5, elapsed
+        assert "rank 1 failed first" in err and "SIGKILL" in err
+        assert wait_until(lambda: not pids_mentioning(str(run_root)), 5), "orphan processes left behind"
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_launcher_stops_every_rank(run_root, sig):
+    proc = start_long_job(run_root)
+    try:
+        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        out, err = proc.communicate()
+        assert proc.returncode == 128 + sig, (proc.returncode, err)
+        assert wait_until(lambda: not pids_mentioning(str(run_root)), 5), "orphan processes left behind"
+    finally:
+        proc.kill()
+
+
+def test_four_concurrent_jobs_all_succeed(run_root):
+    procs = [
+        subprocess.Popen(
+            launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", f"name=job{i}", "train.max_steps=3"),
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(4)
+    ]
+    results = [p.communicate(timeout=240) + (p.returncode,) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0, err
+
+
+def test_torchrun_runs_the_same_job_in_place(run_root):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    r = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "launcher", "run", "jobs/tiny.yaml",
+         f"output_dir={run_root}", "train.max_steps=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    # In place: no "starting 2 rank(s)" from a nested spawner, and the run directory was written once.
+    assert "starting" not in r.stdout
+    assert (run_root / "tiny" / "job.yaml").exists()

@@ -1,0 +1,85 @@
+"""The Python API: launch(fn) in N Gloo ranks, results, failures with tracebacks, collective timeouts."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+import launcher
+from launcher.testing import run_distributed
+
+
+def rank_info(scale):
+    t = torch.tensor([float(launcher.get_rank() + 1)])
+    tdist.all_reduce(t)
+    return {"rank": launcher.get_rank(), "world": launcher.get_world_size(), "sum": t.item() * scale}
+
+
+def raise_on_rank_one():
+    launcher.note_step(5)
+    if launcher.get_rank() == 1:
+        raise ValueError("boom from rank one")
+    time.sleep(30)  # the other rank must be stopped, not waited for
+
+
+def stall_rank_one():
+    launcher.note_step(1)  # after the first step the short timeout applies
+    if launcher.get_rank() == 1:
+        time.sleep(60)
+    tdist.all_reduce(torch.ones(1))
+
+
+def object_collectives():
+    gathered = launcher.all_gather_object({"r": launcher.get_rank()})
+    value = launcher.broadcast_object(f"from {launcher.get_rank()}", src=1)
+    launcher.barrier()
+    return gathered, value
+
+
+def test_launch_returns_per_rank_results():
+    out = launcher.launch(rank_info, nproc=3, backend="gloo", args=(2.0,))
+    assert out == {r: {"rank": r, "world": 3, "sum": 12.0} for r in range(3)}
+
+
+def test_object_collectives(distributed):
+    out = distributed(object_collectives, world_size=2)
+    for r in range(2):
+        assert out[r] == ([{"r": 0}, {"r": 1}], "from 1")
+
+
+def test_rank_helpers_when_not_distributed():
+    assert launcher.get_rank() == 0 and launcher.get_world_size() == 1 and launcher.is_main_process()
+    assert launcher.all_gather_object(5) == [5] and launcher.broadcast_object("x") == "x"
+    launcher.barrier()
+
+
+def test_raising_rank_fails_the_job_quickly_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(launcher.RankFailure) as e:
+        run_distributed(raise_on_rank_one, world_size=2)
+    elapsed = time.monotonic() - start
+    assert elapsed < 20, elapsed
+    msg = str(e.value)
+    assert e.value.first.rank == 1
+    assert "ValueError: boom from rank one" in msg and "[rank1]" in msg
+    assert "rank 1 on" in msg and "after step 5" in msg  # the note added by the worker
+
+
+def test_stalled_collective_times_out_naming_rank_and_step():
+    start = time.monotonic()
+    with pytest.raises(launcher.RankFailure) as e:
+        launcher.launch(stall_rank_one, nproc=2, backend="gloo", timeout_s=3, startup_timeout_s=60)
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, elapsed
+    msg = str(e.value)
+    assert e.value.first.rank == 0 and "after step 1" in msg
+    assert "timed out" in msg.lower() or "timeout" in msg.lower()
+
+
+def test_local_functions_are_refused_with_a_hint():
+    def local():
+        return 1
+
+    with pytest.raises(ValueError, match="module level"):
+        launcher.launch(local, nproc=1)
