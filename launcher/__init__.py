@@ -39,3 +39,21 @@ __all__ = [
     "note_step",
     "seed_everything",
 ]
+
+from .syncbn import SyncBatchNorm as SyncBatchNorm  # noqa: E402
+from .syncbn import convert_sync_batchnorm as convert_sync_batchnorm  # noqa: E402
+from .syncbn import revert_sync_batchnorm as revert_sync_batchnorm  # noqa: E402
+from .wrap import accumulate as accumulate  # noqa: E402
+from .wrap import unwrap as unwrap  # noqa: E402
+from .wrap import wrap_for_job as wrap_for_job  # noqa: E402
+from .wrap import wrap_model as wrap_model  # noqa: E402
+
+__all__ += [
+    "SyncBatchNorm",
+    "accumulate",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "unwrap",
+    "wrap_for_job",
+    "wrap_model",
+]

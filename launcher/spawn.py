@@ -95,11 +95,14 @@ def spawn(
         log_line_prefix_template="[rank${rank}]:",
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
+    environ = dict(os.environ)  # the agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs
     restore = _install_signal_handlers(agent)
     try:
         result = agent.run()
     finally:
         restore()
+        os.environ.clear()
+        os.environ.update(environ)
         try:
             worker_spec.rdzv_handler.shutdown()
         except Exception:  # noqa: BLE001 - the run's outcome matters more than closing the store

@@ -1,0 +1,212 @@
+"""Synchronized BatchNorm on every device, CPU/Gloo included.
+
+``torch.nn.SyncBatchNorm`` refuses CPU (DDP raises ``SyncBatchNorm layers only work with GPU modules`` and its
+kernels are CUDA-only; pytorch PR 78078, which would have fixed it, was closed unmerged). This module computes
+the statistics itself with plain tensor ops and collectives, so it runs wherever the process group does:
+
+* forward: each rank computes (count, mean, M2) of its part; one ``all_gather`` of ``1 + 2C`` numbers and a
+  Chan et al. merge give the global mean and variance (stable, and exact with zero samples on a rank);
+* backward: the two per-channel reductions ``sum(dy)`` and ``sum(dy * (x - mean))`` are all-reduced once; the
+  input gradient is then exactly BatchNorm's over the concatenated global batch. Weight and bias gradients stay
+  local sums, which DDP averages like every other parameter gradient.
+
+Eval mode, a single rank and no process group use ``F.batch_norm`` unchanged. The class deliberately does not
+subclass ``torch.nn.SyncBatchNorm`` (DDP rejects that class on CPU); it has the same constructor and
+``state_dict`` keys as ``torch.nn.BatchNorm*d``, so checkpoints move freely between the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *) -> (C, N * prod(*)) in a compute dtype of at least float32."""
+    xf = x.transpose(0, 1).reshape(x.shape[1], -1)
+    return xf.float() if x.dtype in _HALF else xf
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        group: Any,
+        world: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xf = _channels_first(x)
+        c, n = xf.shape
+        if n > 0:
+            mean_l = xf.mean(1)
+            m2_l = (xf - mean_l[:, None]).square().sum(1)
+        else:
+            mean_l = xf.new_zeros(c)
+            m2_l = xf.new_zeros(c)
+        packed = torch.cat([xf.new_full((1,), float(n)), mean_l, m2_l])
+        parts = [torch.empty_like(packed) for _ in range(world)]
+        tdist.all_gather(parts, packed, group=group)
+        stats = torch.stack(parts)
+        counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + c], stats[:, 1 + c :]
+        total = counts.sum()
+        if total.item() <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {int(total.item())} over all ranks"
+            )
+        mean = (counts * means).sum(0) / total
+        m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
+        invstd = torch.rsqrt(m2 / total + eps)
+        y = (x - _bcast(mean, x).to(x.dtype)) * _bcast(invstd, x).to(x.dtype)
+        if weight is not None:
+            y = y * _bcast(weight, x) + _bcast(bias, x)  # type: ignore[arg-type]
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total = total
+        ctx.group = group
+        unbiased_var = m2 / (total - 1)
+        ctx.mark_non_differentiable(mean, unbiased_var)
+        return y, mean, unbiased_var
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, _gm: Any, _gv: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        gf = _channels_first(grad_y.contiguous())
+        xmu = _channels_first(x) - mean[:, None]
+        sum_dy = gf.sum(1)
+        sum_dy_xmu = (gf * xmu).sum(1)
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None else None
+        grad_bias = sum_dy.clone().to(weight.dtype) if weight is not None else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            both = torch.cat([sum_dy, sum_dy_xmu])
+            tdist.all_reduce(both, group=ctx.group)
+            c = sum_dy.numel()
+            g_sum_dy, g_sum_dy_xmu = both[:c] / ctx.total, both[c:] / ctx.total
+            scale = invstd * (weight.to(invstd.dtype) if weight is not None else 1.0)
+            gx = (gf - g_sum_dy[:, None] - xmu * (invstd.square() * g_sum_dy_xmu)[:, None]) * scale[:, None]
+            shape = (x.shape[1], x.shape[0], *x.shape[2:])
+            grad_x = gx.reshape(shape).transpose(0, 1).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm over the global batch of a process group, on CPU and GPU alike (2-D to 5-D input)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        #: The BatchNorm class this layer replaced (used by :func:`revert_sync_batchnorm`).
+        self.original_cls: type[_BatchNorm] | None = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not 2 <= input.dim() <= 5:
+            raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
+
+    def _group_size(self) -> int:
+        if not (tdist.is_available() and tdist.is_initialized()):
+            return 1
+        return tdist.get_world_size(self.process_group)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        world = self._group_size()
+        if not (self.training and bn_training and world > 1):
+            return super().forward(input)  # plain BatchNorm: eval, one rank, no process group
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        y, mean, var = _SyncBatchNormFn.apply(
+            input, self.weight, self.bias, self.eps, self.process_group or tdist.group.WORLD, world
+        )
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(var.to(self.running_var.dtype), factor)
+        return y
+
+
+class _AnyDimBatchNorm(_BatchNorm):
+    """Plain BatchNorm for 2-D to 5-D input: what a SyncBatchNorm of unknown origin reverts to."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not 2 <= input.dim() <= 5:
+            raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
+
+
+def _copy_bn(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
+    if src.affine:
+        with torch.no_grad():
+            dst.weight = src.weight
+            dst.bias = src.bias
+    dst.running_mean = src.running_mean
+    dst.running_var = src.running_var
+    dst.num_batches_tracked = src.num_batches_tracked
+    dst.training = src.training
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
+    return dst
+
+
+def _replace(module: nn.Module, fn: Any) -> nn.Module:
+    out = fn(module)
+    if out is not None:
+        return out
+    for name, child in module.named_children():
+        new = _replace(child, fn)
+        if new is not child:
+            module.add_module(name, new)
+    return module
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d (and torch's SyncBatchNorm) in ``module`` by :class:`SyncBatchNorm`.
+
+    Parameters (with ``requires_grad``), buffers and train/eval mode are kept; returns the converted module.
+    """
+
+    def convert(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, _BatchNorm) and not isinstance(m, SyncBatchNorm):
+            new = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group)
+            new.original_cls = None if isinstance(m, (nn.SyncBatchNorm, _AnyDimBatchNorm)) else type(m)
+            return _copy_bn(m, new)
+        return None
+
+    return _replace(module, convert)
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every :class:`SyncBatchNorm` (ours or torch's) back into plain BatchNorm, e.g. for export."""
+
+    def revert(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)):
+            cls = getattr(m, "original_cls", None) or _AnyDimBatchNorm
+            new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            return _copy_bn(m, new)
+        return None
+
+    return _replace(module, revert)

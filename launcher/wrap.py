@@ -1,0 +1,71 @@
+"""Model wrapping: move to the rank's device, convert BatchNorm to SyncBatchNorm, wrap in DDP; and back."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import dist
+from .syncbn import convert_sync_batchnorm
+
+
+def wrap_model(
+    model: nn.Module,
+    *,
+    sync_batchnorm: bool = True,
+    find_unused_parameters: bool = False,
+    static_graph: bool = False,
+    process_group: Any = None,
+    **ddp_kwargs: Any,
+) -> nn.Module:
+    """Prepare ``model`` for this rank: device, synchronized BatchNorm, DDP (when more than one rank).
+
+    Works on CPU/Gloo as well as CUDA/NCCL. With one rank (or no process group) the model is only moved, so
+    the same code runs undistributed. Use :func:`unwrap` to reach the plain module for saving.
+    """
+    device = dist.get_device()
+    model = model.to(device)
+    if dist.get_world_size() == 1:
+        return model
+    if sync_batchnorm:
+        model = convert_sync_batchnorm(model, process_group)
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+        static_graph=static_graph,
+        process_group=process_group,
+        **ddp_kwargs,
+    )
+
+
+def wrap_for_job(model: nn.Module, job: Any) -> nn.Module:
+    """:func:`wrap_model` with the options of ``job.distributed``."""
+    d = job.distributed
+    return wrap_model(
+        model,
+        sync_batchnorm=d.sync_batchnorm,
+        find_unused_parameters=d.find_unused_parameters,
+        static_graph=d.static_graph,
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (or the model itself)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+@contextlib.contextmanager
+def accumulate(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Gradient accumulation: ``with accumulate(model, sync=is_last_micro_batch): loss.backward()``.
+
+    Skips DDP's gradient all-reduce (``no_sync``) on all but the last micro-batch of an optimizer step.
+    """
+    if isinstance(model, DDP) and not sync:
+        with model.no_sync():
+            yield
+    else:
+        yield
