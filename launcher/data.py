@@ -20,6 +20,7 @@ yields, in which order and in how many batches. Every worker computes the same p
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -216,12 +217,10 @@ class ShardedIterableDataset(IterableDataset):
         self.uneven, self.split = uneven, split
         self.epoch = 0
         self._yielded = 0  # batches this worker yielded in the current epoch
-        self._skip = 0  # batches to skip on the next __iter__ (set by load_state_dict)
+        self._pending: dict[str, int] | None = None  # position restored by load_state_dict, used by __iter__
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (shuffling order); call before iterating, on every rank."""
-        if epoch != self.epoch:
-            self._skip = 0
+        """Select the epoch (shuffling order); call before iterating each epoch, on every rank."""
         self.epoch = epoch
 
     def plan(self, num_workers: int, epoch: int | None = None) -> list[list[SlotPlan]]:
@@ -241,15 +240,18 @@ class ShardedIterableDataset(IterableDataset):
         return {"epoch": self.epoch, "yielded": self._yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue after the batches recorded in ``state`` on the next iteration."""
-        self.epoch = int(state["epoch"])
-        self._skip = self._yielded = int(state["yielded"])
+        """Continue after the batches recorded in ``state`` when the next iteration is of the same epoch.
+
+        A position from another epoch (e.g. saved at the end of an epoch, resumed into the next) is ignored.
+        """
+        self._pending = {"epoch": int(state["epoch"]), "yielded": int(state["yielded"])}
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slot = self.plan(workers)[self.rank][worker]
-        skip, self._skip = self._skip, 0
+        pending, self._pending = self._pending, None
+        skip = pending["yielded"] if pending and pending["epoch"] == self.epoch else 0
         self._yielded = skip
         wanted = slot.order[skip * self.batch_size :]
         for start in range(0, len(wanted), self.batch_size):
@@ -289,11 +291,14 @@ def make_loader(dataset: ShardedIterableDataset, num_workers: int = 0, pin_memor
     """A torchdata ``StatefulDataLoader`` over ``dataset`` (batches come from the dataset; state per worker)."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    return StatefulDataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=pin_memory and torch.cuda.is_available(),
-        persistent_workers=False,
-        **kw,
-    )
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, deprecated in newer torch: noise, not a user problem.
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return StatefulDataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+            persistent_workers=False,
+            **kw,
+        )

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import pickle
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -102,6 +103,17 @@ def _write_result(folder: Path, rank: int, result: Any) -> None:
     os.replace(tmp, folder / f"rank{rank}.pkl")
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the launcher dies, even by SIGKILL, so no rank outlives it as an orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the launcher died before prctl took effect
+            os._exit(128 + signal.SIGKILL)
+
+
 @record
 def main(argv: list[str] | None = None) -> None:
     """Rank entry point: ``argv[0]`` is the spec pickle written by :func:`launcher.spawn.spawn`."""
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     # Rank logs go to files and are tailed to the console: line buffering keeps them in step.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    _die_with_parent()
     with open(argv[0], "rb") as f:
         spec = pickle.load(f)  # written by our own launcher process a moment ago
     execute(spec)

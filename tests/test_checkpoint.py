@@ -1,0 +1,199 @@
+"""Checkpoints: bit-exact resume after SIGKILL, atomic under kills, verified, safe, pruned."""
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import launcher
+from launcher.checkpoint import CheckpointError, Checkpointer, TrainState, find_latest, list_checkpoints, load_checkpoint
+
+from .conftest import ROOT, launcher_cmd, pids_mentioning, run_cli, wait_until
+
+
+def final_state(run_dir):
+    data = load_checkpoint(run_dir / "checkpoints")
+    return data
+
+
+def assert_states_equal(a, b):
+    assert a["step"] == b["step"]
+    for key in ("model", "optimizer"):
+        flat_a, flat_b = flatten(a[key]), flatten(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            va, vb = flat_a[k], flat_b[k]
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, vb), (key, k)
+            else:
+                assert va == vb, (key, k)
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{prefix}{k}.{i}.") if isinstance(x, dict) else {f"{prefix}{k}.{i}": x})
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_bit_exact_resume_after_sigkill(tmp_path):
+    common = ["jobs/tiny.yaml", "train.max_steps=36", "train.epochs=3", "checkpoint.every_steps=5"]
+    ref = run_cli("run", *common, f"output_dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(launcher_cmd("run", *common, f"output_dir={out}", "args.step_sleep=0.15"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckdir = out / "tiny" / "checkpoints"
+    try:
+        assert wait_until(lambda: any(s >= 15 for s, _ in list_checkpoints(ckdir)), 120), "no checkpoint"
+        time.sleep(0.4)  # a few steps past the checkpoint: they must be redone identically
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not pids_mentioning(str(out)), 5), "ranks outlived a SIGKILLed launcher"
+        killed_at = max(s for s, _ in list_checkpoints(ckdir))
+        assert killed_at < 36
+        resumed = run_cli("run", *common, f"output_dir={out}")
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resumed from {ckdir}" in resumed.stdout
+    finally:
+        proc.kill()
+    assert_states_equal(final_state(tmp_path / "ref" / "tiny"), final_state(out / "tiny"))
+
+
+class Box:
+    """A stand-in for a model/optimizer: any object with state_dict/load_state_dict."""
+
+    def __init__(self, n=1000):
+        self.t = torch.randn(n)
+
+    def state_dict(self):
+        return {"t": self.t}
+
+    def load_state_dict(self, d):
+        self.t = d["t"].clone()
+
+
+def test_keep_last_and_best(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2, async_save=True, model=Box())
+    state = TrainState()
+    for step, metric in [(1, 0.5), (2, 0.9), (3, 0.1), (4, 0.2), (5, 0.3)]:
+        state.step = step
+        ck.save(state, metric=metric)
+    ck.close()
+    steps = sorted(s for s, _ in list_checkpoints(tmp_path))
+    assert steps == [2, 4, 5]  # the last two plus the best (step 2, metric 0.9)
+    assert (tmp_path / "best").read_text() == "step_00000002.pt"
+    assert (tmp_path / "latest").read_text() == "step_00000005.pt"
+    assert state.best_metric == 0.9
+
+
+def make_two(tmp_path):
+    box = Box()
+    ck = Checkpointer(tmp_path, keep_last=5, async_save=False, model=box)
+    ck.save(TrainState(step=1))
+    first = box.t.clone()
+    box.t = torch.randn(1000)
+    ck.save(TrainState(step=2))
+    ck.close()
+    return first
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "delete_manifest"])
+def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, capsys):
+    first = make_two(tmp_path)
+    newest = tmp_path / "step_00000002.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "bitflip":
+        data[len(data) // 2] ^= 0x10
+        newest.write_bytes(bytes(data))
+    else:
+        newest.with_suffix(".json").unlink()
+    box = Box()
+    state = Checkpointer(tmp_path, model=box).resume("auto")
+    assert state.step == 1 and torch.equal(box.t, first)
+    if damage != "delete_manifest":
+        assert "skipping checkpoint" in capsys.readouterr().out
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/launcher-pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"model": {}, "x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not os.path.exists("/tmp/launcher-pwned")
+
+
+def test_load_checkpoint_gives_plain_model_state(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ck = Checkpointer(tmp_path, async_save=True, model=launcher.convert_sync_batchnorm(model))
+    ck.save(TrainState(step=7))
+    ck.close()
+    data = load_checkpoint(tmp_path)
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    fresh.load_state_dict(data["model"])  # no launcher object needed
+    assert data["step"] == 7 and data["format"].startswith("launcher-checkpoint")
+
+
+SAVER = textwrap.dedent("""
+    import sys, torch
+    from launcher.checkpoint import Checkpointer, TrainState
+    class Box:
+        def __init__(self): self.t = torch.randn(2_000_000)
+        def state_dict(self): return {"t": self.t}
+        def load_state_dict(self, d): self.t = d["t"]
+    ck = Checkpointer(sys.argv[1], keep_last=2, async_save=False, model=Box())
+    step = int(sys.argv[2])
+    print("ready", flush=True)
+    while True:
+        step += 1
+        ck.save(TrainState(step=step))
+""")
+
+
+def test_kill_during_save_always_leaves_a_loadable_checkpoint(tmp_path):
+    rng = random.Random(0)
+    step = 0
+    for trial in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), str(step)], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        found = find_latest(tmp_path, log=lambda m: None)
+        if trial > 0 or found is not None:
+            assert found is not None, f"trial {trial}: nothing loadable"
+            step = found[1]["step"]
+            assert found[1]["model"]["t"].numel() == 2_000_000
+
+
+def test_breaking_job_change_is_refused_unless_allowed(tmp_path):
+    out = tmp_path / "runs"
+    base = ["jobs/tiny.yaml", f"output_dir={out}", "train.max_steps=6", "checkpoint.every_steps=3"]
+    assert run_cli("run", *base).returncode == 0
+    r = run_cli("run", *base, "train.max_steps=12", "train.batch_size=8")
+    assert r.returncode == 1
+    assert "train.batch_size: 16 -> 8" in r.stderr and "allow_changes" in r.stderr
+    r = run_cli("run", *base, "train.max_steps=12", "train.batch_size=8", "checkpoint.allow_changes=true")
+    assert r.returncode == 0, r.stderr
+    assert "train.batch_size: 16 -> 8" in r.stdout
