@@ -89,7 +89,7 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     uneven: Literal["drop", "pad"] = "drop"
-    """Equal batches on every rank: drop the uneven tail, or pad by repeating samples."""
+    """Equal batches on every rank (no DDP hang): drop the uneven tail, or pad by repeating samples."""
     shuffle_buffer: int = 0
     """Bounded sample shuffle buffer per worker; 0 shuffles shard order only."""
     pin_memory: bool = True

@@ -11,7 +11,9 @@ yields, in which order and in how many batches. Every worker computes the same p
   exact batch count: ``uneven="drop"`` gives every rank the smallest rank's count of full batches (the tail
   is dropped: each sample at most once), ``uneven="pad"`` gives every rank the largest count, filling
   partial and missing batches with samples repeated cyclically from the epoch's stream (each sample at least
-  once; :meth:`ShardedIterableDataset.plan` lists the padding). Equal counts mean DDP never hangs;
+  once; :meth:`ShardedIterableDataset.plan` lists the padding). Equal counts mean DDP never hangs.
+  ``uneven="none"`` (evaluation without collectives) yields every sample once with a partial last batch
+  per worker and counts that may differ between ranks;
 * shard order (and the optional bounded shuffle buffer) are drawn from ``(seed, epoch)``;
 * the state of a worker is ``(epoch, batches yielded)``; torchdata's ``StatefulDataLoader`` collects it per
   worker, and a resumed worker skips exactly what it had yielded (whole shards are not even opened).
@@ -131,7 +133,7 @@ def plan_epoch(
     epoch: int = 0,
     shuffle: bool = True,
     shuffle_buffer: int = 0,
-    uneven: Literal["drop", "pad"] = "drop",
+    uneven: Literal["drop", "pad", "none"] = "drop",
     split: Literal["auto", "shards", "samples"] = "auto",
 ) -> list[list[SlotPlan]]:
     """``plan[rank][worker]`` for one epoch (a pure function: same inputs, same plan, on every process)."""
@@ -142,6 +144,9 @@ def plan_epoch(
                            shuffle_buffer=shuffle_buffer, split=split)
     stream = epoch_stream(sizes, seed, epoch, shuffle)
     counts = [[len(streams[r][w]) for w in range(workers)] for r in range(world_size)]
+    if uneven == "none":  # evaluation: every sample once, last batches partial, counts may differ per rank
+        return [[SlotPlan(order=streams[r][w], num_padded=0, batches=-(-counts[r][w] // batch_size))
+                 for w in range(workers)] for r in range(world_size)]
     if uneven == "drop":
         per_worker = [[c // batch_size for c in row] for row in counts]
         target = min(sum(row) for row in per_worker)
@@ -200,7 +205,7 @@ class ShardedIterableDataset(IterableDataset):
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer: int = 0,
-        uneven: Literal["drop", "pad"] = "drop",
+        uneven: Literal["drop", "pad", "none"] = "drop",
         split: Literal["auto", "shards", "samples"] = "auto",
     ) -> None:
         self.shards = list(shards)

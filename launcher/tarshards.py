@@ -1,0 +1,163 @@
+"""Tar shards of (image, label) samples: write them, index them, read them back for ShardedIterableDataset.
+
+The format is the common WebDataset layout: a plain tar whose members are ``KEY.png`` (or ``.jpg``) and
+``KEY.cls`` (the label as text), grouped by key, one sample after the other. ``index.json`` beside the shards
+lists every shard with its sample count (what the sharded dataset needs to plan an epoch without reading
+anything) and the class names. Large image sets on slow file systems are read as a few big sequential files
+instead of millions of small ones.
+
+``python -m launcher.tarshards IMAGE_FOLDER OUT_DIR --per-shard 1000`` converts an ImageFolder tree
+(``root/CLASS/image.jpg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+INDEX = "index.json"
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def write_shards(
+    samples: Iterable[tuple[str, bytes, str, int]],
+    out_dir: str | os.PathLike[str],
+    *,
+    per_shard: int = 1000,
+    classes: list[str] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write ``(key, image bytes, extension, label)`` samples into tar shards plus ``index.json``.
+
+    Every shard and the index are written to a temp name and renamed, so a crash leaves no half shard behind.
+    Returns the index path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    tar: tarfile.TarFile | None = None
+    tmp: Path | None = None
+    count = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"writing {out}", unit="img")
+
+    def close() -> None:
+        nonlocal tar, tmp
+        if tar is not None and tmp is not None:
+            tar.close()
+            final = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".tmp"))
+            os.replace(tmp, final)
+            shards.append({"file": final.name, "samples": count})
+        tar = None
+
+    for key, data, ext, label in samples:
+        if tar is None or count >= per_shard:
+            close()
+            count = 0
+            tmp = out / f".shard-{len(shards):06d}.tar.tmp"
+            tar = tarfile.open(tmp, "w")
+        for name, payload in ((f"{key}.{ext.lstrip('.')}", data), (f"{key}.cls", str(label).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        count += 1
+        if bar is not None:
+            bar.update()
+    close()
+    if bar is not None:
+        bar.close()
+    index = out / INDEX
+    tmp_index = out / f".{INDEX}.tmp"
+    tmp_index.write_text(json.dumps({"shards": shards, "classes": classes or []}, indent=1))
+    os.replace(tmp_index, index)
+    return index
+
+
+def open_shards(directory: str | os.PathLike[str]) -> tuple[list[str], list[int], list[str]]:
+    """``(shard paths, samples per shard, class names)`` from a folder written by :func:`write_shards`."""
+    d = Path(directory)
+    try:
+        index = json.loads((d / INDEX).read_text())
+    except OSError:
+        raise FileNotFoundError(
+            f"{d / INDEX}: no shard index\nHINT: write shards first (python -m launcher.tarshards SRC {d})"
+        ) from None
+    paths = [str(d / s["file"]) for s in index["shards"]]
+    return paths, [int(s["samples"]) for s in index["shards"]], list(index.get("classes", []))
+
+
+def read_tar(path: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard in order: ``{"key", "image": bytes, "label": int}`` (nothing decoded)."""
+    current: dict[str, Any] = {}
+    with tarfile.open(path, "r|") as tar:  # streaming: one sequential read
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition(".")
+            if current and current["key"] != key:
+                yield current
+                current = {}
+            f = tar.extractfile(member)
+            assert f is not None
+            data = f.read()
+            current["key"] = key
+            if ext == "cls":
+                current["label"] = int(data.decode())
+            else:
+                current["image"] = data
+    if current:
+        yield current
+
+
+class DecodeImage:
+    """Sample transform: PNG/JPEG bytes -> RGB PIL image -> ``transform`` (torchvision), label kept."""
+
+    def __init__(self, transform: Callable[[Any], Any] | None = None) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
+        return (self.transform(image) if self.transform else image), sample["label"]
+
+
+def image_folder_samples(root: str | os.PathLike[str]) -> tuple[list[str], Iterator[tuple[str, bytes, str, int]]]:
+    """Classes and samples of an ImageFolder tree (``root/CLASS/*.jpg``), files kept as they are encoded."""
+    base = Path(root)
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{base}: no class folders\nHINT: expected {base}/CLASS_NAME/IMAGE.jpg")
+
+    def gen() -> Iterator[tuple[str, bytes, str, int]]:
+        for label, cls in enumerate(classes):
+            for f in sorted((base / cls).iterdir()):
+                if f.suffix.lower() in _IMAGE_EXT:
+                    yield f"{cls}_{f.stem}", f.read_bytes(), f.suffix.lstrip(".").lower(), label
+
+    return classes, gen()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.tarshards", description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="an ImageFolder tree: SRC/CLASS/IMAGE.jpg")
+    parser.add_argument("out", help="output folder for the shards and index.json")
+    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    args = parser.parse_args(argv)
+    classes, samples = image_folder_samples(args.src)
+    index = write_shards(samples, args.out, per_shard=args.per_shard, classes=classes, progress=True)
+    paths, sizes, _ = open_shards(index.parent)
+    print(f"wrote {sum(sizes)} samples of {len(classes)} classes into {len(paths)} shards in {index.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
