@@ -35,8 +35,9 @@ class StopForRequeue(SystemExit):
         super().__init__(EXIT_REQUEUE)
 
 
-# Messages that mean "a peer died" rather than "this rank is the cause": used to pick the root cause.
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "ECONNRESET", "Broken pipe")
+# Messages that mean "a peer died" or "the launcher stopped this rank" rather than "this rank is the cause".
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "ECONNRESET", "Broken pipe",
+              "Signal 15 (SIGTERM) received", "Signal 2 (SIGINT) received")
 
 
 @dataclass
@@ -54,7 +55,9 @@ class Failure:
 
     @property
     def secondary(self) -> bool:
-        """True when this rank most likely failed because another one died first."""
+        """True when this rank most likely failed because another one died first (or was stopped for it)."""
+        if self.signal in ("SIGTERM", "SIGINT"):  # the launcher stops the surviving ranks with these
+            return True
         return any(s in self.traceback or s in self.message for s in _SECONDARY)
 
 
@@ -62,7 +65,9 @@ class RankFailure(LaunchError):
     """A rank raised or died; carries the first failure (by time, root causes first) and all others."""
 
     def __init__(self, failures: list[Failure]) -> None:
-        self.failures = sorted(failures, key=lambda f: (f.timestamp, f.secondary, f.rank))
+        # Root causes first, then by time: timestamps have one-second resolution and the agent stamps a rank
+        # killed by a signal when it notices, which can be after the peers it stopped because of it.
+        self.failures = sorted(failures, key=lambda f: (f.secondary, f.timestamp, f.rank))
         self.first = self.failures[0]
         super().__init__(self.render())
 

@@ -28,10 +28,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, *) -> (C, N * prod(*)) in a compute dtype of at least float32."""
-    xf = x.transpose(0, 1).reshape(x.shape[1], -1)
-    return xf.float() if x.dtype in _HALF else xf
+def _dims(x: torch.Tensor) -> list[int]:
+    """Every dimension but the channel one (what BatchNorm reduces over)."""
+    return [0, *range(2, x.dim())]
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +38,9 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
+    # Reductions run over (0, 2, ...) in place (no channels-first copy) in at least float32, and the affine
+    # transform is folded into one per-channel scale and shift: few passes over the activations on CPU.
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -49,15 +51,16 @@ class _SyncBatchNormFn(torch.autograd.Function):
         group: Any,
         world: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xf = _channels_first(x)
-        c, n = xf.shape
+        xc = x.float() if x.dtype in _HALF else x
+        c = x.shape[1]
+        n = x.numel() // c if c else 0
         if n > 0:
-            mean_l = xf.mean(1)
-            m2_l = (xf - mean_l[:, None]).square().sum(1)
+            var_l, mean_l = torch.var_mean(xc, dim=_dims(x), correction=0)
+            m2_l = var_l * n
         else:
-            mean_l = xf.new_zeros(c)
-            m2_l = xf.new_zeros(c)
-        packed = torch.cat([xf.new_full((1,), float(n)), mean_l, m2_l])
+            mean_l = xc.new_zeros(c)
+            m2_l = xc.new_zeros(c)
+        packed = torch.cat([xc.new_full((1,), float(n)), mean_l, m2_l])
         parts = [torch.empty_like(packed) for _ in range(world)]
         tdist.all_gather(parts, packed, group=group)
         stats = torch.stack(parts)
@@ -70,9 +73,11 @@ class _SyncBatchNormFn(torch.autograd.Function):
         mean = (counts * means).sum(0) / total
         m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
         invstd = torch.rsqrt(m2 / total + eps)
-        y = (x - _bcast(mean, x).to(x.dtype)) * _bcast(invstd, x).to(x.dtype)
-        if weight is not None:
-            y = y * _bcast(weight, x) + _bcast(bias, x)  # type: ignore[arg-type]
+        scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(shift.dtype)
+        y = torch.addcmul(_bcast(shift, x).to(x.dtype), x, _bcast(scale, x).to(x.dtype))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.total = total
         ctx.group = group
@@ -83,10 +88,16 @@ class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, _gm: Any, _gv: Any) -> tuple[Any, ...]:  # type: ignore[override]
         x, weight, mean, invstd = ctx.saved_tensors
-        gf = _channels_first(grad_y.contiguous())
-        xmu = _channels_first(x) - mean[:, None]
-        sum_dy = gf.sum(1)
-        sum_dy_xmu = (gf * xmu).sum(1)
+        g = grad_y.float() if grad_y.dtype in _HALF else grad_y
+        xc = x.float() if x.dtype in _HALF else x
+        dims = _dims(x)
+        xmu = xc - _bcast(mean, x)
+        if x.numel() > 0:
+            sum_dy = g.sum(dims)
+            sum_dy_xmu = (g * xmu).sum(dims)
+        else:
+            sum_dy = mean.new_zeros(mean.shape)
+            sum_dy_xmu = mean.new_zeros(mean.shape)
         grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight is not None else None
         grad_bias = sum_dy.clone().to(weight.dtype) if weight is not None else None
         grad_x = None
@@ -96,9 +107,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
             c = sum_dy.numel()
             g_sum_dy, g_sum_dy_xmu = both[:c] / ctx.total, both[c:] / ctx.total
             scale = invstd * (weight.to(invstd.dtype) if weight is not None else 1.0)
-            gx = (gf - g_sum_dy[:, None] - xmu * (invstd.square() * g_sum_dy_xmu)[:, None]) * scale[:, None]
-            shape = (x.shape[1], x.shape[0], *x.shape[2:])
-            grad_x = gx.reshape(shape).transpose(0, 1).to(x.dtype)
+            # grad_x = scale * (g - mean(dy) - xmu * invstd^2 * mean(dy * xmu))
+            k = _bcast(-(invstd.square() * g_sum_dy_xmu) * scale, x)
+            grad_x = torch.addcmul(_bcast(-g_sum_dy * scale, x), g, _bcast(scale, x))
+            grad_x = torch.addcmul(grad_x, xmu, k).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
 
 

@@ -1,0 +1,69 @@
+"""Checkpoint stall (async save vs synchronous torch.save, target <= 0.10) and write speed vs dd (>= 0.8)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from launcher.checkpoint import Checkpointer, TrainState, atomic_write_bytes
+
+from .common import alternate, timed
+
+MB = 256
+
+
+class Blob:
+    def __init__(self) -> None:
+        self.t = torch.randn(MB * 2**20 // 4)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"t": self.t}
+
+    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
+        self.t = d["t"]
+
+
+def dd_speed(folder: Path) -> float:
+    path = folder / "dd.bin"
+    t = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={MB}", "conv=fsync"],
+                   check=True, capture_output=True)
+    speed = MB / (time.perf_counter() - t)
+    path.unlink()
+    return speed
+
+
+def run() -> list[dict[str, object]]:
+    folder = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    blob = Blob()
+    ck = Checkpointer(folder / "async", keep_last=1, async_save=True, model=blob)
+    step = [0]
+
+    def sync_save() -> float:
+        return timed(lambda: atomic_write_bytes(folder / "sync.pt", obj={"model": blob.state_dict()}))
+
+    def async_stall() -> float:
+        ck.wait()  # the previous write is not part of this step's stall
+        step[0] += 1
+        stall = timed(lambda: ck.save(TrainState(step=step[0])))
+        ck.wait()
+        return stall
+
+    stall = alternate(sync_save, async_stall, rounds=5)
+    ck.close()
+    write = alternate(lambda: dd_speed(folder), lambda: MB / sync_save(), rounds=3)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.unlink(p)
+    return [
+        {"name": f"async save stall / synchronous torch.save ({MB} MB state)", "value": stall["ratio"],
+         "target": "<= 0.10", "ok": stall["ratio"] <= 0.10,
+         "detail": f"sync {stall['a'] * 1e3:.0f} ms, async stall {stall['b'] * 1e3:.0f} ms"},
+        {"name": "checkpoint write speed / dd conv=fsync", "value": write["ratio"], "target": ">= 0.8",
+         "ok": write["ratio"] >= 0.8, "detail": f"dd {write['a']:.0f} MB/s, checkpoint {write['b']:.0f} MB/s"},
+    ]

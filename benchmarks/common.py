@@ -1,0 +1,23 @@
+"""Alternate two sides several times in one run and report medians, spread and the ratio."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def alternate(a: Callable[[], float], b: Callable[[], float], rounds: int = 5) -> dict[str, float]:
+    """Run ``a`` and ``b`` alternately; each returns a measurement (seconds or a rate). Medians and ratio b/a."""
+    xs, ys = [], []
+    for _ in range(rounds):
+        xs.append(a())
+        ys.append(b())
+    ma, mb = statistics.median(xs), statistics.median(ys)
+    return {"a": ma, "b": mb, "a_spread": max(xs) - min(xs), "b_spread": max(ys) - min(ys), "ratio": mb / ma}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
