@@ -86,7 +86,10 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     r = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "launcher", "run", "jobs/tiny.yaml",
-         f"output_dir={run_root}", "train.max_steps=4"],
+         f"output_dir={run_root}", "train.max_steps=4",
+         # One full-suite run on a fresh clone hung here (timeout, no output from the ranks) with 2 DataLoader
+         # workers per rank; not reproduced alone (9 s). Workers off until the cause is found (see issue 2 note).
+         "data.num_workers=0"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert r.returncode == 0, r.stderr
