@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean slurm-up slurm-down slurm-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# The local one-node SLURM cluster (slurm/cluster.sh; installs Debian packages when missing, needs root).
+slurm-up:
+	bash slurm/cluster.sh up
+
+slurm-down:
+	bash slurm/cluster.sh down
+
+# One command to see `launcher submit` on the local cluster: up, submit the tiny job, follow it.
+slurm-demo: $(STAMP) slurm-up
+	SLURM_CONF=$${LAUNCHER_SLURM_DIR:-/tmp/launcher-slurm}/etc/slurm.conf \
+	  $(PY) -m launcher submit jobs/tiny.yaml train.max_steps=30 slurm.time_min=5 --wait
 
 clean:
 	rm -rf runs .pytest_cache

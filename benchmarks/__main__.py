@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, data, startup, syncbn
+from . import checkpoint, data, overhead, syncbn
 
-ALL = {"syncbn": syncbn.run, "data": data.run, "checkpoint": checkpoint.run, "startup": startup.run}
+ALL = {"syncbn": syncbn.run, "data": data.run, "checkpoint": checkpoint.run, "overhead": overhead.run}
 
 
 def main(names: list[str]) -> int:

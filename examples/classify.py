@@ -201,6 +201,7 @@ def main(job: launcher.Job) -> dict[str, Any]:
                      "lr": sched.get_last_lr()[0]})
             if job.checkpoint.every_steps and state.step % job.checkpoint.every_steps == 0:
                 ckpt.save(state)
+            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit (free elsewhere)
             if state.step >= total or state.step == stop_at:
                 break
         else:

@@ -59,6 +59,7 @@ def main(job: launcher.Job) -> dict[str, Any]:
             launcher.note_step(state.step)
             if job.checkpoint.every_steps and state.step % job.checkpoint.every_steps == 0:
                 ckpt.save(state)
+            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit (free elsewhere)
             time.sleep(sleep)
             if state.step >= max_steps:
                 break

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import dist
+from . import dist, stop
 from .rng import get_rng_state, set_rng_state
 
 FORMAT = "launcher-checkpoint/1"
@@ -309,6 +309,19 @@ class Checkpointer:
         self.wait()
         self._pool.shutdown(wait=True)
         dist.barrier()
+
+    def stop_if_requested(self, state: TrainState) -> None:
+        """*Collective.* Call at every step boundary: when SLURM asked the job to stop (preemption, time limit,
+        requeue), save ``state``, wait until it is on disk, and exit for the requeue (code 3).
+
+        Free outside SLURM jobs (no communication); see :mod:`launcher.stop`.
+        """
+        if not stop.should_stop():
+            return
+        _log(f"[launcher] stop requested at step {state.step}: saving before the requeue")
+        self.save(state)
+        self.close()
+        stop.exit_for_requeue()
 
     # ---------------------------------------------------------------------------------------- loading
 

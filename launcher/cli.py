@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
-from typing import Any
 
 from torch.distributed.elastic.multiprocessing import SignalException
 
@@ -14,40 +11,14 @@ from . import config as config_mod
 from . import env as env_mod
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure
 from .spawn import spawn
-from .worker import execute
-
-
-def job_spec(job: config_mod.Job) -> dict[str, Any]:
-    """The worker spec that runs ``job`` (same in spawned ranks, torchrun and srun)."""
-    return {
-        "target": "launcher.worker:run_job",
-        "args": (config_mod.to_dict(job), job.source),
-        "backend": job.distributed.backend,
-        "timeout_s": job.distributed.timeout_s,
-        "startup_timeout_s": job.distributed.startup_timeout_s,
-        "seed": job.seed,
-    }
-
-
-def write_resolved(job: config_mod.Job) -> Path:
-    """Save the resolved job as ``run_dir/job.yaml`` (atomically) for the record and for resume checks."""
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    path = job.run_dir / "job.yaml"
-    tmp = path.with_name(f".job.yaml.{os.getpid()}.tmp")
-    tmp.write_text(config_mod.dump(job))
-    os.replace(tmp, path)
-    return path
+from .worker import job_spec, run_in_place, write_resolved
 
 
 def cmd_run(job: config_mod.Job) -> int:
-    environment = env_mod.detect()
-    spec = job_spec(job)
-    if not environment.spawns_here():
-        # Under torchrun or in an srun step: this process is one rank of the job.
-        if environment.rank() == 0:
-            write_resolved(job)
-        execute(spec)
+    if not env_mod.detect().spawns_here():
+        run_in_place(job)  # under torchrun or in an srun step: this process is one rank of the job
         return EXIT_OK
+    spec = job_spec(job)
     write_resolved(job)
     nproc = job.distributed.nproc_per_node
     print(f"[launcher] {job.name}: starting {nproc} rank(s); logs in {job.run_dir / 'logs'}", flush=True)

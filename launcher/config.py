@@ -148,12 +148,16 @@ class SlurmConfig:
     """Extra ``#SBATCH`` parameters, e.g. ``{reservation: big}``."""
     srun_args: list[str] = field(default_factory=list)
     """Extra arguments of the ``srun`` line."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before ``srun`` in the batch script (``module load ...``, ``source venv/bin/activate``)."""
+    python: str | None = None
+    """Python command on the nodes; default: the interpreter running ``launcher submit``."""
     signal_delay_s: int = 90
     """Seconds before the time limit at which SLURM sends USR2 (checkpoint and requeue)."""
     log_folder: str = "slurm_logs"
     """Where submitit writes logs and pickles; relative paths are inside the run directory."""
     max_requeues: int = 3
-    """Requeue a preempted or timed-out job at most this many times."""
+    """Requeue a preempted or timed-out job at most this many times (``SLURM_RESTART_COUNT`` counts them)."""
 
 
 @dataclass

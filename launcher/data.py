@@ -21,7 +21,9 @@ yields, in which order and in how many batches. Every worker computes the same p
 
 from __future__ import annotations
 
+import functools
 import random
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
@@ -29,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from . import dist
+from . import dist, stop
 
 Ref = tuple[int, int]  # (shard index, sample index within the shard)
 
@@ -293,9 +295,16 @@ class ShardedIterableDataset(IterableDataset):
 
 
 def make_loader(dataset: ShardedIterableDataset, num_workers: int = 0, pin_memory: bool = False, **kw: Any) -> Any:
-    """A torchdata ``StatefulDataLoader`` over ``dataset`` (batches come from the dataset; state per worker)."""
+    """A torchdata ``StatefulDataLoader`` over ``dataset`` (batches come from the dataset; state per worker).
+
+    Inside a SLURM job the workers ignore SIGTERM and USR2: SLURM signals every process of the step on a
+    preemption or requeue, and torch's workers would die of it and crash the rank before it reaches the step
+    boundary where it saves (:mod:`launcher.stop`). The rank stops its workers itself when it exits.
+    """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    if num_workers > 0 and stop.installed():
+        kw["worker_init_fn"] = functools.partial(_ignore_stop_signals, kw.get("worker_init_fn"))
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, deprecated in newer torch: noise, not a user problem.
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -307,3 +316,10 @@ def make_loader(dataset: ShardedIterableDataset, num_workers: int = 0, pin_memor
             persistent_workers=False,
             **kw,
         )
+
+
+def _ignore_stop_signals(user_init: Callable[[int], None] | None, worker_id: int) -> None:
+    for sig in stop.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if user_init is not None:
+        user_init(worker_id)

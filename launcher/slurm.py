@@ -1,19 +1,266 @@
-"""``launcher submit``: SLURM through submitit (issue 6, not built yet).
+"""``launcher submit``: the same job on SLURM through submitit; sweeps as job arrays; ``--wait`` follows.
 
-Running inside an allocation already works: ``srun launcher run JOB.yaml`` makes every task one rank
-(see :class:`launcher.env.SlurmEnvironment`).
+Each SLURM task is one rank: the submitted callable (:class:`SlurmTask`) runs exactly what ``launcher run``
+runs in a rank (:func:`launcher.worker.run_in_place`), with :class:`launcher.env.SlurmEnvironment` supplying
+rank, world size and the rendezvous address. Preemption and time limits are handled inside the ranks
+(:mod:`launcher.stop`); a requeued job resumes from its newest checkpoint because ``checkpoint.resume`` is
+``auto``. submitit is imported only here, so ``launcher run`` never needs it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
 
-from .errors import LaunchError
+from . import config as config_mod
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, RankFailure
 
 
-def cmd_submit(job: Any, wait: bool = False, sweeps: list[str] | None = None) -> int:
-    raise LaunchError(
-        "launcher submit is not available yet (SLURM submission through submitit is still being built)\n"
-        f"HINT: inside an allocation, run `srun --ntasks-per-node=N launcher run {job.source}`: "
-        "each task runs as one rank"
-    )
+def tasks_per_node(job: config_mod.Job) -> int:
+    """One task per rank: ``slurm.tasks_per_node``, else GPUs per node, else ``distributed.nproc_per_node``."""
+    s = job.slurm
+    if s.tasks_per_node is not None:
+        return s.tasks_per_node
+    return s.gpus_per_node if s.gpus_per_node > 0 else job.distributed.nproc_per_node
+
+
+def executor_parameters(job: config_mod.Job) -> dict[str, Any]:
+    """``job.slurm`` as keyword arguments of submitit's ``AutoExecutor.update_parameters``."""
+    s = job.slurm
+    params: dict[str, Any] = {
+        "name": job.name,
+        "timeout_min": s.time_min,
+        "nodes": s.nodes,
+        "tasks_per_node": tasks_per_node(job),
+        "cpus_per_task": s.cpus_per_task,
+        "gpus_per_node": s.gpus_per_node or None,
+        "mem_gb": s.mem_gb,
+        "slurm_partition": s.partition,
+        "slurm_account": s.account,
+        "slurm_qos": s.qos,
+        "slurm_constraint": s.constraint,
+        "slurm_comment": s.comment,
+        "slurm_exclusive": True if s.exclusive else None,
+        "slurm_additional_parameters": dict(s.additional_parameters) or None,
+        "slurm_srun_args": list(s.srun_args) or None,
+        "slurm_setup": list(s.setup) or None,
+        "slurm_signal_delay_s": s.signal_delay_s,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sweep_jobs(job: config_mod.Job, sweeps: list[str] | None = None) -> list[config_mod.Job]:
+    """The jobs to submit: ``job`` itself, or one job per override set of the sweep.
+
+    ``sweeps`` (``--sweep 'a=1 b=2'`` options) replace the job file's ``sweep:`` list. Sweep member ``i`` runs
+    in ``output_dir/name/name-i``; every member is validated before anything is submitted.
+    """
+    sets: list[list[str]] = [shlex.split(s) for s in sweeps or []]
+    if not sets:
+        sets = [[f"{k}={_yaml_value(v)}" for k, v in member.items()] for member in job.sweep]
+    if not sets:
+        return [job]
+    base = config_mod.to_dict(job)
+    base["sweep"] = []
+    out = []
+    for i, overrides in enumerate(sets):
+        naming = [f"output_dir={job.run_dir}", f"name={job.name}-{i}"]
+        out.append(config_mod.from_dict(base, f"{job.source} (sweep member {i})", overrides + naming))
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+@dataclasses.dataclass
+class SlurmTask:
+    """The callable submitit pickles: run one rank of the job (in every task of the allocation)."""
+
+    job_data: dict[str, Any]
+    source: str
+
+    def __call__(self) -> Any:
+        from .worker import run_in_place
+
+        return run_in_place(config_mod.from_dict(self.job_data, self.source))
+
+
+def make_executor(job: config_mod.Job, folder: Path) -> Any:
+    """A submitit ``AutoExecutor`` for SLURM with ``job``'s resources."""
+    import submitit
+
+    kwargs: dict[str, Any] = {}
+    if job.slurm.python:
+        kwargs["slurm_python"] = job.slurm.python
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **kwargs)
+    except RuntimeError as e:  # submitit: 'Could not detect "srun"'
+        raise LaunchError(
+            f"{job.source}: cannot submit: {e}\nHINT: run this on a SLURM login node, or start the local test "
+            "cluster: slurm/cluster.sh up && eval \"$(slurm/cluster.sh env)\""
+        ) from None
+    try:
+        executor.update_parameters(**executor_parameters(job))
+    except (ValueError, AssertionError) as e:
+        raise LaunchError(f"{job.source}: slurm: submitit refused the parameters: {e}") from None
+    return executor
+
+
+def submit(job: config_mod.Job, sweeps: list[str] | None = None) -> tuple[list[config_mod.Job], list[Any]]:
+    """Submit ``job`` (or its sweep, as one array); returns the jobs submitted and submitit's handles."""
+    members = sweep_jobs(job, sweeps)
+    folder = _log_folder(job).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    for member in members:
+        # Tasks start in the submission directory, but an absolute output_dir survives a `cd` in slurm.setup.
+        member.output_dir = str(Path(member.output_dir).resolve())
+    executor = make_executor(job, folder)
+    tasks = [SlurmTask(config_mod.to_dict(m), m.source) for m in members]
+    try:
+        if len(tasks) == 1:
+            return members, [executor.submit(tasks[0])]
+        with executor.batch():
+            futures = [executor.submit(t) for t in tasks]
+        return members, futures
+    except subprocess.CalledProcessError as e:
+        out = (e.stderr or e.output or b"").decode(errors="replace").strip() if isinstance(
+            e.stderr or e.output, bytes) else str(e.stderr or e.output or "")
+        raise LaunchError(f"{job.source}: sbatch refused the job: {out or e}\nHINT: check slurm.partition, "
+                          "slurm.account and the resources (sinfo shows what exists)") from None
+
+
+def _log_folder(job: config_mod.Job) -> Path:
+    p = Path(job.slurm.log_folder)
+    return p if p.is_absolute() else job.run_dir / p
+
+
+class _Tail:
+    """Print what was appended to a set of files since the last call (rank 0's output across requeues)."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[Path, int] = {}
+
+    def pump(self, path: Path, out: TextIO, prefix: str = "") -> None:
+        try:
+            with open(path, "rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                data = f.read()
+        except FileNotFoundError:
+            return
+        # Only whole lines, so a line is never split between two prefixes.
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            return
+        self.offsets[path] = self.offsets.get(path, 0) + cut
+        text = data[:cut].decode(errors="replace")
+        if prefix:
+            text = "".join(f"{prefix}{line}\n" for line in text.splitlines())
+        out.write(text)
+        out.flush()
+
+
+def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s: float = 5.0) -> int:
+    """Stream rank 0's output of every job until all are done; report results; return the exit code."""
+    tail = _Tail()
+    prefixes = [f"[{n}] " if len(jobs) > 1 else "" for n in names]
+    last_sacct = 0.0
+    while True:
+        for job, prefix in zip(jobs, prefixes):
+            tail.pump(Path(job.paths.stdout), sys.stdout, prefix)
+            tail.pump(Path(job.paths.stderr), sys.stderr, prefix)
+        force = time.monotonic() - last_sacct > sacct_every_s
+        if force:
+            last_sacct = time.monotonic()
+        if all(job.done(force_check=force) for job in jobs):
+            break
+        time.sleep(poll_s)
+    for job, prefix in zip(jobs, prefixes):  # what was written between the last pump and the end
+        tail.pump(Path(job.paths.stdout), sys.stdout, prefix)
+        tail.pump(Path(job.paths.stderr), sys.stderr, prefix)
+    codes = [_report(job, name) for job, name in zip(jobs, names)]
+    if EXIT_FAILURE in codes:
+        return EXIT_FAILURE
+    return EXIT_REQUEUE if EXIT_REQUEUE in codes else EXIT_OK
+
+
+def _report(job: Any, name: str) -> int:
+    """Print how one submitted job ended; return its exit code (see :mod:`launcher.errors`)."""
+    n = job.num_tasks
+    failures, results = [], {}
+    for rank in range(n):
+        task = job.task(rank)
+        exc = task.exception()
+        if exc is None:
+            results[rank] = task.result()
+            continue
+        failures.append((rank, exc))
+    if not failures:
+        print(f"[launcher] {name}: SLURM job {job.job_id} finished on {n} rank(s); rank 0 returned {results[0]!r}")
+        return EXIT_OK
+    state, exit_code = _final_state(job.job_id)
+    if exit_code == f"{EXIT_REQUEUE}:0":
+        print(f"[launcher] {name}: SLURM job {job.job_id} stopped with its state saved and was not requeued "
+              f"(state {state})\nHINT: submit it again to resume from the checkpoint", file=sys.stderr)
+        return EXIT_REQUEUE
+    crashed = [Failure(rank=r, host=_host(str(e)), exitcode=1, signal=None, timestamp=0, message="",
+                       traceback=_trace(str(e))) for r, e in failures]
+    print(f"launcher: {name}: SLURM job {job.job_id} failed (state {state}, exit code {exit_code}): "
+          f"{RankFailure(crashed)}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _trace(message: str) -> str:
+    """The traceback inside submitit's FailedJobError message (the whole message otherwise)."""
+    parts = message.split("----------------------")
+    return parts[1].strip() if len(parts) >= 3 else message.strip()
+
+
+def _host(message: str) -> str:
+    """The host named in the note :func:`launcher.worker.execute` adds to a rank's error (``?`` if none)."""
+    found = re.search(r"\[launcher\] rank \d+ on (\S+),", message)
+    return found.group(1) if found else "?"
+
+
+def _final_state(job_id: str, timeout_s: float = 30.0) -> tuple[str, str]:
+    """``(state, exit code)`` from sacct once the job left the running states (results arrive a bit earlier)."""
+    end = time.monotonic() + timeout_s
+    state, code = _sacct_state(job_id)
+    while state in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "UNKNOWN") and time.monotonic() < end:
+        time.sleep(1)
+        state, code = _sacct_state(job_id)
+    return state, code
+
+
+def _sacct_state(job_id: str) -> tuple[str, str]:
+    try:
+        r = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State,ExitCode"],
+                           capture_output=True, text=True, timeout=30)
+        state, _, code = r.stdout.strip().splitlines()[0].partition("|")
+        return state, code
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "UNKNOWN", "?"
+
+
+def cmd_submit(job: config_mod.Job, wait: bool = False, sweeps: list[str] | None = None) -> int:
+    """``launcher submit``: submit, print the job id and the log paths, optionally follow."""
+    members, jobs = submit(job, sweeps)
+    names = [m.name for m in members]
+    first = jobs[0]
+    array = f" as an array of {len(jobs)}" if len(jobs) > 1 else ""
+    print(f"[launcher] {job.name}: submitted SLURM job {first.job_id.split('_')[0]}{array} "
+          f"({tasks_per_node(job)} task(s) x {job.slurm.nodes} node(s))", flush=True)
+    for j, m in zip(jobs, members):
+        print(f"[launcher]   {m.name}: run dir {m.run_dir}, rank 0 log {j.paths.stdout}", flush=True)
+    if not wait:
+        print(f"[launcher] follow with: tail -f {first.paths.stdout}   (squeue -j {first.job_id} for the state)")
+        return EXIT_OK
+    return follow(jobs, names)

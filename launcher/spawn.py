@@ -34,7 +34,8 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from .errors import Failure, LaunchError, RankFailure
-from .worker import target_name
+from .env import detect
+from .worker import execute, target_name
 
 # The agent logs every failure at ERROR level; we report the first one ourselves, with its traceback.
 logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -205,7 +206,16 @@ def launch(
 
     ``fn`` must be defined at module level (in a module or in the script being run). Returns
     ``{rank: return value}``; raises :class:`launcher.RankFailure` with the failing rank's traceback.
+
+    Under torchrun or in an srun step the calling process already is one rank: ``fn`` runs in place (``nproc``
+    is ignored; the world size is the launcher's) and only this rank's result is returned, so the same script
+    works with ``python script.py`` and ``torchrun --nproc-per-node N script.py``.
     """
+    environment = detect()
+    if not environment.spawns_here():
+        in_place = {"target": "", "args": tuple(args), "kwargs": dict(kwargs or {}), "backend": backend,
+                    "timeout_s": timeout_s, "startup_timeout_s": startup_timeout_s, "seed": seed}
+        return {environment.rank(): execute(in_place, fn=fn)}
     target, main_file = target_name(fn)
     spec = {
         "target": target,

@@ -7,7 +7,8 @@ anything) and the class names. Large image sets on slow file systems are read as
 instead of millions of small ones.
 
 ``python -m launcher.tarshards IMAGE_FOLDER OUT_DIR --per-shard 1000`` converts an ImageFolder tree
-(``root/CLASS/image.jpg``).
+(``root/CLASS/image.jpg``, or ``root/train/...`` and ``root/val/...`` into ``OUT_DIR/train`` and ``OUT_DIR/val``);
+``--format cifar10`` converts a CIFAR-10 copy on disk (the python version) into ``OUT_DIR/train`` and ``OUT_DIR/val``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import io
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -146,16 +148,59 @@ def image_folder_samples(root: str | os.PathLike[str]) -> tuple[list[str], Itera
     return classes, gen()
 
 
+def cifar10_samples(root: str | os.PathLike[str], train: bool) -> tuple[list[str], Iterator[tuple[str, bytes, str, int]]]:
+    """Classes and samples (as PNG) of a CIFAR-10 copy on disk, read by torchvision (nothing is downloaded).
+
+    ``root`` is the ``cifar-10-batches-py`` folder of the python version, or the folder that holds it.
+    """
+    from torchvision.datasets import CIFAR10
+
+    base = Path(root)
+    parent = base.parent if base.name == CIFAR10.base_folder else base
+    try:
+        ds = CIFAR10(str(parent), train=train, download=False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise FileNotFoundError(
+            f"{base}: {e}\nHINT: point to the extracted python version (cifar-10-python.tar.gz), "
+            f"i.e. the folder that contains {CIFAR10.base_folder}/data_batch_1"
+        ) from None
+
+    def gen() -> Iterator[tuple[str, bytes, str, int]]:
+        for i, (image, label) in enumerate(ds):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            yield f"{'train' if train else 'test'}_{i:05d}", buf.getvalue(), "png", int(label)
+
+    return list(ds.classes), gen()
+
+
+def _splits(src: Path, fmt: str) -> list[tuple[str, tuple[list[str], Iterator[tuple[str, bytes, str, int]]]]]:
+    """``(output subfolder, (classes, samples))`` for each split found in ``src``."""
+    if fmt == "cifar10":
+        return [("train", cifar10_samples(src, True)), ("val", cifar10_samples(src, False))]
+    if (src / "train").is_dir() and (src / "val").is_dir():
+        return [(split, image_folder_samples(src / split)) for split in ("train", "val")]
+    return [("", image_folder_samples(src))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.tarshards", description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="an ImageFolder tree: SRC/CLASS/IMAGE.jpg")
-    parser.add_argument("out", help="output folder for the shards and index.json")
+    parser.add_argument("src", help="an ImageFolder tree (SRC/CLASS/IMAGE.jpg, or SRC/train/... and SRC/val/...), "
+                                    "or a CIFAR-10 copy with --format cifar10")
+    parser.add_argument("out", help="output folder for the shards and index.json (OUT/train and OUT/val for splits)")
+    parser.add_argument("--format", choices=("imagefolder", "cifar10"), default="imagefolder",
+                        help="layout of SRC (default imagefolder)")
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
     args = parser.parse_args(argv)
-    classes, samples = image_folder_samples(args.src)
-    index = write_shards(samples, args.out, per_shard=args.per_shard, classes=classes, progress=True)
-    paths, sizes, _ = open_shards(index.parent)
-    print(f"wrote {sum(sizes)} samples of {len(classes)} classes into {len(paths)} shards in {index.parent}")
+    try:
+        splits = _splits(Path(args.src), args.format)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for sub, (classes, samples) in splits:
+        index = write_shards(samples, Path(args.out) / sub, per_shard=args.per_shard, classes=classes, progress=True)
+        paths, sizes, _ = open_shards(index.parent)
+        print(f"wrote {sum(sizes)} samples of {len(classes)} classes into {len(paths)} shards in {index.parent}")
     return 0
 
 

@@ -21,12 +21,12 @@ from typing import Any, Callable
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import config as config_mod
-from . import dist, env as env_mod
+from . import dist, env as env_mod, stop
 from .errors import StopForRequeue
 from .rng import seed_everything
 
 #: Module name under which a target defined in a script's ``__main__`` is imported in the ranks.
-MAIN_ALIAS = "__mp_main__"
+MAIN_ALIAS = "__launcher_main__"  # not __mp_main__: torch aliases that to the real __main__
 
 
 def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
@@ -70,15 +70,47 @@ def run_job(job_data: dict[str, Any], source: str) -> Any:
     return resolve(job.entry)(job)
 
 
-def execute(spec: dict[str, Any]) -> Any:
-    """Run one rank of ``spec`` in this process and return the target's result."""
+def job_spec(job: config_mod.Job) -> dict[str, Any]:
+    """The worker spec that runs ``job`` (same in spawned ranks, torchrun and srun)."""
+    return {
+        "target": "launcher.worker:run_job",
+        "args": (config_mod.to_dict(job), job.source),
+        "backend": job.distributed.backend,
+        "timeout_s": job.distributed.timeout_s,
+        "startup_timeout_s": job.distributed.startup_timeout_s,
+        "seed": job.seed,
+        "max_requeues": job.slurm.max_requeues,
+    }
+
+
+def write_resolved(job: config_mod.Job) -> Path:
+    """Save the resolved job as ``run_dir/job.yaml`` (atomically) for the record and for resume checks."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    path = job.run_dir / "job.yaml"
+    tmp = path.with_name(f".job.yaml.{os.getpid()}.tmp")
+    tmp.write_text(config_mod.dump(job))
+    os.replace(tmp, path)
+    return path
+
+
+def run_in_place(job: config_mod.Job) -> Any:
+    """Run this process as one rank of ``job`` (under torchrun, an srun step or a submitit task)."""
+    if env_mod.detect().rank() == 0:
+        write_resolved(job)
+    return execute(job_spec(job))
+
+
+def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
+    """Run one rank of ``spec`` in this process and return the target's result (``fn`` instead of the target)."""
     environment = env_mod.detect()
     dist.init(environment, spec["backend"], spec["startup_timeout_s"], spec["timeout_s"])
     rank = dist.get_rank()
+    if isinstance(environment, env_mod.SlurmEnvironment):
+        stop.install(int(spec.get("max_requeues", 0)))  # preemption / time limit: save at a step boundary
     try:
         if spec.get("seed") is not None:
             seed_everything(int(spec["seed"]) + rank)
-        fn = resolve(spec["target"], spec.get("main_file"))
+        fn = fn or resolve(spec["target"], spec.get("main_file"))
         try:
             result = fn(*spec.get("args", ()), **spec.get("kwargs", {}))
         except StopForRequeue:
@@ -92,6 +124,7 @@ def execute(spec: dict[str, Any]) -> Any:
             _write_result(Path(spec["result_dir"]), rank, result)
         return result
     finally:
+        stop.uninstall()
         dist.teardown()
 
 

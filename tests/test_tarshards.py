@@ -40,3 +40,44 @@ def test_missing_index_says_how_to_fix(tmp_path):
         open_shards(tmp_path)
     with pytest.raises(FileNotFoundError, match="class folders"):
         image_folder_samples(tmp_path)
+
+
+def fake_cifar10(root, per_batch=3):
+    """The python CIFAR-10 layout with a few random images (torchvision reads it; its checksums are patched)."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for n, name in enumerate(names):
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [(n + i) % 10 for i in range(per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return folder
+
+
+def test_cifar10_on_disk_becomes_train_and_val_shards(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    src = fake_cifar10(tmp_path / "cifar")
+    assert main([str(src), str(tmp_path / "out"), "--format", "cifar10", "--per-shard", "4"]) == 0
+    train_paths, train_sizes, classes = open_shards(tmp_path / "out" / "train")
+    _, val_sizes, _ = open_shards(tmp_path / "out" / "val")
+    assert sum(train_sizes) == 15 and sum(val_sizes) == 3 and len(train_paths) == 4
+    assert classes == [f"class{i}" for i in range(10)]
+    first = next(read_tar(train_paths[0]))
+    image, label = DecodeImage()(first)
+    assert image.size == (32, 32) and label == 0
+
+
+def test_missing_cifar10_says_what_to_point_at(tmp_path, capsys):
+    assert main([str(tmp_path), str(tmp_path / "out"), "--format", "cifar10"]) == 2
+    assert "cifar-10-batches-py/data_batch_1" in capsys.readouterr().err

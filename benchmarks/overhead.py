@@ -1,0 +1,71 @@
+"""Launcher overhead and start-up against plain torchrun, and 1 vs 2 rank scaling (same CNN, same data).
+
+One run alternates the two sides; each side reports the time from the command to its first completed step and
+its training throughput after warm-up (``FIRST_STEP`` / ``THROUGHPUT`` lines of ``plain_cnn.py`` and
+``cnn_job.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+STEPS = 45
+ROUNDS = 5
+
+
+def _measure(cmd: list[str]) -> tuple[float, float]:
+    """``(seconds from command to first step, samples/s)`` of one run."""
+    t0 = time.time()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}  # plain_cnn.py imports benchmarks.cnn_job
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    first = float(re.search(r"FIRST_STEP ([\d.]+)", out).group(1))
+    rate = float(re.search(r"THROUGHPUT ([\d.]+)", out).group(1))
+    return first - t0, rate
+
+
+def _launcher_cmd(tmp: str, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "launcher", "run", "jobs/tiny.yaml", "entry=benchmarks.cnn_job:main",
+            f"output_dir={tmp}", f"train.max_steps={STEPS}", "checkpoint.resume=never", "data.num_workers=0",
+            "distributed.sync_batchnorm=false", f"distributed.nproc_per_node={nproc}"]
+
+
+def _summary(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} (spread {max(xs) - min(xs):.2f})"
+
+
+def run() -> list[dict[str, object]]:
+    tmp = tempfile.mkdtemp(prefix="bench-overhead-")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    theirs = [torchrun, "--standalone", "--nproc-per-node", "2", "benchmarks/plain_cnn.py", str(STEPS)]
+    plain, ours, single = [], [], []
+    try:
+        for _ in range(ROUNDS):
+            plain.append(_measure(theirs))
+            ours.append(_measure(_launcher_cmd(tmp, 2)))
+            single.append(_measure(_launcher_cmd(tmp, 1)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    p_start, p_rate = zip(*plain)
+    o_start, o_rate = zip(*ours)
+    _, s_rate = zip(*single)
+    thr = statistics.median(o_rate) / statistics.median(p_rate)
+    start = statistics.median(o_start) / statistics.median(p_start)
+    scale = statistics.median(o_rate) / statistics.median(s_rate)
+    return [
+        {"name": "throughput, launcher run / plain torchrun + DDP script (small CNN, 2 Gloo ranks, samples/s)",
+         "value": thr, "target": ">= 0.98", "ok": thr >= 0.98,
+         "detail": f"plain {_summary(list(p_rate))}/s, launcher {_summary(list(o_rate))}/s (median of {ROUNDS})"},
+        {"name": "start-up, command to first completed step, launcher run / torchrun --standalone",
+         "value": start, "target": "<= 1.0", "ok": start <= 1.0,
+         "detail": f"torchrun {_summary(list(p_start))} s, launcher {_summary(list(o_start))} s"},
+        {"name": "scaling, 2 ranks / 1 rank throughput through the launcher (CPU, reported, no target)",
+         "value": scale, "target": "none (measures the machine)", "ok": True,
+         "detail": f"1 rank {_summary(list(s_rate))}/s, 2 ranks {_summary(list(o_rate))}/s"},
+    ]

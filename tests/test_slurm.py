@@ -1,0 +1,242 @@
+"""SLURM: job files to submitit parameters, stop requests, and end to end on the local one-node cluster.
+
+The cluster tests run against the real SLURM daemons started by ``slurm/cluster.sh`` (see the ``slurm_env``
+fixture); where the cluster cannot run here (no root, no packages) they are skipped with the script's reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import launcher
+from launcher import config as config_mod
+from launcher import slurm, stop
+from launcher.checkpoint import load_checkpoint
+from launcher.errors import EXIT_REQUEUE, StopForRequeue
+
+from .conftest import ROOT, launcher_cmd, wait_until
+
+CLUSTER = ROOT / "slurm" / "cluster.sh"
+
+
+def tiny(*overrides: str) -> config_mod.Job:
+    return config_mod.load(ROOT / "jobs" / "tiny.yaml", list(overrides))
+
+
+# ------------------------------------------------------------------------------------------ no cluster needed
+
+
+def test_job_file_maps_to_submitit_parameters():
+    job = tiny("slurm.partition=gpu", "slurm.account=proj", "slurm.qos=high", "slurm.nodes=2",
+               "slurm.time_min=30", "slurm.mem_gb=64", "slurm.constraint=a100", "slurm.exclusive=true",
+               "slurm.comment=hello", "slurm.additional_parameters={reservation: big}",
+               "slurm.srun_args=[--cpu-bind=none]", "slurm.setup=['module load cuda']", "slurm.signal_delay_s=120")
+    p = slurm.executor_parameters(job)
+    assert p["tasks_per_node"] == 2  # distributed.nproc_per_node on CPU
+    assert p["nodes"] == 2 and p["timeout_min"] == 30 and p["mem_gb"] == 64
+    assert p["slurm_partition"] == "gpu" and p["slurm_account"] == "proj" and p["slurm_qos"] == "high"
+    assert p["slurm_constraint"] == "a100" and p["slurm_exclusive"] is True and p["slurm_comment"] == "hello"
+    assert p["slurm_additional_parameters"] == {"reservation": "big"}
+    assert p["slurm_srun_args"] == ["--cpu-bind=none"] and p["slurm_setup"] == ["module load cuda"]
+    assert p["slurm_signal_delay_s"] == 120
+    assert "gpus_per_node" not in p
+
+
+def test_tasks_per_node_follow_gpus_then_explicit_value():
+    assert slurm.tasks_per_node(tiny("slurm.gpus_per_node=4")) == 4
+    assert slurm.tasks_per_node(tiny("slurm.gpus_per_node=4", "slurm.tasks_per_node=1")) == 1
+
+
+def test_sbatch_script_rendered_by_submitit(tmp_path, monkeypatch):
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # no srun needed
+    job = tiny("slurm.partition=gpu", "slurm.time_min=30", "slurm.signal_delay_s=120", "slurm.gpus_per_node=2")
+    executor = slurm.make_executor(job, tmp_path)
+    text = executor._executor._make_submission_file_text("CMD", "uid")
+    for line in ("--partition=gpu", "--time=30", "--signal=USR2@120", "--ntasks-per-node=2", "--gpus-per-node=2",
+                 "--job-name=tiny"):
+        assert f"#SBATCH {line}" in text, text
+
+
+def test_unknown_slurm_key_lists_valid_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "jobs" / "tiny.yaml").read_text() + "slurm:\n  partitoin: gpu\n")
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "slurm.partitoin" in msg and "partition" in msg and "max_requeues" in msg
+
+
+def test_sweep_members_get_their_own_run_directories():
+    job = tiny("output_dir=/tmp/x", "sweep=[{train.lr: 0.05}, {train.lr: 0.2, seed: 3}]")
+    members = slurm.sweep_jobs(job)
+    assert [m.train.lr for m in members] == [0.05, 0.2] and members[1].seed == 3
+    assert [str(m.run_dir) for m in members] == ["/tmp/x/tiny/tiny-0", "/tmp/x/tiny/tiny-1"]
+    assert all(m.sweep == [] for m in members)
+    cli = slurm.sweep_jobs(job, ["train.lr=1.5", "train.lr=2.5 seed=7"])  # --sweep replaces the file's list
+    assert [(m.train.lr, m.seed) for m in cli] == [(1.5, 0), (2.5, 7)]
+    with pytest.raises(config_mod.ConfigError, match="sweep member 1"):
+        slurm.sweep_jobs(job, ["train.lr=1", "train.lrr=2"])
+
+
+def test_submit_without_slurm_says_how_to_get_one(tmp_path, monkeypatch):
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: -1))
+    with pytest.raises(launcher.LaunchError, match="slurm/cluster.sh up"):
+        slurm.make_executor(tiny(), tmp_path)
+
+
+def test_should_stop_is_free_outside_slurm():
+    assert not stop.installed() and stop.should_stop() is False
+
+
+def _signal_rank_one_then_agree() -> dict:
+    stop.install(max_requeues=0)
+    try:
+        if launcher.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            wait_until(lambda: stop.received(), 5)
+        agreed = stop.should_stop()
+        try:
+            stop.exit_for_requeue()
+        except StopForRequeue as e:
+            return {"agreed": agreed, "code": e.code, "received": sorted(stop.received())}
+        return {"agreed": agreed, "code": None}
+    finally:
+        stop.uninstall()
+
+
+def test_all_ranks_agree_to_stop_when_one_was_signalled():
+    results = launcher.launch(_signal_rank_one_then_agree, nproc=2, backend="gloo")
+    assert results[0] == {"agreed": True, "code": EXIT_REQUEUE, "received": []}
+    assert results[1] == {"agreed": True, "code": EXIT_REQUEUE, "received": [int(signal.SIGUSR2)]}
+
+
+# ------------------------------------------------------------------------------------- the local SLURM cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Bring the local cluster up (installing packages when missing); tear it down if we started it."""
+    was_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True).stdout
+    already = "slurmctld: running" in was_up
+    r = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    if r.returncode == 3:
+        pytest.skip(f"no local SLURM cluster: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, f"slurm/cluster.sh up failed:\n{r.stderr}"
+    conf = r.stdout.strip().split("=", 1)[1]
+    env = {**os.environ, "SLURM_CONF": conf}
+    yield env
+    if not already:
+        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
+
+
+def submit(env, run_root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5",
+                                       *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sacct(env, job_id: str, fields: str = "State,ExitCode") -> list[str]:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-D", "-o", fields], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()
+
+
+def job_id_of(output: str) -> str:
+    return re.search(r"submitted SLURM job (\d+)", output).group(1)
+
+
+def test_submit_wait_trains_on_two_tasks(slurm_env, run_root):
+    r = submit(slurm_env, run_root, "train.max_steps=12", "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "finished on 2 rank(s)" in r.stdout and "'world_size': 2" in r.stdout and "'step': 12" in r.stdout
+    assert (run_root / "tiny" / "slurm_logs" / f"{job_id_of(r.stdout)}_1_log.out").exists()  # rank 1 ran too
+    ckpt = load_checkpoint(run_root / "tiny" / "checkpoints" / "step_00000012.pt")
+    assert ckpt["world_size"] == 2
+
+
+def test_srun_launcher_run_inside_an_allocation(slurm_env, run_root):
+    r = subprocess.run(["srun", "-n", "2", "--time=3", sys.executable, "-m", "launcher", "run", "jobs/tiny.yaml",
+                        f"output_dir={run_root}", "train.max_steps=6"],
+                       cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpt = load_checkpoint(run_root / "tiny" / "checkpoints" / "step_00000006.pt")
+    assert ckpt["world_size"] == 2
+
+
+def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_root):
+    proc = subprocess.Popen(launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5",
+                                         "train.max_steps=60", "train.epochs=100", "args.step_sleep=0.3",
+                                         "checkpoint.every_steps=20", "--wait"),
+                            cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ckpts = run_root / "tiny" / "checkpoints"
+        assert wait_until(lambda: (ckpts / "latest").exists(), 120), "no first checkpoint"  # mid-run, step 20
+        log = next((run_root / "tiny" / "slurm_logs").glob("*_0_log.out"))
+        job_id = log.name.split("_")[0]
+        subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, check=True, timeout=30)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    stopped = int(re.search(r"stop requested at step (\d+)", out).group(1))
+    resumed = int(re.search(r"resumed from .*step_(\d+)\.pt", out).group(1))
+    assert 20 < stopped < 60 and resumed == stopped  # saved at the step boundary: nothing beyond it lost
+    assert "'step': 60" in out
+    # --wait returns once both ranks wrote their results; SLURM marks the job completed a moment later.
+    assert wait_until(lambda: sacct(slurm_env, job_id)[-1].startswith("COMPLETED"), 60), sacct(slurm_env, job_id)
+    assert sacct(slurm_env, job_id)[0].startswith("REQUEUED")
+
+
+def test_time_limit_signal_requeues_until_max_requeues(slurm_env, run_root):
+    # A 1-minute limit with the signal 30 s before it: USR2 arrives while training; one requeue is allowed.
+    r = submit(slurm_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=30", "slurm.max_requeues=1",
+               "train.max_steps=100000", "train.epochs=100000", "args.step_sleep=0.3", "--wait", timeout=400)
+    assert r.returncode == EXIT_REQUEUE, r.stdout + r.stderr
+    assert "SIGUSR2: state saved; requeued job" in r.stderr and "(1/1)" in r.stderr
+    assert "NOT requeued" in r.stderr and "slurm.max_requeues=1" in r.stderr
+    stops = [int(s) for s in re.findall(r"stop requested at step (\d+)", r.stdout)]
+    resumed = [int(s) for s in re.findall(r"resumed from .*step_(\d+)\.pt", r.stdout)]
+    assert len(stops) == 2 and resumed == stops[:1] and stops[1] > stops[0]
+    assert f"step_{stops[1]:08d}.pt" in (run_root / "tiny" / "checkpoints" / "latest").read_text()
+
+
+def fail_on_rank_one(job: config_mod.Job) -> str:
+    """Entry point for the failure test: rank 1 raises, rank 0 returns."""
+    if launcher.get_rank() == 1:
+        raise ValueError("boom on rank 1")
+    return "ok"
+
+
+def test_failing_job_shows_its_traceback_and_is_not_requeued(slurm_env, run_root):
+    started = time.monotonic()
+    r = submit(slurm_env, run_root, "entry=tests.test_slurm:fail_on_rank_one", "--wait")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ValueError: boom on rank 1" in r.stderr and "rank 1 failed first" in r.stderr
+    job_id = job_id_of(r.stdout)
+    # One row with duplicates shown (-D): the job ran once, never requeued.
+    assert wait_until(lambda: sacct(slurm_env, job_id) == ["FAILED|1:0"], 60), sacct(slurm_env, job_id)
+    assert time.monotonic() - started < 120
+
+
+def test_sweep_runs_as_an_array_with_one_run_directory_each(slurm_env, run_root):
+    r = submit(slurm_env, run_root, "train.max_steps=4", "data.num_workers=0", "--sweep", "train.lr=0.01",
+               "--sweep", "train.lr=0.02", "--sweep", "train.lr=0.03 seed=5", "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "as an array of 3" in r.stdout
+    for i, lr in enumerate((0.01, 0.02, 0.03)):
+        job = config_mod.load(run_root / "tiny" / f"tiny-{i}" / "job.yaml")
+        assert job.train.lr == lr and (run_root / "tiny" / f"tiny-{i}" / "checkpoints" / "latest").exists()
+        assert f"tiny-{i}: SLURM job" in r.stdout
+    rows = sacct(slurm_env, job_id_of(r.stdout) + "", "JobID,State")
+    assert sorted(row.split("|")[0] for row in rows)[-3:] == [f"{job_id_of(r.stdout)}_{i}" for i in range(3)]
