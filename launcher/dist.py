@@ -19,7 +19,7 @@ from .env import ClusterEnvironment
 
 T = TypeVar("T")
 
-_state: dict[str, Any] = {"step": None, "step_timeout_s": None, "first_step_done": False}
+_state: dict[str, Any] = {"step": None, "step_timeout_s": None, "startup_timeout_s": None, "first_step_done": False}
 
 
 def is_initialized() -> bool:
@@ -73,9 +73,16 @@ def init(env: ClusterEnvironment, backend: str, startup_timeout_s: float, step_t
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank())
     kwargs: dict[str, Any] = {}
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         # srun step or another launcher that does not export MASTER_ADDR/PORT: say it explicitly.
         kwargs["init_method"] = f"tcp://{env.master_addr()}:{env.master_port()}"
+    elif restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The agent's store outlives a restart (ours is kept open on purpose): without a namespace per attempt,
+        # Gloo would read the dead ranks' addresses from the previous attempt and fail to connect.
+        store = tdist.TCPStore(env.master_addr(), env.master_port(), env.world_size(), is_master=False,
+                               timeout=datetime.timedelta(seconds=startup_timeout_s))
+        kwargs["store"] = tdist.PrefixStore(f"launcher/attempt_{restart}", store)
     tdist.init_process_group(
         backend=backend,
         rank=env.rank(),
@@ -83,7 +90,8 @@ def init(env: ClusterEnvironment, backend: str, startup_timeout_s: float, step_t
         timeout=datetime.timedelta(seconds=startup_timeout_s),
         **kwargs,
     )
-    _state.update(step=None, step_timeout_s=step_timeout_s, first_step_done=False)
+    _state.update(step=None, step_timeout_s=step_timeout_s, startup_timeout_s=startup_timeout_s,
+                  first_step_done=False)
     return backend
 
 
@@ -123,9 +131,16 @@ def _gloo_group() -> Any:
 
 
 def barrier() -> None:
-    """*Collective.* Wait for all ranks (no-op when not distributed); bounded by the group timeout."""
-    if is_initialized() and get_world_size() > 1:
-        tdist.monitored_barrier(_gloo_group()) if tdist.get_backend() == "gloo" else tdist.barrier()
+    """*Collective.* Wait for all ranks (no-op when not distributed); bounded by the current collective timeout."""
+    if not is_initialized() or get_world_size() == 1:
+        return
+    if tdist.get_backend() != "gloo":
+        tdist.barrier()
+        return
+    seconds = _state["step_timeout_s"] if _state["first_step_done"] else _state["startup_timeout_s"]
+    # monitored_barrier's own default is 30 minutes, whatever the group's timeout: pass ours.
+    timeout = datetime.timedelta(seconds=seconds) if seconds else None
+    tdist.monitored_barrier(_gloo_group(), timeout=timeout)
 
 
 def all_gather_object(obj: T) -> list[T]:

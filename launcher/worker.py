@@ -95,7 +95,10 @@ def write_resolved(job: config_mod.Job) -> Path:
 
 def run_in_place(job: config_mod.Job) -> Any:
     """Run this process as one rank of ``job`` (under torchrun, an srun step or a submitit task)."""
-    if env_mod.detect().rank() == 0:
+    environment = env_mod.detect()
+    if isinstance(environment, env_mod.TorchElasticEnvironment):
+        _die_with_parent()  # torchrun SIGKILLed: its ranks go too instead of training on as orphans
+    if environment.rank() == 0:
         write_resolved(job)
     return execute(job_spec(job))
 

@@ -96,3 +96,30 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
     # In place: no "starting 2 rank(s)" from a nested spawner, and the run directory was written once.
     assert "starting" not in r.stdout
     assert (run_root / "tiny" / "job.yaml").exists()
+
+
+def fail_once(job):
+    """Entry point: the first attempt trains 15 steps, then rank 1 fails; the restarted attempt resumes."""
+    import examples.tiny
+    import launcher
+
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        full = job.train.max_steps
+        job.train.max_steps = 15
+        examples.tiny.main(job)
+        job.train.max_steps = full
+        if launcher.get_rank() == 1:
+            raise RuntimeError("first attempt fails on purpose")
+        launcher.barrier()  # rank 0 waits here until the agent stops it
+    return examples.tiny.main(job)
+
+
+def test_max_restarts_restarts_all_ranks_which_resume(run_root):
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "entry=tests.test_cli:fail_once",
+                "train.max_steps=30", "train.epochs=100", "distributed.max_restarts=1")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "step_00000015.pt" in r.stdout
+    assert "'step': 30" in r.stdout
+    no_restart = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}/b", "entry=tests.test_cli:fail_once",
+                         "train.max_steps=30", "train.epochs=100")
+    assert no_restart.returncode == 1 and "first attempt fails on purpose" in no_restart.stderr
