@@ -11,13 +11,13 @@ from . import config as config_mod
 from . import env as env_mod
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure
 from .spawn import spawn
-from .worker import job_spec, run_in_place, write_resolved
+from .worker import exit_now, job_spec, run_in_place, write_resolved
 
 
 def cmd_run(job: config_mod.Job) -> int:
     if not env_mod.detect().spawns_here():
         run_in_place(job)  # under torchrun or in an srun step: this process is one rank of the job
-        return EXIT_OK
+        exit_now(EXIT_OK)  # done and saved: skip interpreter shutdown (see worker.exit_now)
     spec = job_spec(job)
     write_resolved(job)
     nproc = job.distributed.nproc_per_node

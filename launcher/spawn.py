@@ -99,6 +99,9 @@ def spawn(
     environ = dict(os.environ)  # the agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs
     restore = _install_signal_handlers(agent)
     try:
+        # Share the cores instead of every rank starting one thread per core (torchrun sets 1; this is the same
+        # idea without starving a single rank). The ranks inherit os.environ; a user's value is kept.
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
         result = agent.run()
     finally:
         restore()
@@ -115,6 +118,12 @@ def spawn(
         return _read_results(Path(spec["result_dir"]), nproc)
     finally:
         shutil.rmtree(spec["result_dir"], ignore_errors=True)
+
+
+def threads_per_rank(nproc: int, cores: int | None = None) -> int:
+    """Intra-op threads for each of ``nproc`` ranks sharing this machine's usable cores (at least 1)."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, nproc))
 
 
 def _install_signal_handlers(agent: LocalElasticAgent) -> Callable[[], None]:

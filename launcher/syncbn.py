@@ -4,10 +4,12 @@
 kernels are CUDA-only; pytorch PR 78078, which would have fixed it, was closed unmerged). This module computes
 the statistics itself with plain tensor ops and collectives, so it runs wherever the process group does:
 
-* forward: each rank computes (count, mean, M2) of its part; one ``all_gather`` of ``1 + 2C`` numbers and a
-  Chan et al. merge give the global mean and variance (stable, and exact with zero samples on a rank);
-* backward: the two per-channel reductions ``sum(dy)`` and ``sum(dy * (x - mean))`` are all-reduced once; the
-  input gradient is then exactly BatchNorm's over the concatenated global batch. Weight and bias gradients stay
+* forward: each rank computes (count, mean, M2) of its part with torch's channel-wise kernel
+  (``batch_norm_update_stats``); one ``all_gather`` of ``1 + 2C`` numbers and a Chan et al. merge give the
+  global mean and variance (stable, and exact with zero samples on a rank);
+* backward: the two per-channel reductions ``sum(dy)`` and ``sum(dy * (x - mean))`` (one fused pass of
+  ``native_batch_norm_backward`` around the global mean) are all-reduced once; the input gradient is then
+  exactly BatchNorm's over the concatenated global batch. Weight and bias gradients stay
   local sums, which DDP averages like every other parameter gradient.
 
 Eval mode, a single rank and no process group use ``F.batch_norm`` unchanged. The class deliberately does not
@@ -55,7 +57,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
         c = x.shape[1]
         n = x.numel() // c if c else 0
         if n > 0:
-            var_l, mean_l = torch.var_mean(xc, dim=_dims(x), correction=0)
+            # torch's channel-wise CPU/CUDA kernel (no output pass); reductions over dims (0, 2, ...) with
+            # generic ops were the slowest part of a CPU step.
+            mean_l, var_l = torch.batch_norm_update_stats(xc, None, None, 0.0)
             m2_l = var_l * n
         else:
             mean_l = xc.new_zeros(c)
@@ -90,11 +94,14 @@ class _SyncBatchNormFn(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         g = grad_y.float() if grad_y.dtype in _HALF else grad_y
         xc = x.float() if x.dtype in _HALF else x
-        dims = _dims(x)
         xmu = xc - _bcast(mean, x)
         if x.numel() > 0:
-            sum_dy = g.sum(dims)
-            sum_dy_xmu = (g * xmu).sum(dims)
+            # Both per-channel reductions in one fused pass of torch's kernel, around the *global* mean/invstd:
+            # grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd.
+            _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                g, xc, None, None, None, mean, invstd, True, 0.0, [False, True, True]
+            )
+            sum_dy, sum_dy_xmu = gb, gw / invstd
         else:
             sum_dy = mean.new_zeros(mean.shape)
             sum_dy_xmu = mean.new_zeros(mean.shape)

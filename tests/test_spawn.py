@@ -94,3 +94,19 @@ def test_root_cause_is_reported_before_ranks_stopped_because_of_it():
     killed = Failure(rank=1, host="h", exitcode=-9, signal="SIGKILL", timestamp=101, message="", traceback="")
     err = RankFailure([stopped, peer, killed])
     assert err.first.rank == 1 and "rank 1 failed first" in str(err) and "signal SIGKILL" in str(err)
+
+
+def num_threads():
+    return torch.get_num_threads()
+
+
+def test_ranks_share_the_cores_instead_of_oversubscribing(monkeypatch):
+    from launcher.spawn import threads_per_rank
+
+    assert threads_per_rank(2, cores=2) == 1 and threads_per_rank(1, cores=2) == 2
+    assert threads_per_rank(3, cores=16) == 5 and threads_per_rank(8, cores=4) == 1
+    expected = threads_per_rank(2)
+    assert launcher.launch(num_threads, nproc=2, backend="gloo") == {0: expected, 1: expected}
+    mine = 1 if expected != 1 else 2  # the user's setting wins (torch caps it at the core count)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(mine))
+    assert launcher.launch(num_threads, nproc=2, backend="gloo") == {0: mine, 1: mine}
