@@ -199,8 +199,10 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_
 
 
 def test_time_limit_signal_requeues_until_max_requeues(slurm_env, run_root):
-    # A 1-minute limit with the signal 30 s before it: USR2 arrives while training; one requeue is allowed.
-    r = submit(slurm_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=30", "slurm.max_requeues=1",
+    # A 1-minute limit with the signal 15 s before it: USR2 arrives while training (SLURM 22.05 sent it up to
+    # ~15 s early here; with a 30 s delay it once came during start-up, before any handler existed, and killed
+    # the tasks). One requeue is allowed.
+    r = submit(slurm_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=15", "slurm.max_requeues=1",
                "train.max_steps=100000", "train.epochs=100000", "args.step_sleep=0.3", "--wait", timeout=400)
     assert r.returncode == EXIT_REQUEUE, r.stdout + r.stderr
     assert "SIGUSR2: state saved; requeued job" in r.stderr and "(1/1)" in r.stderr
