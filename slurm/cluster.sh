@@ -197,7 +197,7 @@ case ${1:-} in
     echo "export SLURM_CONF=$CONF"
     ;;
   clean)
-    "$0" down
+    bash "$0" down
     rm -rf "$DIR"
     ;;
   *)

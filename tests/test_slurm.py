@@ -127,7 +127,7 @@ def test_all_ranks_agree_to_stop_when_one_was_signalled():
 
 @pytest.fixture(scope="session")
 def slurm_env():
-    """Bring the local cluster up (installing packages when missing); tear it down if we started it."""
+    """Bring the local cluster up (installing packages when missing); remove it again if we started it."""
     was_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True).stdout
     already = "slurmctld: running" in was_up
     r = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)
@@ -138,7 +138,7 @@ def slurm_env():
     env = {**os.environ, "SLURM_CONF": conf}
     yield env
     if not already:
-        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
+        subprocess.run(["bash", str(CLUSTER), "clean"], capture_output=True, timeout=120)  # daemons and state
 
 
 def submit(env, run_root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
