@@ -132,8 +132,8 @@ def submit(job: config_mod.Job, sweeps: list[str] | None = None) -> tuple[list[c
             futures = [executor.submit(t) for t in tasks]
         return members, futures
     except subprocess.CalledProcessError as e:
-        out = (e.stderr or e.output or b"").decode(errors="replace").strip() if isinstance(
-            e.stderr or e.output, bytes) else str(e.stderr or e.output or "")
+        raw = e.stderr or e.output or b""
+        out = (raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)).strip()
         raise LaunchError(f"{job.source}: sbatch refused the job: {out or e}\nHINT: check slurm.partition, "
                           "slurm.account and the resources (sinfo shows what exists)") from None
 
@@ -148,6 +148,12 @@ class _Tail:
 
     def __init__(self) -> None:
         self.offsets: dict[Path, int] = {}
+
+    def pump_jobs(self, jobs: list[Any], prefixes: list[str]) -> None:
+        """Rank 0's stdout and stderr of every job (submitit's task-0 log files)."""
+        for job, prefix in zip(jobs, prefixes):
+            self.pump(Path(job.paths.stdout), sys.stdout, prefix)
+            self.pump(Path(job.paths.stderr), sys.stderr, prefix)
 
     def pump(self, path: Path, out: TextIO, prefix: str = "") -> None:
         try:
@@ -174,18 +180,14 @@ def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s
     prefixes = [f"[{n}] " if len(jobs) > 1 else "" for n in names]
     last_sacct = 0.0
     while True:
-        for job, prefix in zip(jobs, prefixes):
-            tail.pump(Path(job.paths.stdout), sys.stdout, prefix)
-            tail.pump(Path(job.paths.stderr), sys.stderr, prefix)
+        tail.pump_jobs(jobs, prefixes)
         force = time.monotonic() - last_sacct > sacct_every_s
         if force:
             last_sacct = time.monotonic()
         if all(job.done(force_check=force) for job in jobs):
             break
         time.sleep(poll_s)
-    for job, prefix in zip(jobs, prefixes):  # what was written between the last pump and the end
-        tail.pump(Path(job.paths.stdout), sys.stdout, prefix)
-        tail.pump(Path(job.paths.stderr), sys.stderr, prefix)
+    tail.pump_jobs(jobs, prefixes)  # what was written between the last pump and the end
     codes = [_report(job, name) for job, name in zip(jobs, names)]
     if EXIT_FAILURE in codes:
         return EXIT_FAILURE

@@ -109,10 +109,10 @@ def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
     environment = env_mod.detect()
     dist.init(environment, spec["backend"], spec["startup_timeout_s"], spec["timeout_s"])
     rank = dist.get_rank()
-    if isinstance(environment, env_mod.SlurmEnvironment) and "OMP_NUM_THREADS" not in os.environ:
-        # Without task binding every rank would start a thread per core of the node: use the cores SLURM gave.
-        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
     if isinstance(environment, env_mod.SlurmEnvironment):
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Without task binding every rank would start a thread per core of the node: use the cores it got.
+            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
         stop.install(int(spec.get("max_requeues", 0)))  # preemption / time limit: save at a step boundary
     try:
         if spec.get("seed") is not None:
