@@ -130,6 +130,19 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, capsys):
         assert "skipping checkpoint" in capsys.readouterr().out
 
 
+def test_failed_save_leaves_previous_checkpoint_and_no_temp_file(tmp_path):
+    box = Box()
+    ck = Checkpointer(tmp_path, keep_last=5, async_save=False, model=box)
+    ck.save(TrainState(step=1))
+    box.t = lambda: None  # not serializable: torch.save raises half-way through the file
+    with pytest.raises(Exception):
+        ck.save(TrainState(step=2))
+    ck.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001.json", "step_00000001.pt"]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert find_latest(tmp_path)[0].name == "step_00000001.pt"
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch /tmp/launcher-pwned",))
