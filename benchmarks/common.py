@@ -8,13 +8,18 @@ from typing import Callable
 
 
 def alternate(a: Callable[[], float], b: Callable[[], float], rounds: int = 5) -> dict[str, float]:
-    """Run ``a`` and ``b`` alternately; each returns a measurement (seconds or a rate). Medians and ratio b/a."""
+    """Run ``a`` and ``b`` alternately; each returns a measurement (seconds or a rate).
+
+    Returns the medians of each side and, as ``ratio``, the median over rounds of b/a measured back to back: on
+    a shared machine whose speed drifts between rounds, pairing cancels the drift that a ratio of medians keeps.
+    """
     xs, ys = [], []
     for _ in range(rounds):
         xs.append(a())
         ys.append(b())
     ma, mb = statistics.median(xs), statistics.median(ys)
-    return {"a": ma, "b": mb, "a_spread": max(xs) - min(xs), "b_spread": max(ys) - min(ys), "ratio": mb / ma}
+    ratio = statistics.median(y / x for x, y in zip(xs, ys))
+    return {"a": ma, "b": mb, "a_spread": max(xs) - min(xs), "b_spread": max(ys) - min(ys), "ratio": ratio}
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -143,6 +143,34 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp_file(tmp_path):
     assert find_latest(tmp_path)[0].name == "step_00000001.pt"
 
 
+def test_async_save_writes_the_state_of_the_moment_it_was_called(tmp_path, monkeypatch):
+    import threading
+
+    import launcher.checkpoint as ck_mod
+
+    release = threading.Event()
+    real_write = ck_mod.atomic_write_bytes
+
+    def slow_write(path, data=None, obj=None):
+        release.wait(30)
+        return real_write(path, data, obj)
+
+    monkeypatch.setattr(ck_mod, "atomic_write_bytes", slow_write)
+    box = Box()
+    ck = Checkpointer(tmp_path, keep_last=5, async_save=True, model=box)
+    for step in (1, 2):  # the second save copies into the staging buffers of the first
+        expected = box.t.clone()
+        ck.save(TrainState(step=step))
+        box.t.add_(1.0)  # training goes on, in place, while the write is held back
+        release.set()
+        ck.wait()
+        release.clear()
+        saved = load_checkpoint(tmp_path / f"step_{step:08d}.pt")["model"]["t"]
+        assert torch.equal(saved, expected), step
+    release.set()
+    ck.close()
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch /tmp/launcher-pwned",))
