@@ -20,7 +20,7 @@ from launcher.tarshards import DecodeImage, open_shards, read_tar
 
 from .common import alternate
 
-SAMPLES = 6000
+SAMPLES = 12000
 BATCH = 50
 
 
@@ -52,12 +52,12 @@ def _run(tmp: Path) -> list[dict[str, object]]:
         return n / (time.perf_counter() - t)
 
     cores = len(os.sched_getaffinity(0))
-    base = alternate(plain, lambda: loader(1), rounds=3)
+    base = alternate(plain, lambda: loader(1), rounds=5)
     out = [{"name": "tar shards, 1 worker / plain loop in the main process (samples/s, 64px PNG decode)",
             "value": base["ratio"], "target": "reported (IPC cost of a worker)", "ok": True,
             "detail": f"plain {base['a']:.0f}/s, 1 worker {base['b']:.0f}/s"}]
     for w in (2, 4):
-        r = alternate(lambda: loader(1), lambda w=w: loader(w), rounds=3)
+        r = alternate(lambda: loader(1), lambda w=w: loader(w), rounds=5)
         expected = 0.9 * min(w, cores)
         out.append({"name": f"tar shards, {w} workers / 1 worker (steady-state samples/s)",
                     "value": r["ratio"], "target": f">= {expected:.2f} (0.9 x min(W, {cores} cores))",

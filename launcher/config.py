@@ -39,7 +39,8 @@ class DistributedConfig:
     timeout_s: float = 120.0
     """Timeout of every collective once the first step has completed; a stuck rank fails after this."""
     startup_timeout_s: float = 600.0
-    """Timeout of collectives before the first step (rendezvous, data loading warm-up, compilation)."""
+    """Timeout of collectives before the first step (rendezvous, data loading warm-up, compilation); also
+    bounds every wait for a batch from DataLoader workers (:func:`launcher.data.make_loader`)."""
     max_restarts: int = 0
     """Restart all ranks this many times after a failure; they resume from the last checkpoint."""
     find_unused_parameters: bool = False

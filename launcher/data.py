@@ -301,7 +301,8 @@ def make_loader(dataset: ShardedIterableDataset, num_workers: int = 0, pin_memor
     preemption or requeue, and torch's workers would die of it and crash the rank before it reaches the step
     boundary where it saves (:mod:`launcher.stop`). The rank stops its workers itself when it exits.
 
-    A worker that sends nothing for ``timeout`` seconds (default 600) fails the rank instead of hanging it:
+    A worker that sends nothing for ``timeout`` seconds (default: the job's ``distributed.startup_timeout_s``,
+    600 s outside the launcher) fails the rank instead of hanging it:
     a DataLoader worker forked while another thread of the rank held a lock can deadlock (pytorch issue
     130610); ``multiprocessing_context="forkserver"`` avoids forking a threaded process when the dataset and
     its read function are importable (not defined in the ``__main__`` script).
@@ -309,7 +310,7 @@ def make_loader(dataset: ShardedIterableDataset, num_workers: int = 0, pin_memor
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     if num_workers > 0:
-        kw.setdefault("timeout", 600.0)
+        kw.setdefault("timeout", dist.data_timeout_s())
     if num_workers > 0 and stop.installed():
         kw["worker_init_fn"] = functools.partial(_ignore_stop_signals, kw.get("worker_init_fn"))
     with warnings.catch_warnings():

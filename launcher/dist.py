@@ -122,6 +122,12 @@ def current_step() -> int | None:
     return _state["step"]
 
 
+def data_timeout_s() -> float:
+    """How long a rank waits for one batch from its DataLoader workers: the job's start-up timeout (worker
+    start-up is paid again at every epoch), or 600 s outside the launcher."""
+    return _state["startup_timeout_s"] or 600.0
+
+
 @functools.lru_cache(maxsize=1)
 def _gloo_group() -> Any:
     """A gloo group over all ranks for object collectives (never NCCL: they pickle on the CPU)."""
