@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def alternate(a: Callable[[], float], b: Callable[[], float], rounds: int = 5) -> dict[str, float]:
@@ -18,8 +18,12 @@ def alternate(a: Callable[[], float], b: Callable[[], float], rounds: int = 5) -
         xs.append(a())
         ys.append(b())
     ma, mb = statistics.median(xs), statistics.median(ys)
-    ratio = statistics.median(y / x for x, y in zip(xs, ys))
-    return {"a": ma, "b": mb, "a_spread": max(xs) - min(xs), "b_spread": max(ys) - min(ys), "ratio": ratio}
+    return {"a": ma, "b": mb, "a_spread": max(xs) - min(xs), "b_spread": max(ys) - min(ys), "ratio": paired(xs, ys)}
+
+
+def paired(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Median over rounds of y/x, each pair measured back to back."""
+    return statistics.median(y / x for x, y in zip(xs, ys))
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 
+from .common import paired
+
 STEPS = 150
 ROUNDS = 5
 
@@ -60,9 +62,7 @@ def run() -> list[dict[str, object]]:
     p_start, p_rate = zip(*plain)
     o_start, o_rate = zip(*ours)
     _, s_rate = zip(*single)
-    thr = statistics.median(o_rate) / statistics.median(p_rate)
-    start = statistics.median(o_start) / statistics.median(p_start)
-    scale = statistics.median(o_rate) / statistics.median(s_rate)
+    thr, start, scale = paired(p_rate, o_rate), paired(p_start, o_start), paired(s_rate, o_rate)
     return [
         {"name": "throughput, launcher run / plain torchrun + DDP script (small CNN, 2 Gloo ranks, samples/s)",
          "value": thr, "target": ">= 0.98", "ok": thr >= 0.98,
