@@ -47,6 +47,10 @@ class DistributedConfig:
     """Passed to DistributedDataParallel."""
     static_graph: bool = False
     """Passed to DistributedDataParallel."""
+    keep_freed_memory: bool = True
+    """Ranks keep the host memory CPU tensors free instead of returning it to the OS at every free (glibc
+    ``mallopt``, see :mod:`launcher.hostmem`): no page faults on every activation of a CPU step, at the cost
+    of resident memory staying near its peak."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import config as config_mod
-from . import dist, env as env_mod, stop
+from . import dist, env as env_mod, hostmem, stop
 from .errors import StopForRequeue
 from .rng import seed_everything
 
@@ -81,6 +81,7 @@ def job_spec(job: config_mod.Job) -> dict[str, Any]:
         "startup_timeout_s": job.distributed.startup_timeout_s,
         "seed": job.seed,
         "max_requeues": job.slurm.max_requeues,
+        "keep_freed_memory": job.distributed.keep_freed_memory,
     }
 
 
@@ -107,6 +108,8 @@ def run_in_place(job: config_mod.Job) -> Any:
 def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
     """Run one rank of ``spec`` in this process and return the target's result (``fn`` instead of the target)."""
     environment = env_mod.detect()
+    if spec.get("keep_freed_memory", True):
+        hostmem.keep_freed_memory()
     dist.init(environment, spec["backend"], spec["startup_timeout_s"], spec["timeout_s"])
     rank = dist.get_rank()
     if isinstance(environment, env_mod.SlurmEnvironment):
