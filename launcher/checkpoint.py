@@ -18,17 +18,19 @@ tensors and plain data, so ``torch.load(weights_only=True)`` reads it and no pic
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import mmap
 import os
 import platform
 import re
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -79,6 +81,24 @@ def _crc32(path: Path) -> str:
         return _crc32_of(f)
 
 
+_ZIP_CRC_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_zip_crc() -> Iterator[None]:
+    """torch.save skips the zip format's per-record CRC32 (torch.load never checks it): our CRC32 of the whole
+    file replaces it, and computing both capped the write at 0.75-0.85 of ``dd`` here (torch.save 0.25-0.28 s
+    vs 0.21 s without it for 256 MB, dd 0.21 s). The setting is process-wide while a save runs; the lock keeps
+    two of our saves in different threads from restoring it out of order."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.6: no such setting
+        yield
+        return
+    with _ZIP_CRC_LOCK, config.patch({"save.compute_crc32": False}):
+        yield
+
+
 def atomic_write_bytes(path: Path, data: bytes | None = None, obj: Any = None) -> str:
     """Write ``data`` (or ``torch.save(obj)``) to ``path`` atomically; returns the CRC32 (hex) of what was written.
 
@@ -90,7 +110,8 @@ def atomic_write_bytes(path: Path, data: bytes | None = None, obj: Any = None) -
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         if obj is not None:
-            torch.save(obj, str(tmp))
+            with _without_zip_crc():
+                torch.save(obj, str(tmp))
         else:
             assert data is not None
             tmp.write_bytes(data)
