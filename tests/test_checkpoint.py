@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 
 import pytest
 import torch
@@ -141,6 +142,20 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001.json", "step_00000001.pt"]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
     assert find_latest(tmp_path)[0].name == "step_00000001.pt"
+
+
+def test_one_checksum_per_file_and_torch_save_settings_left_as_they_were(tmp_path):
+    from torch.utils.serialization import config
+
+    ck = Checkpointer(tmp_path, async_save=False, model=Box())
+    path = ck.save(TrainState(step=1))
+    ck.close()
+    with zipfile.ZipFile(path) as z:  # the whole-file CRC32 replaces the zip's per-record ones
+        assert {info.CRC for info in z.infolist()} == {0}
+    assert config.save.compute_crc32  # a user's own torch.save still writes them
+    torch.save({"x": torch.ones(3)}, tmp_path / "mine.pt")
+    with zipfile.ZipFile(tmp_path / "mine.pt") as z:
+        assert all(info.CRC for info in z.infolist() if info.file_size)
 
 
 def test_async_save_writes_the_state_of_the_moment_it_was_called(tmp_path, monkeypatch):
