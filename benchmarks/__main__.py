@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, data, overhead, syncbn
+from . import checkpoint, data, gpu, overhead, syncbn
 
-ALL = {"syncbn": syncbn.run, "data": data.run, "checkpoint": checkpoint.run, "overhead": overhead.run}
+ALL = {"syncbn": syncbn.run, "data": data.run, "checkpoint": checkpoint.run, "overhead": overhead.run,
+       "gpu": gpu.run}
 
 
 def main(names: list[str]) -> int:

@@ -3,6 +3,8 @@
 Model wrapping, the sharded dataset with its StatefulDataLoader, the checkpointer (resume=never, no saves),
 ``note_step`` and ``stop_if_requested`` every step: what a launcher user's loop carries. Run with
 ``launcher run jobs/tiny.yaml entry=benchmarks.cnn_job:main distributed.sync_batchnorm=false ...``.
+Job ``args``: ``model`` (``cnn``, the default, or ``resnet18``, the example job's GPU model), ``image_size``
+(32), ``batch`` (per rank, 32); ``train.amp`` (``bf16``/``fp16``) applies on GPU.
 """
 
 from __future__ import annotations
@@ -18,62 +20,91 @@ from launcher.checkpoint import Checkpointer
 from launcher.data import ShardedIterableDataset, make_loader
 
 BATCH = 32
+IMAGE_SIZE = 32
 WARMUP = 5
 SHARDS = 8
+SAMPLES = 4096
 
 
-def make_cnn() -> nn.Module:
+def make_model(name: str = "cnn") -> nn.Module:
+    """The small CNN of the CPU benchmarks, or torchvision's ResNet-18 (classify.yaml's ``args.model=resnet18``)."""
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        return resnet18(num_classes=10)
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         nn.Flatten(), nn.Linear(64, 10))
 
 
-def samples(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def samples(seed: int, n: int, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
 @functools.lru_cache(maxsize=None)
-def read_shard(shard: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def read_shard(shard: int, size: int = IMAGE_SIZE) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Synthetic shard, generated once (the plain script also builds its tensors before the loop)."""
-    x, y = samples(shard, 4096 // SHARDS)
+    x, y = samples(shard, SAMPLES // SHARDS, size)
     return list(zip(x, y))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of ``train.amp`` on a GPU; None (full precision) on CPU, as in examples/classify.py."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
 
 
 def main(job: launcher.Job) -> float:
     steps = job.train.max_steps or 50
+    name, size = str(job.args.get("model", "cnn")), int(job.args.get("image_size", IMAGE_SIZE))
+    batch = int(job.args.get("batch", BATCH))
+    device = launcher.get_device()
+    dtype = amp_dtype(job.train.amp, device)
+    torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = launcher.wrap_for_job(make_cnn(), job)
+    model = launcher.wrap_for_job(make_model(name), job)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ds = ShardedIterableDataset(list(range(SHARDS)), read_shard, sizes=[4096 // SHARDS] * SHARDS,
-                                batch_size=BATCH, seed=job.seed)
+    read = functools.partial(read_shard, size=size)
+    ds = ShardedIterableDataset(list(range(SHARDS)), read, sizes=[SAMPLES // SHARDS] * SHARDS,
+                                batch_size=batch, seed=job.seed)
     for shard in range(SHARDS):
-        read_shard(shard)
-    loader = make_loader(ds, num_workers=job.data.num_workers)
+        read(shard)
+    loader = make_loader(ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     ckpt = Checkpointer(job.checkpoint_dir, job=job, per_rank={"data": loader}, model=model, optimizer=opt)
     state = ckpt.resume("never")
     start = 0.0
     while state.step < steps:
         ds.set_epoch(state.epoch)
         for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             state.step += 1
             launcher.note_step(state.step)
             ckpt.stop_if_requested(state)
             if state.step == 1 and launcher.is_main_process():
                 print(f"FIRST_STEP {time.time()}", flush=True)
             if state.step == WARMUP:
+                _sync(device)
                 start = time.perf_counter()
             if state.step >= steps:
                 break
         else:
             state.epoch += 1
+    _sync(device)
+    rate = (steps - WARMUP) * batch * launcher.get_world_size() / (time.perf_counter() - start)
     ckpt.close()
-    rate = (steps - WARMUP) * BATCH * launcher.get_world_size() / (time.perf_counter() - start)
     if launcher.is_main_process():
         print(f"THROUGHPUT {rate}", flush=True)
     return rate
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
