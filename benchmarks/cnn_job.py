@@ -27,7 +27,7 @@ SAMPLES = 4096
 
 
 def make_model(name: str = "cnn") -> nn.Module:
-    """The small CNN of the CPU benchmarks, or torchvision's ResNet-18 (classify.yaml's ``args.model=resnet18``)."""
+    """The CPU benchmarks' small CNN, or torchvision's ResNet-18 (classify.yaml's ``args.model=resnet18``)."""
     if name == "resnet18":
         from torchvision.models import resnet18
 
