@@ -70,13 +70,13 @@ def run() -> list[dict[str, object]]:
         ck.wait()
         return stall
 
-    stall = alternate(torch_save, async_stall, rounds=5)
+    stall = alternate(torch_save, async_stall, rounds=9)
     ck.close()
     # dd, our write and a bare torch.save in every round: this disk's speed swings 2x within minutes.
     # Round 0 warms the page cache up (the first writes of a process ran 2-4x slower for every side) and is
     # not counted: a training run writes checkpoints again and again.
     dd, ours, bare = [], [], []
-    for i in range(8):
+    for i in range(12):
         speeds = dd_speed(folder), MB / sync_save(), MB / bare_save()
         if i:
             for xs, x in zip((dd, ours, bare), speeds):
