@@ -99,6 +99,25 @@ def _without_zip_crc() -> Iterator[None]:
         yield
 
 
+_FSYNC_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _fsync_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread, started once and kept, for the fsync that runs beside the CRC.
+
+    Saves must never start or end a thread: in CPython 3.11 a thread starting or ending while another thread
+    forks (a DataLoader starting its workers at an epoch boundary) leaves the child holding the interpreter's
+    thread-list lock, and the worker hangs before running a line (seen in a test: a rank waited on a worker
+    stuck in ``PyOS_AfterFork_Child``). :class:`Checkpointer` starts its threads when it is created.
+    """
+    pool = _FSYNC_POOLS.get(os.getpid())  # per process: a forked child has the object but not the thread
+    if pool is None:
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-fsync")
+        _FSYNC_POOLS[os.getpid()] = pool
+        pool.submit(int).result()  # start the thread now
+    return pool
+
+
 def atomic_write_bytes(path: Path, data: bytes | None = None, obj: Any = None) -> str:
     """Write ``data`` (or ``torch.save(obj)``) to ``path`` atomically; returns the CRC32 (hex) of what was written.
 
@@ -115,8 +134,8 @@ def atomic_write_bytes(path: Path, data: bytes | None = None, obj: Any = None) -
         else:
             assert data is not None
             tmp.write_bytes(data)
-        with open(tmp, "rb") as f, concurrent.futures.ThreadPoolExecutor(1) as pool:
-            synced = pool.submit(os.fsync, f.fileno())
+        with open(tmp, "rb") as f:
+            synced = _fsync_thread().submit(os.fsync, f.fileno())
             crc = _crc32_of(f)
             synced.result()
         os.replace(tmp, path)
@@ -267,6 +286,9 @@ class Checkpointer:
         self.objects = {k: (unwrap(v) if k == "model" else v) for k, v in objects.items()}
         self.best_mode = best_mode
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+        # Both threads start here, before the training loop forks DataLoader workers (see _fsync_thread).
+        self._pool.submit(int).result()
+        _fsync_thread()
         self._pending: concurrent.futures.Future[Path] | None = None
         self._stage = _Staging(copy=async_save)
         self.last_saved: Path | None = None

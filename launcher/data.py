@@ -304,8 +304,10 @@ def make_loader(dataset: ShardedIterableDataset, num_workers: int = 0, pin_memor
     A worker that sends nothing for ``timeout`` seconds (default: the job's ``distributed.startup_timeout_s``,
     600 s outside the launcher) fails the rank instead of hanging it:
     a DataLoader worker forked while another thread of the rank held a lock can deadlock (pytorch issue
-    130610); ``multiprocessing_context="forkserver"`` avoids forking a threaded process when the dataset and
-    its read function are importable (not defined in the ``__main__`` script).
+    130610; seen here once, a worker stuck in ``PyOS_AfterFork_Child`` while the checkpoint writer started a
+    thread, which is why the Checkpointer no longer starts threads after it is created).
+    ``multiprocessing_context="forkserver"`` avoids forking a threaded process when the dataset and its read
+    function are importable (not defined in the ``__main__`` script).
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 

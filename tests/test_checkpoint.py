@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zipfile
 
@@ -55,11 +56,14 @@ def test_bit_exact_resume_after_sigkill(tmp_path):
     ref = run_cli("run", *common, f"output_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(launcher_cmd("run", *common, f"output_dir={out}", "args.step_sleep=0.15"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(launcher_cmd("run", *common, f"output_dir={out}", "args.step_sleep=0.15"),
+                                cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     ckdir = out / "tiny" / "checkpoints"
     try:
-        assert wait_until(lambda: any(s >= 15 for s, _ in list_checkpoints(ckdir)), 120), "no checkpoint"
+        assert wait_until(lambda: any(s >= 15 for s, _ in list_checkpoints(ckdir)), 120), (
+            f"no checkpoint at step 15 after 120 s; the run said:\n{log.read_text()[-3000:]}")
         time.sleep(0.4)  # a few steps past the checkpoint: they must be redone identically
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -156,6 +160,22 @@ def test_one_checksum_per_file_and_torch_save_settings_left_as_they_were(tmp_pat
     torch.save({"x": torch.ones(3)}, tmp_path / "mine.pt")
     with zipfile.ZipFile(tmp_path / "mine.pt") as z:
         assert all(info.CRC for info in z.infolist() if info.file_size)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_saves_start_no_threads(tmp_path, monkeypatch, async_save):
+    # A thread starting while the training loop forks DataLoader workers can hang a worker (CPython 3.11):
+    # the Checkpointer starts its threads when created, and saves reuse them.
+    ck = Checkpointer(tmp_path, keep_last=2, async_save=async_save, model=Box())
+    started = []
+    original = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self.name), original(self))[1])
+    for step in range(1, 4):
+        ck.save(TrainState(step=step))
+    ck.wait()
+    assert started == []
+    monkeypatch.undo()
+    ck.close()
 
 
 def test_async_save_writes_the_state_of_the_moment_it_was_called(tmp_path, monkeypatch):
