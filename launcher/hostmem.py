@@ -5,8 +5,7 @@ is free there, and serves large blocks with ``mmap``/``munmap``. A CPU training 
 megabytes of activations and gradients, so, depending on how the heap happens to be laid out, every step
 can page-fault each of those pages in again: measured on the benchmark CNN (2 Gloo ranks, 2 vCPUs),
 500 000-700 000 minor faults and 1.3-1.5 s of system time per 100 steps, 1.4-1.6x slower than the same loop
-without the faults.
-A plain torchrun script hits or misses this by luck of heap layout.
+without the faults. A plain torchrun script hits or misses this by luck of heap layout.
 
 :func:`keep_freed_memory` sets glibc's thresholds once at rank start (``mallopt``), like a caching allocator:
 blocks up to 32 MiB (glibc's ceiling) come from the heap, and up to 1 GiB of freed heap stays mapped. The cost
