@@ -33,6 +33,14 @@ def _no_leaks():
     assert not changed, f"the test leaked environment variables: {sorted(changed)}"
 
 
+def killable_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a run the test kills: temp files of its processes (multiprocessing's ``pymp-*``
+    folders of SIGKILLed DataLoader workers) land in the test's own folder instead of staying in /tmp."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
 def launcher_cmd(*args: str) -> list[str]:
     """The CLI as users call it (through the venv's interpreter)."""
     return [sys.executable, "-m", "launcher", *args]

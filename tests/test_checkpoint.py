@@ -17,7 +17,7 @@ import torch
 import launcher
 from launcher.checkpoint import CheckpointError, Checkpointer, TrainState, find_latest, list_checkpoints, load_checkpoint
 
-from .conftest import ROOT, launcher_cmd, pids_mentioning, run_cli, wait_until
+from .conftest import ROOT, killable_env, launcher_cmd, pids_mentioning, run_cli, wait_until
 
 
 def final_state(run_dir):
@@ -59,7 +59,8 @@ def test_bit_exact_resume_after_sigkill(tmp_path):
     log = tmp_path / "killed.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen(launcher_cmd("run", *common, f"output_dir={out}", "args.step_sleep=0.15"),
-                                cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=killable_env(tmp_path))
     ckdir = out / "tiny" / "checkpoints"
     try:
         assert wait_until(lambda: any(s >= 15 for s, _ in list_checkpoints(ckdir)), 120), (

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import ROOT, children_of, launcher_cmd, pids_mentioning, run_cli, wait_until
+from .conftest import ROOT, children_of, killable_env, launcher_cmd, pids_mentioning, run_cli, wait_until
 
 
 def test_two_rank_run_succeeds_and_every_rank_ran(run_root):
@@ -26,6 +26,7 @@ def start_long_job(run_root, *extra):
         launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=100000",
                      "args.step_sleep=0.01", "data.num_workers=2", *extra),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=killable_env(run_root.parent),
     )
 
 
