@@ -26,6 +26,11 @@ def paired(xs: Sequence[float], ys: Sequence[float]) -> float:
     return statistics.median(y / x for x, y in zip(xs, ys))
 
 
+def summary(xs: Sequence[float]) -> str:
+    """Median and spread of one side's measurements, for a table cell."""
+    return f"{statistics.median(xs):.2f} (spread {max(xs) - min(xs):.2f})"
+
+
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()

@@ -15,8 +15,8 @@ import tempfile
 
 import torch
 
-from .common import paired
-from .overhead import _measure, _summary
+from .common import paired, summary
+from .overhead import measure
 
 STEPS, ROUNDS, SIZE, BATCH = 300, 5, 128, 128
 NAME = "GPU images/s, launcher run / plain torchrun script (example ResNet-18, bf16 autocast, 1 GPU)"
@@ -38,11 +38,11 @@ def run() -> list[dict[str, object]]:
     plain, ours = [], []
     try:
         for _ in range(ROUNDS):
-            plain.append(_measure(plain_cmd)[1])
-            ours.append(_measure(ours_cmd)[1])
+            plain.append(measure(plain_cmd)[1])
+            ours.append(measure(ours_cmd)[1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = paired(plain, ours)
     return [{"name": NAME, "value": ratio, "target": "reported", "ok": True,
-             "detail": f"{torch.cuda.get_device_name()}: plain {_summary(plain)}/s, "
-                       f"launcher {_summary(ours)}/s"}]
+             "detail": f"{torch.cuda.get_device_name()}: plain {summary(plain)}/s, "
+                       f"launcher {summary(ours)}/s"}]

@@ -10,19 +10,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from .common import paired
+from .common import paired, summary
 
 STEPS = 150
 ROUNDS = 5
 
 
-def _measure(cmd: list[str]) -> tuple[float, float]:
+def measure(cmd: list[str]) -> tuple[float, float]:
     """``(seconds from command to first step, samples/s)`` of one run."""
     t0 = time.time()
     env = {**os.environ, "PYTHONPATH": os.getcwd()}  # plain_cnn.py imports benchmarks.cnn_job
@@ -43,10 +42,6 @@ def _launcher_cmd(tmp: str, nproc: int) -> list[str]:
             "distributed.sync_batchnorm=false", f"distributed.nproc_per_node={nproc}"]
 
 
-def _summary(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.2f} (spread {max(xs) - min(xs):.2f})"
-
-
 def run() -> list[dict[str, object]]:
     tmp = tempfile.mkdtemp(prefix="bench-overhead-")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -54,9 +49,9 @@ def run() -> list[dict[str, object]]:
     plain, ours, single = [], [], []
     try:
         for _ in range(ROUNDS):
-            plain.append(_measure(theirs))
-            ours.append(_measure(_launcher_cmd(tmp, 2)))
-            single.append(_measure(_launcher_cmd(tmp, 1)))
+            plain.append(measure(theirs))
+            ours.append(measure(_launcher_cmd(tmp, 2)))
+            single.append(measure(_launcher_cmd(tmp, 1)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     p_start, p_rate = zip(*plain)
@@ -66,11 +61,11 @@ def run() -> list[dict[str, object]]:
     return [
         {"name": "throughput, launcher run / plain torchrun + DDP script (small CNN, 2 Gloo ranks, samples/s)",
          "value": thr, "target": ">= 0.98", "ok": thr >= 0.98,
-         "detail": f"plain {_summary(list(p_rate))}/s, launcher {_summary(list(o_rate))}/s (median of {ROUNDS})"},
+         "detail": f"plain {summary(list(p_rate))}/s, launcher {summary(list(o_rate))}/s (median of {ROUNDS})"},
         {"name": "start-up, command to first completed step, launcher run / torchrun --standalone",
          "value": start, "target": "<= 1.0", "ok": start <= 1.0,
-         "detail": f"torchrun {_summary(list(p_start))} s, launcher {_summary(list(o_start))} s"},
+         "detail": f"torchrun {summary(list(p_start))} s, launcher {summary(list(o_start))} s"},
         {"name": "scaling, 2 ranks / 1 rank throughput through the launcher (CPU, reported, no target)",
          "value": scale, "target": "none (measures the machine)", "ok": True,
-         "detail": f"1 rank {_summary(list(s_rate))}/s, 2 ranks {_summary(list(o_rate))}/s"},
+         "detail": f"1 rank {summary(list(s_rate))}/s, 2 ranks {summary(list(o_rate))}/s"},
     ]

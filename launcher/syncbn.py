@@ -54,10 +54,6 @@ class _Gather:
         return self.out.view(self.world, -1)
 
 
-def _gather(t: torch.Tensor, world: int, group: Any) -> torch.Tensor:
-    return _Gather(t, world, group).wait()
-
-
 class _SyncBatchNormFn(torch.autograd.Function):
     # Reductions run over (0, 2, ...) in place (no channels-first copy) in at least float32, and the affine
     # transform is folded into one per-channel scale and shift: few passes over the activations on CPU.
@@ -84,7 +80,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
             mean_l = xc.new_zeros(c)
             m2_l = xc.new_zeros(c)
         packed = torch.cat([xc.new_full((1,), float(n)), mean_l, m2_l])
-        stats = _gather(packed, world, group)
+        stats = _Gather(packed, world, group).wait()
         counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + c], stats[:, 1 + c :]
         total = counts.sum()
         if total.item() <= 1:
