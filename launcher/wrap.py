@@ -9,7 +9,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist
-from .syncbn import convert_sync_batchnorm
+from .syncbn import SyncBatchNorm, convert_sync_batchnorm
+
+_BUFFER_SYNC_KWARGS = ("broadcast_buffers", "forward_sync_buffers")
 
 
 def wrap_model(
@@ -25,6 +27,11 @@ def wrap_model(
 
     Works on CPU/Gloo as well as CUDA/NCCL. With one rank (or no process group) the model is only moved, so
     the same code runs undistributed. Use :func:`unwrap` to reach the plain module for saving.
+
+    When every buffer of the model belongs to a :class:`SyncBatchNorm`, DDP's broadcast of buffers from rank 0
+    before each forward is turned off: those running statistics come out the same on every rank by
+    construction, and the broadcast cost a 2-rank CPU step of a small CNN about a tenth of its time. Buffers
+    are still synchronized once, when DDP is built. Pass ``broadcast_buffers``/``forward_sync_buffers`` to decide.
     """
     device = dist.get_device()
     model = model.to(device)
@@ -32,7 +39,7 @@ def wrap_model(
         return model
     if sync_batchnorm:
         model = convert_sync_batchnorm(model, process_group)
-    return DDP(
+    ddp = DDP(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters,
@@ -40,6 +47,16 @@ def wrap_model(
         process_group=process_group,
         **ddp_kwargs,
     )
+    if not any(k in ddp_kwargs for k in _BUFFER_SYNC_KWARGS) and _buffers_all_synced(model):
+        ddp.broadcast_buffers = False  # after construction: the initial sync has happened (every torch version)
+    return ddp
+
+
+def _buffers_all_synced(model: nn.Module) -> bool:
+    """True when the model has buffers and each belongs to a SyncBatchNorm (equal on all ranks by construction)."""
+    synced = {id(b) for m in model.modules() if isinstance(m, SyncBatchNorm) for b in m.buffers(recurse=False)}
+    buffers = [id(b) for b in model.buffers()]
+    return bool(buffers) and all(b in synced for b in buffers)
 
 
 def wrap_for_job(model: nn.Module, job: Any) -> nn.Module:

@@ -76,6 +76,35 @@ def test_matches_batchnorm_on_the_global_batch(world):
         assert worst["float32"] < 1e-5, (rank, worst)
 
 
+def half_precision_errors():
+    """bfloat16/float16 input (as under autocast): the output and input gradient keep the dtype and match float32
+    BatchNorm on the global batch to within the half type's precision (statistics are computed in float32)."""
+    rank = launcher.get_rank()
+    torch.manual_seed(0)
+    x, r = torch.randn(8, 3, 4, 4) * 3 + 1, torch.randn(8, 3, 4, 4)
+    ref = nn.BatchNorm2d(3)
+    xr = x.clone().requires_grad_()
+    yr = ref(xr)
+    (yr * r).sum().backward()
+    part = slice(4 * rank, 4 * rank + 4)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        xs = x[part].to(dtype).requires_grad_()
+        ys = SyncBatchNorm(3)(xs)
+        (ys.float() * r[part]).sum().backward()
+        out[str(dtype)] = (ys.dtype == dtype and xs.grad.dtype == dtype,
+                           float((ys.detach().float() - yr[part]).abs().max() / yr.abs().max()),
+                           float((xs.grad.float() - xr.grad[part]).abs().max() / xr.grad.abs().max()))
+    return out
+
+
+def test_half_precision_input():
+    for rank, out in run_distributed(half_precision_errors, world_size=2).items():
+        for dtype, tol in (("torch.bfloat16", 2 ** -7), ("torch.float16", 2 ** -10)):
+            kept, err_y, err_grad = out[dtype]
+            assert kept and err_y < tol and err_grad < tol, (rank, dtype, out[dtype])
+
+
 def make_cnn():
     torch.manual_seed(0)
     return nn.Sequential(
@@ -114,6 +143,32 @@ def test_ddp_training_with_sync_bn_equals_one_process_on_the_full_batch():
     for rank in range(2):
         for k, v in single.items():
             assert torch.allclose(out[rank][k].double(), v.double(), atol=1e-10), (rank, k)
+
+
+class WithOwnBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = make_cnn()
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def buffer_sync_choices():
+    return {
+        "sync_bn_only": launcher.wrap_model(make_cnn()).broadcast_buffers,
+        "own_buffer": launcher.wrap_model(WithOwnBuffer()).broadcast_buffers,
+        "plain_bn": launcher.wrap_model(make_cnn(), sync_batchnorm=False).broadcast_buffers,
+        "asked_for": launcher.wrap_model(make_cnn(), forward_sync_buffers=True).broadcast_buffers,
+    }
+
+
+def test_buffers_are_broadcast_before_forward_only_where_they_can_differ():
+    # SyncBatchNorm's running statistics are equal on every rank (the training test above compares them with
+    # one process), so DDP's per-forward broadcast is skipped for them; any other buffer keeps it.
+    out = run_distributed(buffer_sync_choices, world_size=2)
+    assert out[0] == {"sync_bn_only": False, "own_buffer": True, "plain_bn": True, "asked_for": True}
 
 
 def resnet_step():
