@@ -39,6 +39,10 @@ from .worker import execute, target_name
 
 # The agent logs every failure at ERROR level; we report the first one ourselves, with its traceback.
 logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+# On Ctrl-C the agent warns "Received 2 death signal, shutting down workers": we say it in our own words.
+logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(
+    lambda record: "death signal" not in record.getMessage()
+)
 
 #: Seconds a rank gets to exit after SIGTERM/SIGINT before SIGKILL (graceful stop and failure alike).
 SHUTDOWN_TIMEOUT_S = 3

@@ -8,6 +8,7 @@ so nothing unpicklable crosses a process boundary. Errors are recorded with torc
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -16,7 +17,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -122,12 +123,18 @@ def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
             seed_everything(int(spec["seed"]) + rank)
         fn = fn or resolve(spec["target"], spec.get("main_file"))
         try:
-            result = fn(*spec.get("args", ()), **spec.get("kwargs", {}))
+            with _interruptible():
+                result = fn(*spec.get("args", ()), **spec.get("kwargs", {}))
         except StopForRequeue:
             raise
         except BaseException as e:
             step = dist.current_step()
             where = f"after step {step}" if step is not None else "before the first step"
+            if _INTERRUPT["signal"]:
+                # Asked to stop (Ctrl-C reaches the ranks as SIGINT from the launcher or torchrun): whatever
+                # ended the target, a KeyboardInterrupt or a peer's closed connection, is the stop itself.
+                print(f"[launcher] rank {rank} stopped by {_INTERRUPT['signal']} {where}", file=sys.stderr)
+                raise SystemExit(128 + signal.SIGINT) from None
             e.add_note(f"[launcher] rank {rank} on {socket.gethostname()}, {where}")
             raise
         if spec.get("result_dir"):
@@ -136,6 +143,43 @@ def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
     finally:
         stop.uninstall()
         dist.teardown()
+
+
+_INTERRUPT: dict[str, Any] = {"signal": None, "closing": False}
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _INTERRUPT["signal"] = signal.Signals(signum).name
+    if not _INTERRUPT["closing"]:
+        raise KeyboardInterrupt
+
+
+def _run_pending_signal_handlers() -> None:
+    """Nothing: calling a Python function is where CPython runs the handlers of signals already delivered."""
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt as usual and is remembered, so the rank can tell a stop from a failure.
+
+    A rank blocked in a collective may see its peer, stopped a moment earlier, close the connection before its
+    own SIGINT handler has run; the handler is run before the exception leaves, so that error counts as the
+    stop too. Only Python's default handler is replaced (a user's own handler is kept).
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    _INTERRUPT.update(signal=None, closing=False)
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    except BaseException:
+        _INTERRUPT["closing"] = True  # from here a SIGINT is only recorded: no second exception
+        _run_pending_signal_handlers()
+        raise
+    finally:
+        _INTERRUPT["closing"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _write_result(folder: Path, rank: int, result: Any) -> None:

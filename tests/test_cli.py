@@ -66,6 +66,12 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
         out, err = proc.communicate()
         assert proc.returncode == 128 + sig, (proc.returncode, err)
         assert wait_until(lambda: not pids_mentioning(str(run_root)), 5), "orphan processes left behind"
+        # A stop is no failure: one line per console rank, no traceback (Python's KeyboardInterrupt, or the
+        # Gloo error of a rank whose peer stopped first) and no warning from the agent.
+        assert "Traceback" not in err and "death signal" not in err, err
+        assert f"stopped by {sig.name}; all ranks were stopped" in err, err
+        if sig == signal.SIGINT:
+            assert "[rank0]:[launcher] rank 0 stopped by SIGINT after step" in err, err
     finally:
         proc.kill()
 
