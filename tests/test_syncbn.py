@@ -78,7 +78,8 @@ def test_matches_batchnorm_on_the_global_batch(world):
 
 def half_precision_errors():
     """bfloat16/float16 input (as under autocast): the output and input gradient keep the dtype and match float32
-    BatchNorm on the global batch to within the half type's precision (statistics are computed in float32)."""
+    BatchNorm on the global batch to within the half type's precision (statistics are computed in float32).
+    channels_last input matches too."""
     rank = launcher.get_rank()
     torch.manual_seed(0)
     x, r = torch.randn(8, 3, 4, 4) * 3 + 1, torch.randn(8, 3, 4, 4)
@@ -95,12 +96,18 @@ def half_precision_errors():
         out[str(dtype)] = (ys.dtype == dtype and xs.grad.dtype == dtype,
                            float((ys.detach().float() - yr[part]).abs().max() / yr.abs().max()),
                            float((xs.grad.float() - xr.grad[part]).abs().max() / xr.grad.abs().max()))
+    # channels_last input and gradient (float32): the same numbers as contiguous ones
+    xs = x[part].contiguous(memory_format=torch.channels_last).requires_grad_()
+    ys = SyncBatchNorm(3)(xs)
+    (ys * r[part].contiguous(memory_format=torch.channels_last)).sum().backward()
+    out["channels_last"] = (True, float((ys.detach() - yr[part]).abs().max() / yr.abs().max()),
+                            float((xs.grad - xr.grad[part]).abs().max() / xr.grad.abs().max()))
     return out
 
 
-def test_half_precision_input():
+def test_half_precision_and_channels_last_input():
     for rank, out in run_distributed(half_precision_errors, world_size=2).items():
-        for dtype, tol in (("torch.bfloat16", 2 ** -7), ("torch.float16", 2 ** -10)):
+        for dtype, tol in (("torch.bfloat16", 2 ** -7), ("torch.float16", 2 ** -10), ("channels_last", 1e-6)):
             kept, err_y, err_grad = out[dtype]
             assert kept and err_y < tol and err_grad < tol, (rank, dtype, out[dtype])
 
