@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from . import dist, stop
+from .smalltensors import by_value
 
 Ref = tuple[int, int]  # (shard index, sample index within the shard)
 
@@ -265,7 +266,8 @@ class ShardedIterableDataset(IterableDataset):
             chunk = wanted[start : start + self.batch_size]
             samples = self._fetch(chunk)
             self._yielded += 1  # before the yield: a snapshot taken after this batch must include it
-            yield self.collate(samples)
+            batch = self.collate(samples)
+            yield by_value(batch) if info is not None else batch
 
     def _fetch(self, refs: list[Ref]) -> list[Any]:
         """Read the samples ``refs`` (shard, index), opening each needed shard once, in order."""

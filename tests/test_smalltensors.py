@@ -1,0 +1,57 @@
+"""Small tensors of a batch leave DataLoader workers by value and arrive as the same plain tensors."""
+
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's tensor reducers on ForkingPickler
+
+from launcher.data import ShardedIterableDataset, make_loader
+from launcher.smalltensors import LIMIT_BYTES, by_value
+
+CASES = {
+    "int64 labels": torch.arange(50),
+    "bfloat16": torch.randn(3, 4).to(torch.bfloat16),
+    "bool": torch.tensor([True, False, True]),
+    "0-dim": torch.tensor(3.5),
+    "empty": torch.empty(0, 7),
+    "non-contiguous": torch.arange(24.0).view(4, 6).t(),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_round_trip_through_the_workers_pickler(name):
+    t = CASES[name]
+    back = pickle.loads(ForkingPickler.dumps(by_value({"x": [t, (t,)]})))
+    for got in (back["x"][0], back["x"][1][0]):
+        assert type(got) is torch.Tensor and got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got, t)
+
+
+def test_only_small_cpu_tensors_are_marked():
+    big = torch.zeros(LIMIT_BYTES // 4 + 1)
+    small = torch.zeros(4)
+    marked = by_value((big, small, "text", 3))
+    assert marked[0] is big and marked[2:] == ("text", 3)
+    assert type(marked[1]) is not torch.Tensor  # marked: pickles as bytes
+
+
+def read_items(shard):
+    n, offset = shard
+    for i in range(n):
+        yield {"image": torch.full((3, 8, 8), float(offset + i)), "label": offset + i, "name": f"s{offset + i}"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_from_workers_are_plain_tensors_with_the_same_values(workers):
+    shards = [(7, 0), (5, 100)]
+    ds = ShardedIterableDataset(shards, read_items, sizes=[7, 5], batch_size=4, rank=0, world_size=1,
+                                uneven="pad")
+    batches = list(make_loader(ds, num_workers=workers))
+    labels = sorted(int(v) for b in batches for v in b["label"])
+    assert set(labels) == set(range(7)) | set(range(100, 105))
+    for b in batches:
+        assert type(b["label"]) is torch.Tensor and b["label"].dtype == torch.int64
+        assert torch.equal(b["image"][:, 0, 0, 0], b["label"].float())
+        assert b["name"] == [f"s{int(v)}" for v in b["label"]]
