@@ -17,7 +17,8 @@ from . import checkpoint, data, gpu, overhead, syncbn
 ALL = {"syncbn": syncbn.run, "data": data.run, "checkpoint": checkpoint.run, "overhead": overhead.run,
        "gpu": gpu.run}
 RESULTS = Path("benchmarks/RESULTS.md")
-HEADER = ["| comparison | ratio | target | met | medians | benchmark | measured |", "|---|---|---|---|---|---|---|"]
+HEADER = ["| comparison | ratio | target | met | medians | benchmark | measured |",
+          "|---|---|---|---|---|---|---|"]
 
 
 def kept_rows(path: Path, rerun: set[str]) -> dict[str, list[str]]:
@@ -45,14 +46,17 @@ def main(names: list[str]) -> int:
         rows[name] = []
         for r in out if isinstance(out, list) else [out]:
             print(f"  {r['name']}: {r['value']:.3f} (target {r['target']}) {r['detail']}", flush=True)
-            rows[name].append(f"| {r['name']} | {r['value']:.3f} | {r['target']} | {'yes' if r['ok'] else 'no'} "
-                              f"| {r['detail']} | {name} | {today} |")
+            met = "yes" if r["ok"] else "no"
+            rows[name].append(f"| {r['name']} | {r['value']:.3f} | {r['target']} | {met} | {r['detail']} "
+                              f"| {name} | {today} |")
+    machine = f"{platform.node()} ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)"
     lines = [
-        f"Measured on {platform.node()} ({platform.machine()}, {len(os.sched_getaffinity(0))} cores) by "
-        "`python -m benchmarks [NAME ...]`; each row is from the latest run of its benchmark.",
+        (f"Measured on {machine} by `python -m benchmarks [NAME ...]`; each row is from the latest run of"
+         " its benchmark."),
         "",
         *HEADER,
-    ] + [row for name in ALL for row in rows.get(name, [])]
+        *(row for name in ALL for row in rows.get(name, [])),
+    ]
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -43,13 +42,17 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Gather:
-    """Every rank's ``t`` as rows of one tensor, gathered in the background until :meth:`wait`. (Gloo answers a
-    small all_gather in about half the time of an all_reduce, which runs more rounds; the sum over ranks is
-    then a local op.)"""
+    """Every rank's ``t`` as rows of one tensor, gathered in the background until :meth:`wait`.
+
+    (Gloo answers a small all_gather in about half the time of an all_reduce, which runs more rounds; the sum
+    over ranks is then a local op.)
+    """
 
     def __init__(self, t: torch.Tensor, world: int, group: Any) -> None:
         self.out = t.new_empty(world * t.numel())
-        self.work = tdist.all_gather_into_tensor(self.out, t, group=group, async_op=True)
+        work = tdist.all_gather_into_tensor(self.out, t, group=group, async_op=True)
+        assert work is not None  # async_op=True always returns a handle
+        self.work = work
         self.world = world
 
     def wait(self) -> torch.Tensor:
@@ -135,7 +138,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gathering = _Gather(torch.cat([sum_dy, sum_dy_xmu]), ctx.world, ctx.group)
             # grad_x = scale * (dy - mean(dy)) - k * (x - global mean), k = scale * invstd^2 * mean(dy * (x -
-            # global mean)), with the global means over all ranks. dy * scale runs while the gather is in flight.
+            # global mean)), means over all ranks. dy * scale runs while the gather is in flight.
             scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd
             grad_x = g * _bcast(scale, g)
             both = gathering.wait().sum(0) / ctx.total

@@ -23,7 +23,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import config as config_mod
-from . import dist, env as env_mod, hostmem, stop
+from . import dist, hostmem, stop
+from . import env as env_mod
 from .errors import StopForRequeue
 from .rng import seed_everything
 

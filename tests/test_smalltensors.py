@@ -5,7 +5,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
-import torch.multiprocessing  # noqa: F401 - registers torch's tensor reducers on ForkingPickler
+import torch.multiprocessing
 
 from launcher.data import ShardedIterableDataset, make_loader
 from launcher.smalltensors import LIMIT_BYTES, by_value
