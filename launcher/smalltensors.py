@@ -41,8 +41,9 @@ def _rebuild(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.T
 def by_value(batch: Any) -> Any:
     """``batch`` with its small CPU tensors (in tuples, lists and dicts, nested) marked to pickle by value."""
     if isinstance(batch, torch.Tensor):
-        small = batch.device.type == "cpu" and batch.layout == torch.strided and batch.nbytes <= LIMIT_BYTES
-        return _Small(batch) if small and type(batch) is torch.Tensor else batch
+        plain = (type(batch) is torch.Tensor and batch.device.type == "cpu" and batch.layout == torch.strided
+                 and not (batch.requires_grad or batch.is_quantized or batch.is_conj() or batch.is_neg()))
+        return _Small(batch) if plain and batch.nbytes <= LIMIT_BYTES else batch
     if isinstance(batch, dict) and type(batch) is dict:
         return {k: by_value(v) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple

@@ -47,14 +47,16 @@ def wrap_model(
         process_group=process_group,
         **ddp_kwargs,
     )
-    if not any(k in ddp_kwargs for k in _BUFFER_SYNC_KWARGS) and _buffers_all_synced(model):
+    if not any(k in ddp_kwargs for k in _BUFFER_SYNC_KWARGS) and _buffers_all_synced(model, process_group):
         ddp.broadcast_buffers = False  # after construction: the initial sync has happened (every torch version)
     return ddp
 
 
-def _buffers_all_synced(model: nn.Module) -> bool:
-    """True when the model has buffers and each belongs to a SyncBatchNorm (equal on all ranks by construction)."""
-    synced = {id(b) for m in model.modules() if isinstance(m, SyncBatchNorm) for b in m.buffers(recurse=False)}
+def _buffers_all_synced(model: nn.Module, group: Any) -> bool:
+    """True when the model has buffers and each belongs to a SyncBatchNorm over DDP's whole group (equal on all
+    of DDP's ranks by construction; one synchronized over a smaller group is not)."""
+    synced = {id(b) for m in model.modules() if isinstance(m, SyncBatchNorm) and m.process_group is group
+              for b in m.buffers(recurse=False)}
     buffers = [id(b) for b in model.buffers()]
     return bool(buffers) and all(b in synced for b in buffers)
 

@@ -32,8 +32,9 @@ def test_round_trip_through_the_workers_pickler(name):
 def test_only_small_cpu_tensors_are_marked():
     big = torch.zeros(LIMIT_BYTES // 4 + 1)
     small = torch.zeros(4)
-    marked = by_value((big, small, "text", 3))
-    assert marked[0] is big and marked[2:] == ("text", 3)
+    grad = torch.zeros(4, requires_grad=True)
+    marked = by_value((big, small, "text", 3, grad))
+    assert marked[0] is big and marked[2:4] == ("text", 3) and marked[4] is grad  # torch's own way keeps grad
     assert type(marked[1]) is not torch.Tensor  # marked: pickles as bytes
 
 

@@ -168,6 +168,9 @@ def buffer_sync_choices():
         "own_buffer": launcher.wrap_model(WithOwnBuffer()).broadcast_buffers,
         "plain_bn": launcher.wrap_model(make_cnn(), sync_batchnorm=False).broadcast_buffers,
         "asked_for": launcher.wrap_model(make_cnn(), forward_sync_buffers=True).broadcast_buffers,
+        # synchronized over another group than DDP's: not known to be equal on all of DDP's ranks
+        "other_group": launcher.wrap_model(convert_sync_batchnorm(make_cnn(), tdist.new_group([0, 1])))
+        .broadcast_buffers,
     }
 
 
@@ -175,7 +178,8 @@ def test_buffers_are_broadcast_before_forward_only_where_they_can_differ():
     # SyncBatchNorm's running statistics are equal on every rank (the training test above compares them with
     # one process), so DDP's per-forward broadcast is skipped for them; any other buffer keeps it.
     out = run_distributed(buffer_sync_choices, world_size=2)
-    assert out[0] == {"sync_bn_only": False, "own_buffer": True, "plain_bn": True, "asked_for": True}
+    assert out[0] == {"sync_bn_only": False, "own_buffer": True, "plain_bn": True, "asked_for": True,
+                      "other_group": True}
 
 
 def resnet_step():
