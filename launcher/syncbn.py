@@ -75,7 +75,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
     # Few passes over the activations (they dominate on CPU): forward = sum, x - local mean, sum of squares,
     # output; backward = both reductions in one pass, then three elementwise passes. ``x - local mean`` is
     # kept for backward (it replaces x, so no extra memory), and the global mean enters as a per-channel
-    # offset ``delta`` (the ranks' means differ by a fraction of the global std, so no precision is lost).
+    # offset ``delta`` (a few global standard deviations at most: errors stayed at 3e-7 in float32 with two
+    # ranks' means 60 local standard deviations apart, the same as with x - global mean).
 
     @staticmethod
     def forward(  # type: ignore[override]

@@ -28,10 +28,11 @@ def wrap_model(
     Works on CPU/Gloo as well as CUDA/NCCL. With one rank (or no process group) the model is only moved, so
     the same code runs undistributed. Use :func:`unwrap` to reach the plain module for saving.
 
-    When every buffer of the model belongs to a :class:`SyncBatchNorm`, DDP's broadcast of buffers from rank 0
-    before each forward is turned off: those running statistics come out the same on every rank by
-    construction, and the broadcast cost a 2-rank CPU step of a small CNN about a tenth of its time. Buffers
-    are still synchronized once, when DDP is built. Pass ``broadcast_buffers``/``forward_sync_buffers`` to decide.
+    When every buffer of the model belongs to a :class:`SyncBatchNorm` over DDP's process group, DDP's
+    broadcast of buffers from rank 0 before each forward is turned off: those running statistics come out the
+    same on every rank by construction, and the broadcast cost a 2-rank CPU step of a small CNN about a tenth
+    of its time. Buffers are still synchronized once, when DDP is built. Pass ``broadcast_buffers`` or
+    ``forward_sync_buffers`` to decide yourself.
     """
     device = dist.get_device()
     model = model.to(device)
@@ -48,13 +49,15 @@ def wrap_model(
         **ddp_kwargs,
     )
     if not any(k in ddp_kwargs for k in _BUFFER_SYNC_KWARGS) and _buffers_all_synced(model, process_group):
-        ddp.broadcast_buffers = False  # after construction: the initial sync has happened (every torch version)
+        ddp.broadcast_buffers = False  # set after construction: the initial sync has run (any torch version)
     return ddp
 
 
 def _buffers_all_synced(model: nn.Module, group: Any) -> bool:
-    """True when the model has buffers and each belongs to a SyncBatchNorm over DDP's whole group (equal on all
-    of DDP's ranks by construction; one synchronized over a smaller group is not)."""
+    """True when the model has buffers and each belongs to a SyncBatchNorm over DDP's whole group.
+
+    Those are equal on all of DDP's ranks by construction; one synchronized over another group is not.
+    """
     synced = {id(b) for m in model.modules() if isinstance(m, SyncBatchNorm) and m.process_group is group
               for b in m.buffers(recurse=False)}
     buffers = [id(b) for b in model.buffers()]
