@@ -50,17 +50,12 @@ def read_shard(shard: int, size: int = IMAGE_SIZE) -> list[tuple[torch.Tensor, t
     return list(zip(x, y))
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of ``train.amp`` on a GPU; None (full precision) on CPU, as in examples/classify.py."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
-
-
 def main(job: launcher.Job) -> float:
     steps = job.train.max_steps or 50
     name, size = str(job.args.get("model", "cnn")), int(job.args.get("image_size", IMAGE_SIZE))
     batch = int(job.args.get("batch", BATCH))
     device = launcher.get_device()
-    dtype = amp_dtype(job.train.amp, device)
+    dtype = job.train.autocast_dtype(device)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = launcher.wrap_for_job(make_model(name), job)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from benchmarks.cnn_job import BATCH, IMAGE_SIZE, SAMPLES, WARMUP, amp_dtype, make_model, samples
+from benchmarks.cnn_job import BATCH, IMAGE_SIZE, SAMPLES, WARMUP, make_model, samples
 
 steps = int(sys.argv[1])
 name = sys.argv[2] if len(sys.argv) > 2 else "cnn"
@@ -29,7 +29,8 @@ if torch.cuda.is_available():
 else:
     device = torch.device("cpu")
     dist.init_process_group("gloo")
-dtype = amp_dtype(amp, device)
+# autocast on GPU only (the launcher side's train.amp rule, written out: this script uses no launcher code)
+dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
 torch.backends.cudnn.benchmark = True
 torch.manual_seed(0)
 model = make_model(name).to(device)

@@ -148,7 +148,7 @@ def main(job: launcher.Job) -> dict[str, Any]:
     steps_per_epoch = train_ds.batches_per_rank(job.data.num_workers) // t.grad_accum
     total = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: recipes.warmup_cosine(s, t.warmup_steps, total))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if on_gpu else None
+    amp_dtype = t.autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     ckpt = Checkpointer(job.checkpoint_dir, keep_last=job.checkpoint.keep_last, async_save=job.checkpoint.async_save,
                         job=job, per_rank={"data": loader}, model=model, optimizer=opt, scheduler=sched,

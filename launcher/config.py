@@ -84,6 +84,14 @@ class TrainConfig:
     log_every: int = 10
     """Log a line (and update the progress bar's postfix) every this many steps."""
 
+    def autocast_dtype(self, device: Any) -> Any:
+        """The ``torch.autocast`` dtype that ``amp`` asks for on ``device``; None (full precision) on CPU."""
+        import torch
+
+        if torch.device(device).type != "cuda":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+
 
 @dataclass
 class DataConfig:
