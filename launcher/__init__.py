@@ -1,34 +1,68 @@
-"""launcher: one job file, the same DDP training on a laptop, a multi-GPU box or SLURM."""
+"""launcher: one job file, the same DDP training on a laptop, a multi-GPU box or SLURM.
+
+The names that need torch are imported on first use (PEP 562), so that ``launcher run`` can start its ranks'
+fork server before it imports torch itself (see :mod:`launcher.forkserver`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError as ConfigError
 from .config import Job as Job
 from .config import load as load_job
-from .dist import all_gather_object as all_gather_object
-from .dist import barrier as barrier
-from .dist import broadcast_object as broadcast_object
-from .dist import get_device as get_device
-from .dist import get_local_rank as get_local_rank
-from .dist import get_rank as get_rank
-from .dist import get_world_size as get_world_size
-from .dist import is_main_process as is_main_process
-from .dist import note_step as note_step
 from .errors import EXIT_REQUEUE as EXIT_REQUEUE
 from .errors import LaunchError as LaunchError
 from .errors import RankFailure as RankFailure
-from .rng import seed_everything as seed_everything
-from .spawn import launch as launch
+
+if TYPE_CHECKING:
+    from .dist import all_gather_object as all_gather_object
+    from .dist import barrier as barrier
+    from .dist import broadcast_object as broadcast_object
+    from .dist import get_device as get_device
+    from .dist import get_local_rank as get_local_rank
+    from .dist import get_rank as get_rank
+    from .dist import get_world_size as get_world_size
+    from .dist import is_main_process as is_main_process
+    from .dist import note_step as note_step
+    from .rng import seed_everything as seed_everything
+    from .spawn import launch as launch
+    from .syncbn import SyncBatchNorm as SyncBatchNorm
+    from .syncbn import convert_sync_batchnorm as convert_sync_batchnorm
+    from .syncbn import revert_sync_batchnorm as revert_sync_batchnorm
+    from .wrap import accumulate as accumulate
+    from .wrap import unwrap as unwrap
+    from .wrap import wrap_for_job as wrap_for_job
+    from .wrap import wrap_model as wrap_model
 
 __version__ = "0.1.0"
 
+#: Public name -> the submodule that defines it (imported when the name is first used).
+_LAZY = {
+    **dict.fromkeys(
+        ["all_gather_object", "barrier", "broadcast_object", "get_device", "get_local_rank", "get_rank",
+         "get_world_size", "is_main_process", "note_step"],
+        "dist",
+    ),
+    "seed_everything": "rng",
+    "launch": "spawn",
+    **dict.fromkeys(["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"], "syncbn"),
+    **dict.fromkeys(["accumulate", "unwrap", "wrap_for_job", "wrap_model"], "wrap"),
+}
+
 __all__ = [
-    "ConfigError",
     "EXIT_REQUEUE",
+    "ConfigError",
     "Job",
     "LaunchError",
     "RankFailure",
+    "SyncBatchNorm",
+    "accumulate",
     "all_gather_object",
     "barrier",
     "broadcast_object",
+    "convert_sync_batchnorm",
     "get_device",
     "get_local_rank",
     "get_rank",
@@ -37,23 +71,21 @@ __all__ = [
     "launch",
     "load_job",
     "note_step",
-    "seed_everything",
-]
-
-from .syncbn import SyncBatchNorm as SyncBatchNorm  # noqa: E402
-from .syncbn import convert_sync_batchnorm as convert_sync_batchnorm  # noqa: E402
-from .syncbn import revert_sync_batchnorm as revert_sync_batchnorm  # noqa: E402
-from .wrap import accumulate as accumulate  # noqa: E402
-from .wrap import unwrap as unwrap  # noqa: E402
-from .wrap import wrap_for_job as wrap_for_job  # noqa: E402
-from .wrap import wrap_model as wrap_model  # noqa: E402
-
-__all__ += [
-    "SyncBatchNorm",
-    "accumulate",
-    "convert_sync_batchnorm",
     "revert_sync_batchnorm",
+    "seed_everything",
     "unwrap",
     "wrap_for_job",
     "wrap_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'launcher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

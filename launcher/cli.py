@@ -5,24 +5,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from torch.distributed.elastic.multiprocessing import SignalException
-
 from . import config as config_mod
 from . import env as env_mod
+from . import forkserver
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure
-from .spawn import spawn
-from .worker import exit_now, job_spec, run_in_place, write_resolved
+
+# torch is imported only once the ranks' fork server is importing it too (see launcher.forkserver).
 
 
 def cmd_run(job: config_mod.Job) -> int:
     if not env_mod.detect().spawns_here():
+        from .worker import exit_now, run_in_place
+
         run_in_place(job)  # under torchrun or in an srun step: this process is one rank of the job
         exit_now(EXIT_OK)  # done and saved: skip interpreter shutdown (see worker.exit_now)
+    nproc = job.distributed.nproc_per_node
+    forkserver.start(nproc)
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    from .spawn import spawn
+    from .worker import job_spec, write_resolved
+
     spec = job_spec(job)
     write_resolved(job)
-    nproc = job.distributed.nproc_per_node
     print(f"[launcher] {job.name}: starting {nproc} rank(s); logs in {job.run_dir / 'logs'}", flush=True)
-    results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=job.distributed.max_restarts)
+    try:
+        results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=job.distributed.max_restarts)
+    except SignalException as e:
+        print(f"launcher: stopped by {e.sigval.name}; all ranks were stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
     print(f"[launcher] {job.name}: finished on {len(results)} rank(s); rank 0 returned {results[0]!r}")
     return EXIT_OK
 
@@ -72,9 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:
         print(f"launcher: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    except SignalException as e:
-        print(f"launcher: stopped by {e.sigval.name}; all ranks were stopped", file=sys.stderr)
-        return 128 + int(e.sigval)
     except KeyboardInterrupt:
         print("launcher: interrupted", file=sys.stderr)
         return 130

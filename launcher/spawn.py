@@ -4,8 +4,10 @@ What we add on top of the agent (and why we build it ourselves instead of callin
 
 * the rendezvous is a c10d store created on port 0 of loopback and kept open, so concurrent jobs never race
   for a port (the agent hands that store to the ranks: MASTER_PORT is its port);
-* every rank runs :mod:`launcher.worker`, whose ``@record`` writes the traceback of a failure, so the user
-  needs no decorator; the first failure is reported with rank, host, exit code or signal and traceback;
+* every rank is a fork of a server that has imported torch already (:mod:`launcher.forkserver`: start-up
+  without the ranks' own ``import torch``) and runs :func:`launcher.worker.forked_main`; the agent's
+  ``@record`` writes the traceback of a failure, so the user needs no decorator; the first failure is
+  reported with rank, host, exit code or signal and traceback;
 * Ctrl-C stops the ranks gracefully and a second Ctrl-C kills them at once (the agent alone would wait);
 * ranks run in their own sessions and are killed by process group, DataLoader workers included.
 """
@@ -22,9 +24,10 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 from torch.distributed.elastic.agent.server.api import WorkerSpec
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
@@ -33,9 +36,10 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
-from .errors import Failure, LaunchError, RankFailure
+from . import forkserver
 from .env import detect
-from .worker import execute, target_name
+from .errors import Failure, LaunchError, RankFailure
+from .worker import execute, forked_main, target_name
 
 # The agent logs every failure at ERROR level; we report the first one ourselves, with its traceback.
 logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -65,7 +69,16 @@ def spawn(
     log_dir = Path(log_dir).absolute()
     log_dir.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
-    spec = dict(spec, result_dir=str(log_dir / f"results-{run_id}"))
+    threads = forkserver.threads_env(nproc)
+    server_env = forkserver.start(nproc)
+    spec = dict(
+        spec,
+        result_dir=str(log_dir / f"results-{run_id}"),
+        environ={**os.environ, **threads},
+        server_env=server_env,
+        cwd=os.getcwd(),
+        sys_path=list(sys.path),
+    )
     spec_path = log_dir / f"spec-{run_id}.pkl"
     with open(spec_path, "wb") as f:
         pickle.dump(spec, f)
@@ -83,8 +96,8 @@ def spawn(
     worker_spec = WorkerSpec(
         role="rank",
         local_world_size=nproc,
-        entrypoint=sys.executable,
-        args=("-u", "-c", "from launcher.worker import main; main()", str(spec_path)),
+        entrypoint=forked_main,
+        args=(str(spec_path),),
         rdzv_handler=rdzv_registry.get_rendezvous_handler(rdzv),
         max_restarts=max_restarts,
         monitor_interval=0.1,
@@ -93,22 +106,21 @@ def spawn(
     logs = DefaultLogsSpecs(
         log_dir=str(log_dir), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter=set(console_ranks or ())
     )
-    agent = LocalElasticAgent(
+    agent = _Agent(
         spec=worker_spec,
         logs_specs=logs,
-        start_method="spawn",
+        start_method="forkserver" if server_env is not None else "spawn",
         log_line_prefix_template="[rank${rank}]:",
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
     environ = dict(os.environ)  # the agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs
     restore = _install_signal_handlers(agent)
     try:
-        # Share the cores instead of every rank starting one thread per core (torchrun sets 1; this is the same
-        # idea without starving a single rank). The ranks inherit os.environ; a user's value is kept.
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+        os.environ.update(threads)
         result = agent.run()
     finally:
         restore()
+        _kill_groups(agent.rank_pids)  # a rank's DataLoader workers, left when the agent stopped the rank
         os.environ.clear()
         os.environ.update(environ)
         try:
@@ -118,19 +130,36 @@ def spawn(
         spec_path.unlink(missing_ok=True)
     try:
         if result.is_failed():
-            raise RankFailure([_failure(r, f) for r, f in result.failures.items()])
+            raise RankFailure([_failure(r, f) for r, f in _all_failures(agent, result.failures).items()])
         return _read_results(Path(spec["result_dir"]), nproc)
     finally:
         shutil.rmtree(spec["result_dir"], ignore_errors=True)
 
 
-def threads_per_rank(nproc: int, cores: int | None = None) -> int:
-    """Intra-op threads for each of ``nproc`` ranks sharing this machine's usable cores (at least 1)."""
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
-    return max(1, cores // max(1, nproc))
+class _Agent(LocalElasticAgent):
+    """torch's local agent, remembering every rank it starts (each leads its own process group)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank_pids: list[int] = []
+
+    def _start_workers(self, worker_group: Any) -> dict[int, Any]:
+        _kill_groups(self.rank_pids)  # a restart: what is left of the ranks stopped before it
+        pids = super()._start_workers(worker_group)
+        self.rank_pids.extend(pids.values())
+        return pids
 
 
-def _install_signal_handlers(agent: LocalElasticAgent) -> Callable[[], None]:
+def _kill_groups(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    """Signal the process group each of ``pids`` leads (a rank and its DataLoader workers)."""
+    for pid in pids:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
     """SIGINT/SIGTERM: graceful stop through the agent; a second signal kills every rank at once."""
     # The agent registers its own handler for the signals in this variable each time it starts ranks;
     # we keep SIGINT/SIGTERM for ourselves so that the second signal can escalate.
@@ -141,12 +170,7 @@ def _install_signal_handlers(agent: LocalElasticAgent) -> Callable[[], None]:
         received.append(signum)
         if len(received) == 1:
             raise SignalException(f"launcher got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
-        pcontext = getattr(agent, "_pcontext", None)  # private, but the only handle on the pids
-        for pid in (pcontext.pids().values() if pcontext else []):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_groups(agent.rank_pids)
         os._exit(128 + received[0])
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -156,6 +180,21 @@ def _install_signal_handlers(agent: LocalElasticAgent) -> Callable[[], None]:
             signal.signal(s, h)
 
     return restore
+
+
+def _all_failures(agent: _Agent, reported: dict[int, ProcessFailure]) -> dict[int, ProcessFailure]:
+    """The failure the agent reports, plus every other rank of the last attempt that wrote an error file.
+
+    The agent reports the first failed rank it notices; when one rank's error makes a peer fail a moment
+    later (a closed connection), that may be the peer. Each rank that raised wrote its traceback and time, so
+    :class:`RankFailure` can still name the root cause.
+    """
+    failures = dict(reported)
+    pcontext = getattr(agent, "_pcontext", None)  # private, but the only handle on the last attempt's files
+    for rank, path in (getattr(pcontext, "error_files", None) or {}).items():
+        if rank not in failures and os.path.isfile(path):
+            failures[rank] = ProcessFailure(local_rank=rank, pid=-1, exitcode=1, error_file=path)  # it raised
+    return failures
 
 
 def _failure(rank: int, pf: ProcessFailure) -> Failure:
@@ -195,9 +234,12 @@ def _log_tail(pf: ProcessFailure, lines: int = 30) -> str:
 
 
 def _read_results(folder: Path, nproc: int) -> dict[int, Any]:
-    out = {}
+    out: dict[int, Any] = {}
     for rank in range(nproc):
         path = folder / f"rank{rank}.pkl"
+        if not path.exists():  # the target ended with sys.exit(0)
+            out[rank] = None
+            continue
         with open(path, "rb") as f:
             out[rank] = pickle.load(f)  # written by our own ranks
     return out

@@ -1,9 +1,10 @@
 """The per-rank program: detect the environment, join the process group, call the target, tear down.
 
-Run as ``python -c "from launcher.worker import main; main()" SPEC.pkl`` by :mod:`launcher.spawn`, or called in place by ``launcher run``
-under torchrun / an srun step. The target is a ``"module:qualname"`` string resolved here, inside the rank,
-so nothing unpicklable crosses a process boundary. Errors are recorded with torch.distributed.elastic's
-``@record`` (the user adds no decorator) and carry the rank, host and last completed step.
+Run by :mod:`launcher.spawn` as :func:`forked_main` in a process forked from the ranks' server (see
+:mod:`launcher.forkserver`), or called in place by ``launcher run`` under torchrun / an srun step. The target
+is a ``"module:qualname"`` string resolved here, inside the rank, so nothing unpicklable crosses a process
+boundary. Errors are recorded with torch.distributed.elastic's ``@record`` (the agent applies it; the user
+adds no decorator) and carry the rank, host and last completed step.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import config as config_mod
-from . import dist, hostmem, stop
+from . import dist, forkserver, hostmem, stop
 from . import env as env_mod
 from .errors import StopForRequeue
 from .rng import seed_everything
@@ -38,6 +39,9 @@ def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
     if module_name == "__main__":
         if main_file is None:
             raise ValueError(f"cannot resolve {target!r}: no main file")
+        mp_main = sys.modules.get("__mp_main__")  # multiprocessing ran the script in this rank already
+        if mp_main is not None and getattr(mp_main, "__file__", None) == main_file:
+            sys.modules.setdefault(MAIN_ALIAS, mp_main)
         if MAIN_ALIAS not in sys.modules:
             spec = importlib.util.spec_from_file_location(MAIN_ALIAS, main_file)
             assert spec and spec.loader
@@ -193,27 +197,71 @@ def _write_result(folder: Path, rank: int, result: Any) -> None:
 
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the launcher dies, even by SIGKILL, so no rank outlives it as an orphan."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the launcher died before prctl took effect
-            os._exit(128 + signal.SIGKILL)
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) and os.getppid() == 1:  # it died before prctl took effect
+        os._exit(128 + signal.SIGKILL)
 
 
-@record
-def main(argv: list[str] | None = None) -> None:
-    """Rank entry point: ``argv[0]`` is the spec pickle written by :func:`launcher.spawn.spawn`."""
-    argv = sys.argv[1:] if argv is None else argv
+def _forked_children_die_with_this_process() -> None:
+    """Processes this rank forks from its main thread (DataLoader workers) get SIGKILL when the rank dies.
+
+    Without it a SIGKILLed rank's workers notice only at torch's next liveness check (up to 5 s). Forks from
+    other threads are left alone: the signal follows the forking thread, not the process.
+    """
+    forking_thread: list[bool] = []
+    os.register_at_fork(
+        before=lambda: forking_thread.append(threading.current_thread() is threading.main_thread()),
+        after_in_parent=forking_thread.clear,
+        after_in_child=lambda: forking_thread.pop() and _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL),
+    )
+
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def _prctl(option: int, arg: Any) -> bool:
+    """Linux's prctl(2); False (nothing done) elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(option, arg)
+    return True
+
+
+def forked_main(spec_path: str) -> None:
+    """Rank entry point in a process forked from the launcher's server (:mod:`launcher.forkserver`).
+
+    The rank first becomes what a fresh process started by the launcher would be: its own session (the
+    launcher stops a rank together with its DataLoader workers by process group), and the launcher's
+    environment (plus the agent's RANK, MASTER_PORT, ...), working directory and ``sys.path`` instead of the
+    server's. It returns normally (the agent collects that), also when the target calls ``sys.exit(0)``.
+    """
+    os.setsid()
+    _prctl(_PR_SET_NAME, f"launcher-rank{os.environ.get('RANK', '')}".encode()[:15])  # in top, ps -o comm
+    with open(spec_path, "rb") as f:
+        spec = pickle.load(f)  # written by our own launcher process a moment ago
+    server_env = spec.get("server_env")
+    if server_env is not None:
+        from_agent = {k: v for k, v in os.environ.items() if server_env.get(k) != v}
+        os.environ.clear()
+        os.environ.update(spec["environ"])
+        os.environ.update(from_agent)
+        if "OMP_NUM_THREADS" in os.environ:  # torch read the server's value when it was imported
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    os.chdir(spec["cwd"])
+    sys.path[:] = spec["sys_path"]
+    forkserver.detach()  # DataLoader workers start as in a fresh process (fork on Linux: no new import)
     # Rank logs go to files and are tailed to the console: line buffering keeps them in step.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     _die_with_parent()
-    with open(argv[0], "rb") as f:
-        spec = pickle.load(f)  # written by our own launcher process a moment ago
-    execute(spec)
-    exit_now(0)
+    _forked_children_die_with_this_process()
+    try:
+        execute(spec)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
 
 
 def exit_now(code: int) -> None:
@@ -227,6 +275,3 @@ def exit_now(code: int) -> None:
     sys.stderr.flush()
     os._exit(code)
 
-
-if __name__ == "__main__":
-    main()

@@ -52,22 +52,6 @@ def run_cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProce
     )
 
 
-def pids_mentioning(marker: str) -> list[int]:
-    """Live processes whose command line contains ``marker`` (zombies excluded)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmd and state != "Z":
-            out.append(int(entry.name))
-    return out
-
-
 def children_of(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -77,6 +61,47 @@ def children_of(pid: int) -> list[int]:
             except OSError:
                 continue
             if ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """The ranks a launcher started: processes below it named ``launcher-rank*`` leading their own session."""
+    out = []
+    for pid in descendants(launcher_pid):
+        try:
+            named = Path(f"/proc/{pid}/comm").read_text().startswith("launcher-rank")
+            if named and int(_stat(pid)[3]) == pid:
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def left_behind(pids: list[int], sessions: list[int]) -> list[int]:
+    """Live processes among ``pids`` or in ``sessions`` (a rank's session holds its DataLoader workers)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = _stat(int(entry.name))
+            except OSError:
+                continue
+            if fields[0] != "Z" and (int(entry.name) in pids or int(fields[3]) in sessions):
                 out.append(int(entry.name))
     return out
 

@@ -17,7 +17,7 @@ import torch
 import launcher
 from launcher.checkpoint import CheckpointError, Checkpointer, TrainState, find_latest, list_checkpoints, load_checkpoint
 
-from .conftest import ROOT, killable_env, launcher_cmd, pids_mentioning, run_cli, wait_until
+from .conftest import ROOT, descendants, killable_env, launcher_cmd, left_behind, rank_pids, run_cli, wait_until
 
 
 def final_state(run_dir):
@@ -66,9 +66,11 @@ def test_bit_exact_resume_after_sigkill(tmp_path):
         assert wait_until(lambda: any(s >= 15 for s, _ in list_checkpoints(ckdir)), 120), (
             f"no checkpoint at step 15 after 120 s; the run said:\n{log.read_text()[-3000:]}")
         time.sleep(0.4)  # a few steps past the checkpoint: they must be redone identically
+        ranks, tree = rank_pids(proc.pid), descendants(proc.pid)
+        assert len(ranks) == 2, ranks
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        assert wait_until(lambda: not pids_mentioning(str(out)), 5), "ranks outlived a SIGKILLed launcher"
+        assert wait_until(lambda: not left_behind(tree, ranks), 5), "ranks outlived a SIGKILLed launcher"
         killed_at = max(s for s, _ in list_checkpoints(ckdir))
         assert killed_at < 36
         resumed = run_cli("run", *common, f"output_dir={out}")

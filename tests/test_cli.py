@@ -9,7 +9,10 @@ import time
 
 import pytest
 
-from .conftest import ROOT, children_of, killable_env, launcher_cmd, pids_mentioning, run_cli, wait_until
+from .conftest import (
+    ROOT, children_of, descendants, killable_env, launcher_cmd, left_behind, rank_pids, run_cli,
+    wait_until,
+)
 
 
 def test_two_rank_run_succeeds_and_every_rank_ran(run_root):
@@ -31,8 +34,8 @@ def start_long_job(run_root, *extra):
 
 
 def ranks_running(proc):
-    """The rank processes (children of the launcher), once both have DataLoader workers running."""
-    ranks = [p for p in children_of(proc.pid) if "launcher.worker" in open(f"/proc/{p}/cmdline").read()]
+    """The rank processes, once both have DataLoader workers running."""
+    ranks = rank_pids(proc.pid)
     if len(ranks) == 2 and all(len(children_of(r)) >= 2 for r in ranks):
         return ranks
     return None
@@ -43,6 +46,7 @@ def test_sigkill_of_one_rank_ends_the_job_within_5s_without_orphans(run_root):
     try:
         assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
         ranks = ranks_running(proc)
+        tree = descendants(proc.pid)
         os.kill(ranks[1], signal.SIGKILL)
         killed = time.monotonic()
         proc.wait(timeout=30)
@@ -51,7 +55,7 @@ def test_sigkill_of_one_rank_ends_the_job_within_5s_without_orphans(run_root):
         assert proc.returncode == 1, err
         assert elapsed < 5, elapsed
         assert "rank 1 failed first" in err and "SIGKILL" in err
-        assert wait_until(lambda: not pids_mentioning(str(run_root)), 5), "orphan processes left behind"
+        assert wait_until(lambda: not left_behind(tree, ranks), 5), "orphan processes left behind"
     finally:
         proc.kill()
 
@@ -61,11 +65,12 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
     proc = start_long_job(run_root)
     try:
         assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
+        ranks, tree = ranks_running(proc), descendants(proc.pid)
         proc.send_signal(sig)
         proc.wait(timeout=30)
         out, err = proc.communicate()
         assert proc.returncode == 128 + sig, (proc.returncode, err)
-        assert wait_until(lambda: not pids_mentioning(str(run_root)), 5), "orphan processes left behind"
+        assert wait_until(lambda: not left_behind(tree, ranks), 5), "orphan processes left behind"
         # A stop is no failure: one line per console rank, no traceback (Python's KeyboardInterrupt, or the
         # Gloo error of a rank whose peer stopped first) and no warning from the agent.
         assert "Traceback" not in err and "death signal" not in err, err

@@ -1,5 +1,6 @@
 """The Python API: launch(fn) in N Gloo ranks, results, failures with tracebacks, collective timeouts."""
 
+import os
 import time
 
 import pytest
@@ -101,7 +102,7 @@ def num_threads():
 
 
 def test_ranks_share_the_cores_instead_of_oversubscribing(monkeypatch):
-    from launcher.spawn import threads_per_rank
+    from launcher.forkserver import threads_per_rank
 
     assert threads_per_rank(2, cores=2) == 1 and threads_per_rank(1, cores=2) == 2
     assert threads_per_rank(3, cores=16) == 5 and threads_per_rank(8, cores=4) == 1
@@ -110,3 +111,46 @@ def test_ranks_share_the_cores_instead_of_oversubscribing(monkeypatch):
     mine = 1 if expected != 1 else 2  # the user's setting wins (torch caps it at the core count)
     monkeypatch.setenv("OMP_NUM_THREADS", str(mine))
     assert launcher.launch(num_threads, nproc=2, backend="gloo") == {0: mine, 1: mine}
+
+
+def process_view():
+    import multiprocessing
+    import os
+    import sys
+
+    return {
+        "test": os.environ.get("PYTEST_CURRENT_TEST"),
+        "mark": os.environ.get("LAUNCHER_TEST_MARK"),
+        "rank": os.environ["RANK"],
+        "cwd": os.getcwd(),
+        "path0": sys.path[0],
+        "start_method": multiprocessing.get_start_method(allow_none=True),
+        "own_session": os.getsid(0) == os.getpid(),
+        "name": open("/proc/self/comm").read().strip(),
+    }
+
+
+def test_ranks_see_the_launcher_as_it_is_when_they_start(tmp_path, monkeypatch):
+    """Ranks are forks of a server started earlier: they must still get the launcher's present environment,
+    working directory and sys.path, a fresh process's start method, and their own session (killed as a
+    group)."""
+    launcher.launch(num_threads, nproc=1, backend="gloo")  # the server runs from here on, with today's state
+    monkeypatch.setenv("LAUNCHER_TEST_MARK", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = launcher.launch(process_view, nproc=2, backend="gloo")
+    test = os.environ["PYTEST_CURRENT_TEST"]
+    for r in range(2):
+        assert out[r] == {"test": test, "mark": "set after the server started", "rank": str(r),
+                          "cwd": str(tmp_path), "path0": str(tmp_path), "start_method": None,
+                          "own_session": True, "name": f"launcher-rank{r}"}
+
+
+def exit_zero():
+    import sys
+
+    sys.exit(0)
+
+
+def test_a_target_that_exits_with_0_counts_as_done_without_a_result():
+    assert launcher.launch(exit_zero, nproc=2, backend="gloo") == {0: None, 1: None}
