@@ -235,7 +235,7 @@ def forked_main(spec_path: str) -> None:
     The rank first becomes what a fresh process started by the launcher would be: its own session (the
     launcher stops a rank together with its DataLoader workers by process group), and the launcher's
     environment (plus the agent's RANK, MASTER_PORT, ...), working directory and ``sys.path`` instead of the
-    server's. It returns normally (the agent collects that), also when the target calls ``sys.exit(0)``.
+    server's, and a numpy global stream of its own. It returns normally (the agent collects that), also when the target calls ``sys.exit(0)``.
     """
     os.setsid()
     _prctl(_PR_SET_NAME, f"launcher-rank{os.environ.get('RANK', '')}".encode()[:15])  # in top, ps -o comm
@@ -251,6 +251,8 @@ def forked_main(spec_path: str) -> None:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     os.chdir(spec["cwd"])
     sys.path[:] = spec["sys_path"]
+    if "numpy" in sys.modules:  # its global stream, like Python's random (which the stdlib reseeds at fork)
+        sys.modules["numpy"].random.seed()
     forkserver.detach()  # DataLoader workers start as in a fresh process (fork on Linux: no new import)
     # Rank logs go to files and are tailed to the console: line buffering keeps them in step.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]

@@ -118,6 +118,8 @@ def process_view():
     import os
     import sys
 
+    import numpy as np
+
     return {
         "test": os.environ.get("PYTEST_CURRENT_TEST"),
         "mark": os.environ.get("LAUNCHER_TEST_MARK"),
@@ -127,19 +129,21 @@ def process_view():
         "start_method": multiprocessing.get_start_method(allow_none=True),
         "own_session": os.getsid(0) == os.getpid(),
         "name": open("/proc/self/comm").read().strip(),
+        "numpy": int(np.random.randint(2**31)),
     }
 
 
 def test_ranks_see_the_launcher_as_it_is_when_they_start(tmp_path, monkeypatch):
     """Ranks are forks of a server started earlier: they must still get the launcher's present environment,
-    working directory and sys.path, a fresh process's start method, and their own session (killed as a
-    group)."""
+    working directory and sys.path, a fresh process's start method and numpy stream, and their own session
+    (killed as a group)."""
     launcher.launch(num_threads, nproc=1, backend="gloo")  # the server runs from here on, with today's state
     monkeypatch.setenv("LAUNCHER_TEST_MARK", "set after the server started")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     out = launcher.launch(process_view, nproc=2, backend="gloo")
     test = os.environ["PYTEST_CURRENT_TEST"]
+    assert out[0].pop("numpy") != out[1].pop("numpy")  # not both the server's global numpy stream
     for r in range(2):
         assert out[r] == {"test": test, "mark": "set after the server started", "rank": str(r),
                           "cwd": str(tmp_path), "path0": str(tmp_path), "start_method": None,
