@@ -116,7 +116,7 @@ def spawn(
     environ = dict(os.environ)  # the agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs
     restore = _install_signal_handlers(agent)
     try:
-        os.environ.update(threads)
+        os.environ.update(threads)  # the agent passes OMP_NUM_THREADS on from here ("spawn" ranks inherit it)
         result = agent.run()
     finally:
         restore()
@@ -150,11 +150,11 @@ class _Agent(LocalElasticAgent):
         return pids
 
 
-def _kill_groups(pids: list[int], sig: int = signal.SIGKILL) -> None:
-    """Signal the process group each of ``pids`` leads (a rank and its DataLoader workers)."""
+def _kill_groups(pids: list[int]) -> None:
+    """SIGKILL the process group each of ``pids`` leads (a rank and its DataLoader workers)."""
     for pid in pids:
         try:
-            os.killpg(pid, sig)
+            os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
