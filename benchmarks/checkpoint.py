@@ -7,8 +7,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -30,9 +30,22 @@ class Blob:
         self.t = d["t"]
 
 
+def fresh(path: Path) -> Path:
+    """Every side writes a new file: the previous round's is deleted and synced away before the timer starts.
+
+    This disk is mounted with ``discard``: freeing 256 MB of blocks makes the next journal commit trim them,
+    60-65 ms here. A side that replaced its old file (``os.replace`` over it, ``torch.save`` truncating it)
+    paid that inside its timer while dd, which deleted its file after timing, did not: a third of the gap
+    this row showed until 2026-11-23 (0.63 of dd). A training run pays it once per deleted checkpoint, in the
+    background writer when saves are async.
+    """
+    path.unlink(missing_ok=True)
+    os.sync()  # neither side pays for the other's dirty pages or freed blocks
+    return path
+
+
 def dd_speed(folder: Path) -> float:
-    path = folder / "dd.bin"
-    os.sync()  # neither side pays for the other's dirty pages
+    path = fresh(folder / "dd.bin")
     t = time.perf_counter()
     subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={MB}", "conv=fsync"],
                    check=True, capture_output=True)
@@ -52,16 +65,16 @@ def run() -> list[dict[str, object]]:
 
     def bare_save() -> float:  # torch.save + fsync, with torch.save's defaults
         def save() -> None:
-            torch.save({"model": blob.state_dict()}, str(folder / "bare.pt"))
-            with open(folder / "bare.pt", "rb") as f:
+            torch.save({"model": blob.state_dict()}, str(path))
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
 
-        os.sync()
+        path = fresh(folder / "bare.pt")
         return timed(save)
 
     def sync_save() -> float:
-        os.sync()
-        return timed(lambda: atomic_write_bytes(folder / "sync.pt", obj={"model": blob.state_dict()}))
+        path = fresh(folder / "sync.pt")
+        return timed(lambda: atomic_write_bytes(path, obj={"model": blob.state_dict()}))
 
     def async_stall() -> float:
         ck.wait()  # the previous write is not part of this step's stall
@@ -75,7 +88,9 @@ def run() -> list[dict[str, object]]:
     # dd, our write and a bare torch.save in every round: this disk's speed swings 2x within minutes.
     # Round 0 warms the page cache up (the first writes of a process ran 2-4x slower for every side) and is
     # not counted: a training run writes checkpoints again and again.
-    dd, ours, bare = [], [], []
+    dd: list[float] = []
+    ours: list[float] = []
+    bare: list[float] = []
     for i in range(12):
         speeds = dd_speed(folder), MB / sync_save(), MB / bare_save()
         if i:
