@@ -1,1 +1,1 @@
-"""Side-by-side benchmarks: ``python -m benchmarks [name ...]`` (or ``make bench``); see benchmarks/RESULTS.md."""
+"""Side-by-side benchmarks: ``python -m benchmarks [NAME ...]`` or ``make bench``; results in RESULTS.md."""

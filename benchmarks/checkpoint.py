@@ -98,14 +98,27 @@ def run() -> list[dict[str, object]]:
                 xs.append(x)
     shutil.rmtree(folder, ignore_errors=True)
     return [
-        {"name": f"async save stall / synchronous torch.save ({MB} MB state)", "value": stall["ratio"],
-         "target": "<= 0.10", "ok": stall["ratio"] <= 0.10,
-         "detail": f"torch.save {stall['a'] * 1e3:.0f} ms, async stall {stall['b'] * 1e3:.0f} ms"},
-        {"name": "checkpoint write speed / dd conv=fsync", "value": paired(dd, ours), "target": ">= 0.8",
-         "ok": paired(dd, ours) >= 0.8,
-         "detail": f"dd {median(dd):.0f} MB/s, checkpoint {median(ours):.0f} MB/s, "
-                   f"bare torch.save + fsync {median(bare):.0f} MB/s (same rounds)"},
-        {"name": "checkpoint write speed / bare torch.save + fsync (torch.save's defaults: zip CRC32 per record)",
-         "value": paired(bare, ours), "target": "reported", "ok": True,
-         "detail": f"bare torch.save + fsync / dd: {paired(dd, bare):.3f}"},
+        {
+            "name": f"async save stall / synchronous torch.save ({MB} MB state)",
+            "value": stall["ratio"],
+            "target": "<= 0.10",
+            "ok": stall["ratio"] <= 0.10,
+            "detail": f"torch.save {stall['a'] * 1e3:.0f} ms, async stall {stall['b'] * 1e3:.0f} ms",
+        },
+        {
+            "name": "checkpoint write speed / dd conv=fsync",
+            "value": paired(dd, ours),
+            "target": ">= 0.8",
+            "ok": paired(dd, ours) >= 0.8,
+            "detail": f"dd {median(dd):.0f} MB/s, checkpoint {median(ours):.0f} MB/s, "
+            f"bare torch.save + fsync {median(bare):.0f} MB/s (same rounds)",
+        },
+        {
+            "name": "checkpoint write speed / bare torch.save + fsync "
+            "(torch.save's defaults: zip CRC32 per record)",
+            "value": paired(bare, ours),
+            "target": "reported",
+            "ok": True,
+            "detail": f"bare torch.save + fsync / dd: {paired(dd, bare):.3f}",
+        },
     ]

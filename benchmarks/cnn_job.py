@@ -43,7 +43,7 @@ def samples(seed: int, n: int, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, to
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_shard(shard: int, size: int = IMAGE_SIZE) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Synthetic shard, generated once (the plain script also builds its tensors before the loop)."""
     x, y = samples(shard, SAMPLES // SHARDS, size)

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def alternate(a: Callable[[], float], b: Callable[[], float], rounds: int = 5) -> dict[str, float]:
     """Run ``a`` and ``b`` alternately; each returns a measurement (seconds or a rate).
 
-    Returns the medians of each side and, as ``ratio``, the median over rounds of b/a measured back to back: on
-    a shared machine whose speed drifts between rounds, pairing cancels the drift that a ratio of medians keeps.
+    Returns the medians of each side and, as ``ratio``, the median over rounds of b/a measured back to back:
+    on a shared machine whose speed drifts between rounds, pairing cancels the drift that a ratio of medians
+    keeps.
     """
     xs, ys = [], []
     for _ in range(rounds):
         xs.append(a())
         ys.append(b())
     ma, mb = statistics.median(xs), statistics.median(ys)
-    return {"a": ma, "b": mb, "a_spread": max(xs) - min(xs), "b_spread": max(ys) - min(ys), "ratio": paired(xs, ys)}
+    return {
+        "a": ma,
+        "b": mb,
+        "a_spread": max(xs) - min(xs),
+        "b_spread": max(ys) - min(ys),
+        "ratio": paired(xs, ys),
+    }
 
 
 def paired(xs: Sequence[float], ys: Sequence[float]) -> float:

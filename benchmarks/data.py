@@ -6,6 +6,7 @@ per epoch) does not count. One worker against a plain loop in the main process i
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -60,7 +61,7 @@ def _run(tmp: Path) -> list[dict[str, object]]:
             "value": base["ratio"], "target": "reported (IPC cost of a worker)", "ok": True,
             "detail": f"plain {base['a']:.0f}/s, 1 worker {base['b']:.0f}/s"}]
     for w in (2, 4):
-        r = alternate(lambda: loader(1), lambda w=w: loader(w), rounds=5)
+        r = alternate(functools.partial(loader, 1), functools.partial(loader, w), rounds=5)
         expected = 0.9 * min(w, cores)
         out.append({"name": f"tar shards, {w} workers / 1 worker (steady-state samples/s)",
                     "value": r["ratio"], "target": f">= {expected:.2f} (0.9 x min(W, {cores} cores))",

@@ -1,6 +1,8 @@
-"""SyncBatchNorm cost: a 2-rank CPU training step with launcher.SyncBatchNorm vs plain BatchNorm (target <= 1.3)."""
+"""SyncBatchNorm cost: a 2-rank CPU step with launcher.SyncBatchNorm vs plain BatchNorm (target <= 1.3)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -60,13 +62,24 @@ def measure() -> dict[str, dict[str, float]]:
         plain = launcher.wrap_model(make(), sync_batchnorm=False)
         sync = launcher.wrap_model(make(), sync_batchnorm=True)
         _steps(plain, shape, 3), _steps(sync, shape, 3)  # warm-up
-        out[name] = alternate(lambda: _steps(plain, shape, n), lambda: _steps(sync, shape, n), rounds=ROUNDS)
+        out[name] = alternate(
+            functools.partial(_steps, plain, shape, n),
+            functools.partial(_steps, sync, shape, n),
+            rounds=ROUNDS,
+        )
     return out
 
 
 def run() -> list[dict[str, object]]:
     results = run_distributed(measure, world_size=2, timeout_s=600)[0]
-    return [{"name": f"SyncBatchNorm step / plain BatchNorm step (2 CPU ranks, {name})",
-             "value": r["ratio"], "target": "<= 1.3", "ok": r["ratio"] <= 1.3,
-             "detail": f"plain {r['a'] * 1e3:.1f} ms, sync {r['b'] * 1e3:.1f} ms per step (median of {ROUNDS})"}
-            for name, r in results.items()]
+    return [
+        {
+            "name": f"SyncBatchNorm step / plain BatchNorm step (2 CPU ranks, {name})",
+            "value": r["ratio"],
+            "target": "<= 1.3",
+            "ok": r["ratio"] <= 1.3,
+            "detail": f"plain {r['a'] * 1e3:.1f} ms, sync {r['b'] * 1e3:.1f} ms per step "
+            f"(median of {ROUNDS})",
+        }
+        for name, r in results.items()
+    ]

@@ -1,7 +1,7 @@
 """Bring your own loop: the Python API alone, no job file.
 
     python examples/byo_loop.py                                     # spawns 2 ranks itself (Gloo on CPU)
-    torchrun --standalone --nproc-per-node 2 examples/byo_loop.py   # the same script, ranks started by torchrun
+    torchrun --standalone --nproc-per-node 2 examples/byo_loop.py   # the same script, ranks from torchrun
     python examples/byo_loop.py --nproc 4 --steps 200 --out runs/byo
 
 `launcher.launch` starts the ranks (or, under torchrun / srun, runs this process as its rank); the rest is an
@@ -31,7 +31,9 @@ def read_shard(shard_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def train(steps: int, out: str, workers: int) -> dict[str, float]:
     """One rank's work: every rank runs this with the process group ready."""
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = launcher.wrap_model(nn.Sequential(nn.Linear(10, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2)))
+    model = launcher.wrap_model(
+        nn.Sequential(nn.Linear(10, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     data = ShardedIterableDataset(list(range(8)), read_shard, sizes=[100] * 8, batch_size=16, seed=0)
     loader = make_loader(data, num_workers=workers)
@@ -41,7 +43,9 @@ def train(steps: int, out: str, workers: int) -> dict[str, float]:
     while state.step < steps:
         data.set_epoch(state.epoch)
         for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x.to(launcher.get_device())), y.to(launcher.get_device()))
+            loss = nn.functional.cross_entropy(
+                model(x.to(launcher.get_device())), y.to(launcher.get_device())
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

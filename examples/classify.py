@@ -1,10 +1,10 @@
 """Image classification with DDP, synchronized BatchNorm and tar shards: the loop users copy.
 
-Runs unchanged on CPU/Gloo and on GPUs/NCCL (``launcher run jobs/classify.yaml``). Practices shown: fixed seeds
-per rank, label smoothing, mixup, gradient clipping, warm-up + cosine LR, no weight decay on biases and norms,
-AMP with a grad scaler on GPU, pinned memory and non-blocking copies, per-epoch validation with accuracy and
-per-class precision/recall over all ranks, best/periodic/end-of-epoch checkpoints with automatic resume,
-a progress line with throughput and ETA, metrics in ``metrics.jsonl`` and a learning-curve PNG.
+Runs unchanged on CPU/Gloo and on GPUs/NCCL (``launcher run jobs/classify.yaml``). Practices shown: fixed
+seeds per rank, label smoothing, mixup, gradient clipping, warm-up + cosine LR, no weight decay on biases and
+norms, AMP with a grad scaler on GPU, pinned memory and non-blocking copies, per-epoch validation with
+accuracy and per-class precision/recall over all ranks, best/periodic/end-of-epoch checkpoints with automatic
+resume, a progress line with throughput and ETA, metrics in ``metrics.jsonl`` and a learning-curve PNG.
 """
 
 from __future__ import annotations
@@ -32,14 +32,20 @@ from . import recipes
 
 def small_resnet(num_classes: int, width: int = 16, depth: int = 1) -> nn.Module:
     """A ResNet of torchvision BasicBlocks with configurable width and depth (CPU-sized)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+    ]
     inplanes = width
     for stage, planes in enumerate((width, 2 * width, 4 * width)):
         for block in range(depth):
             stride = 2 if stage > 0 and block == 0 else 1
             down = None
             if stride != 1 or inplanes != planes:
-                down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+                down = nn.Sequential(
+                    nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                )
             layers.append(BasicBlock(inplanes, planes, stride, down))
             inplanes = planes
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, num_classes))
@@ -150,9 +156,17 @@ def main(job: launcher.Job) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: recipes.warmup_cosine(s, t.warmup_steps, total))
     amp_dtype = t.autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
-    ckpt = Checkpointer(job.checkpoint_dir, keep_last=job.checkpoint.keep_last, async_save=job.checkpoint.async_save,
-                        job=job, per_rank={"data": loader}, model=model, optimizer=opt, scheduler=sched,
-                        scaler=scaler)
+    ckpt = Checkpointer(
+        job.checkpoint_dir,
+        keep_last=job.checkpoint.keep_last,
+        async_save=job.checkpoint.async_save,
+        job=job,
+        per_rank={"data": loader},
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+    )
     state = ckpt.resume(job.checkpoint.resume)
     metrics_file = job.run_dir / "metrics.jsonl"
     writer = _tensorboard(job.run_dir) if launcher.is_main_process() else None
@@ -201,7 +215,7 @@ def main(job: launcher.Job) -> dict[str, Any]:
                      "lr": sched.get_last_lr()[0]})
             if job.checkpoint.every_steps and state.step % job.checkpoint.every_steps == 0:
                 ckpt.save(state)
-            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit (free elsewhere)
+            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit
             if state.step >= total or state.step == stop_at:
                 break
         else:
@@ -213,9 +227,15 @@ def main(job: launcher.Job) -> dict[str, Any]:
         rate = seen * launcher.get_world_size() / max(time.time() - epoch_start, 1e-9)
         log({"kind": "val", "step": state.step, "epoch": state.epoch, **report, "samples_per_s": rate})
         if launcher.is_main_process():
-            rec = ", ".join(f"{c} {p:.2f}/{r:.2f}" for c, p, r in zip(classes, report["precision"], report["recall"]))
-            print(f"epoch {state.epoch} step {state.step}: loss {loss_value:.3f} val acc {report['accuracy']:.3f} "
-                  f"(precision/recall {rec}) {rate:.0f} samples/s", flush=True)
+            rec = ", ".join(
+                f"{c} {p:.2f}/{r:.2f}" for c, p, r in zip(classes, report["precision"], report["recall"])
+            )
+            print(
+                f"epoch {state.epoch} step {state.step}: loss {loss_value:.3f} "
+                f"val acc {report['accuracy']:.3f} "
+                f"(precision/recall {rec}) {rate:.0f} samples/s",
+                flush=True,
+            )
             plot_curves(metrics_file, job.run_dir / "curves.png")
         ckpt.save(state, metric=report["accuracy"], per_rank=not epoch_done)
         seen, epoch_start = 0, time.time()

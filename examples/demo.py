@@ -42,8 +42,10 @@ def main() -> None:
     rows = [json.loads(line) for line in (RUN_DIR / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r["kind"] == "val"]
     acc = val[-1]["accuracy"]
-    print(f"\n== demo done in {time.time() - start:.0f} s: final validation accuracy {acc:.1%} (chance 25%) "
-          f"after {val[-1]['step']} steps; metrics in {RUN_DIR}/metrics.jsonl, curves in {RUN_DIR}/curves.png")
+    print(
+        f"\n== demo done in {time.time() - start:.0f} s: final validation accuracy {acc:.1%} (chance 25%) "
+        f"after {val[-1]['step']} steps; metrics in {RUN_DIR}/metrics.jsonl, curves in {RUN_DIR}/curves.png"
+    )
     if acc < 0.5:
         sys.exit("demo: accuracy is not clearly above chance")
 

@@ -13,7 +13,8 @@ import launcher
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weights only: biases and normalization parameters (all 1-D tensors) get none."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -28,7 +29,9 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Mixup (Zhang et al. 2018): ``(mixed x, y, y of the partner, lambda)``; alpha 0 returns the batch as is.
 
     Uses torch's global RNG, which checkpoints save and restore, so a resumed run mixes identically.
@@ -40,10 +43,14 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor,
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
-def mixed_loss(logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, smoothing: float) -> torch.Tensor:
+def mixed_loss(
+    logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, smoothing: float
+) -> torch.Tensor:
     """Cross-entropy with label smoothing, mixed between the two targets of a mixup batch."""
     ce = nn.functional.cross_entropy
-    return lam * ce(logits, ya, label_smoothing=smoothing) + (1 - lam) * ce(logits, yb, label_smoothing=smoothing)
+    return lam * ce(logits, ya, label_smoothing=smoothing) + (1 - lam) * ce(
+        logits, yb, label_smoothing=smoothing
+    )
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -53,7 +60,7 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tor
 
 
 def classification_report(conf: torch.Tensor) -> dict[str, Any]:
-    """*Collective* over ranks: sums every rank's confusion matrix, then accuracy, per-class precision/recall."""
+    """*Collective*: sums every rank's confusion matrix, then accuracy and per-class precision/recall."""
     total = launcher.dist.all_reduce_sum(conf.to(launcher.get_device(), torch.float64)).cpu()
     tp = total.diag()
     predicted, actual = total.sum(0), total.sum(1)

@@ -9,8 +9,8 @@ import argparse
 import io
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from launcher.tarshards import INDEX, write_shards
 
@@ -31,11 +31,16 @@ def draw(label: int, size: int, rng: random.Random) -> bytes:
     if CLASSES[label] == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
     elif CLASSES[label] == "square":
-        pts = [(cx + r * math.cos(angle + k * math.pi / 2), cy + r * math.sin(angle + k * math.pi / 2)) for k in range(4)]
+        pts = [
+            (cx + r * math.cos(angle + k * math.pi / 2), cy + r * math.sin(angle + k * math.pi / 2))
+            for k in range(4)
+        ]
         d.polygon(pts, fill=fg)
     elif CLASSES[label] == "triangle":
-        pts = [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
-               for k in range(3)]
+        pts = [
+            (cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
         d.polygon(pts, fill=fg)
     else:
         w = max(2, int(r / 2.5))
@@ -43,6 +48,7 @@ def draw(label: int, size: int, rng: random.Random) -> bytes:
             dx, dy = r * math.cos(a), r * math.sin(a)
             d.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=fg, width=w)
     px = img.load()
+    assert px is not None  # an image in memory always has pixel access
     for _ in range(size * size // 16):  # salt noise
         x, y = rng.randrange(size), rng.randrange(size)
         px[x, y] = tuple(rng.randrange(0, 256) for _ in range(3))
@@ -58,7 +64,9 @@ def samples(n: int, size: int, seed: int) -> Iterator[tuple[str, bytes, str, int
         yield f"{i:07d}", draw(label, size, rng), "png", label
 
 
-def generate(root: str | Path, train: int = 2400, val: int = 480, size: int = 32, per_shard: int = 250) -> Path:
+def generate(
+    root: str | Path, train: int = 2400, val: int = 480, size: int = 32, per_shard: int = 250
+) -> Path:
     """Write train/val shards under ``root`` unless they already exist; returns ``root``."""
     root = Path(root)
     for split, n, seed in (("train", train, 0), ("val", val, 1)):

@@ -35,15 +35,22 @@ def shards(num_samples: int, num_shards: int = 7) -> tuple[list[tuple[int, int]]
 
 def main(job: launcher.Job) -> dict[str, Any]:
     torch.manual_seed(job.seed)  # the same initial weights everywhere (DDP would broadcast rank 0's anyway)
-    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+    model: nn.Module = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
     model = launcher.wrap_for_job(model, job)
     opt = torch.optim.SGD(model.parameters(), lr=job.train.lr, momentum=job.train.momentum)
     shard_list, sizes = shards(job.data.num_samples)
     ds = ShardedIterableDataset(shard_list, read_shard, sizes=sizes, batch_size=job.train.batch_size,
                                 seed=job.seed, uneven=job.data.uneven, shuffle_buffer=job.data.shuffle_buffer)
     loader = make_loader(ds, num_workers=job.data.num_workers)
-    ckpt = Checkpointer(job.checkpoint_dir, keep_last=job.checkpoint.keep_last, async_save=job.checkpoint.async_save,
-                        job=job, per_rank={"data": loader}, model=model, optimizer=opt)
+    ckpt = Checkpointer(
+        job.checkpoint_dir,
+        keep_last=job.checkpoint.keep_last,
+        async_save=job.checkpoint.async_save,
+        job=job,
+        per_rank={"data": loader},
+        model=model,
+        optimizer=opt,
+    )
     state = ckpt.resume(job.checkpoint.resume)
     max_steps = job.train.max_steps or 10**12
     sleep = float(job.args.get("step_sleep", 0.0))
@@ -59,7 +66,7 @@ def main(job: launcher.Job) -> dict[str, Any]:
             launcher.note_step(state.step)
             if job.checkpoint.every_steps and state.step % job.checkpoint.every_steps == 0:
                 ckpt.save(state)
-            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit (free elsewhere)
+            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit
             time.sleep(sleep)
             if state.step >= max_steps:
                 break

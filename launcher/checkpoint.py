@@ -3,16 +3,17 @@
 Layout of a checkpoint directory::
 
     step_00000120.pt     torch.save of one dict (see below); written to a temp file, fsynced, renamed
-    step_00000120.json   manifest {"file", "crc32", "bytes", "step", "epoch", "metric"}; written after the .pt,
-                         so a checkpoint without a manifest (killed mid-save) is never picked up
+    step_00000120.json   manifest {"file", "crc32", "bytes", "step", "epoch", "metric"}; written after
+                         the .pt, so a checkpoint without a manifest (killed mid-save) is never picked up
     latest               name of the newest complete checkpoint (a hint; discovery does not depend on it)
     best                 name of the best checkpoint by metric (kept beyond ``keep_last``)
 
-The ``.pt`` dict holds ``format``, ``step``, ``epoch``, ``best_metric``, ``model`` (a plain state_dict, unwrapped
-from DDP: loadable without the launcher), every registered object's ``state_dict`` (optimizer, scheduler, grad
-scaler, ...), ``ranks`` (one entry per rank: RNG states of Python, NumPy, torch CPU/CUDA, and per-rank objects
-such as the data loader position), ``world_size``, ``job`` (the resolved job) and ``versions``. Everything is
-tensors and plain data, so ``torch.load(weights_only=True)`` reads it and no pickled code ever runs.
+The ``.pt`` dict holds ``format``, ``step``, ``epoch``, ``best_metric``, ``model`` (a plain state_dict,
+unwrapped from DDP: loadable without the launcher), every registered object's ``state_dict`` (optimizer,
+scheduler, grad scaler, ...), ``ranks`` (one entry per rank: RNG states of Python, NumPy, torch CPU/CUDA, and
+per-rank objects such as the data loader position), ``world_size``, ``job`` (the resolved job) and
+``versions``. Everything is tensors and plain data, so ``torch.load(weights_only=True)`` reads it and no
+pickled code ever runs.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -42,7 +44,7 @@ _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, unsafe, or incompatible with this run; the message says what to do."""
+    """A checkpoint is missing, corrupt, unsafe or incompatible with this run; the message says what to do."""
 
 
 @dataclass
@@ -95,7 +97,8 @@ def _without_zip_crc() -> Iterator[None]:
     except ImportError:  # torch < 2.6: no such setting
         yield
         return
-    with _ZIP_CRC_LOCK, config.patch({"save.compute_crc32": False}):
+    patch = config.patch  # type: ignore[attr-defined]  # added when torch installs its config module
+    with _ZIP_CRC_LOCK, patch({"save.compute_crc32": False}):
         yield
 
 
@@ -119,12 +122,12 @@ def _fsync_thread() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def atomic_write_bytes(path: Path, data: bytes | None = None, obj: Any = None) -> str:
-    """Write ``data`` (or ``torch.save(obj)``) to ``path`` atomically; returns the CRC32 (hex) of what was written.
+    """Write ``data`` (or ``torch.save(obj)``) to ``path`` atomically; returns the written bytes' CRC32 (hex).
 
     Temp file in the same directory, fsync, rename over ``path``, fsync the directory: a crash at any moment
-    leaves either the old file or the new one, never a torn one. ``torch.save`` gets the file *name*, so its C++
-    writer streams tensors to the file without a pass through Python; the CRC is then computed from the page
-    cache while the fsync waits for the disk (both release the GIL), which hides it almost entirely.
+    leaves either the old file or the new one, never a torn one. ``torch.save`` gets the file *name*, so its
+    C++ writer streams tensors to the file without a pass through Python; the CRC is then computed from the
+    page cache while the fsync waits for the disk (both release the GIL), which hides it almost entirely.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -219,15 +222,17 @@ def load_file(path: str | os.PathLike[str], verify_checksum: bool = True) -> dic
         text = str(e)
         if "Weights only load failed" in text or "Unsupported global" in text:
             raise CheckpointError(
-                f"{path}: refused: the file asks to run code or build objects that are not plain tensors or data"
-                "\nHINT: only load checkpoints you trust; convert it with torch.load(weights_only=False) in a "
-                "sandbox and save the state_dicts alone"
+                f"{path}: refused: the file asks to run code or build objects that are not plain tensors or "
+                "data\nHINT: only load checkpoints you trust; convert it with torch.load(weights_only=False) "
+                "in a sandbox and save the state_dicts alone"
             ) from None
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {text.splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read ({type(e).__name__}: {text.splitlines()[0]})"
+        ) from None
 
 
 def find_latest(directory: str | os.PathLike[str], log: Any = print) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that verifies and loads; corrupt ones are reported and skipped."""
+    """The newest checkpoint in ``directory`` that verifies and loads; corrupt ones are reported, skipped."""
     for _, path in list_checkpoints(directory):
         try:
             return path, load_file(path)
@@ -307,9 +312,9 @@ class Checkpointer:
     def save(self, state: TrainState, metric: float | None = None, *, per_rank: bool = True) -> Path:
         """*Collective.* Save a checkpoint of ``state`` and every registered object; returns the file path.
 
-        ``per_rank=False`` leaves out the per-rank objects (e.g. at the end of an epoch, when the loader position
-        is of no use). The step loop pays for one all-gather and a copy to CPU; the write runs in the background
-        when ``async_save`` is on (at most one write in flight).
+        ``per_rank=False`` leaves out the per-rank objects (e.g. at the end of an epoch, when the loader
+        position is of no use). The step loop pays for one all-gather and a copy to CPU; the write runs in the
+        background when ``async_save`` is on (at most one write in flight).
         """
         is_best = self._better(metric, state.best_metric)
         if is_best:
@@ -358,7 +363,8 @@ class Checkpointer:
         best = (self.directory / "best").read_text().strip() if (self.directory / "best").exists() else None
         for _, p in list_checkpoints(self.directory)[self.keep_last :]:
             if p.name != best:
-                p.with_suffix(".json").unlink(missing_ok=True)  # manifest first: never a manifest without a file
+                # The manifest first: never a manifest without its file.
+                p.with_suffix(".json").unlink(missing_ok=True)
                 p.unlink(missing_ok=True)
 
     def wait(self) -> None:
@@ -374,8 +380,8 @@ class Checkpointer:
         dist.barrier()
 
     def stop_if_requested(self, state: TrainState) -> None:
-        """*Collective.* Call at every step boundary: when SLURM asked the job to stop (preemption, time limit,
-        requeue), save ``state``, wait until it is on disk, and exit for the requeue (code 3).
+        """*Collective.* Call at every step boundary: when SLURM asked the job to stop (preemption, time
+        limit, requeue), save ``state``, wait until it is on disk, and exit for the requeue (code 3).
 
         Free outside SLURM jobs (no communication); see :mod:`launcher.stop`.
         """
@@ -410,7 +416,9 @@ class Checkpointer:
         restore_data = self._check_compatible(path, data)
         for k, obj in self.objects.items():
             if k not in data:
-                raise CheckpointError(f"{path}: has no '{k}' state\nHINT: register the same objects as when saving")
+                raise CheckpointError(
+                    f"{path}: has no '{k}' state\nHINT: register the same objects as when saving"
+                )
             obj.load_state_dict(data[k])
         rank = dist.get_rank()
         mine = data["ranks"][rank] if rank < len(data["ranks"]) else None
@@ -419,7 +427,9 @@ class Checkpointer:
             for k, obj in self.per_rank.items():
                 if k in mine:
                     obj.load_state_dict(mine[k])
-        state = TrainState(step=int(data["step"]), epoch=int(data["epoch"]), best_metric=data.get("best_metric"))
+        state = TrainState(
+            step=int(data["step"]), epoch=int(data["epoch"]), best_metric=data.get("best_metric")
+        )
         _log(f"[launcher] resumed from {path} (step {state.step}, epoch {state.epoch})")
         return state
 

@@ -1,4 +1,4 @@
-"""``launcher run|config|submit``: parse, load the job, dispatch; one place reports errors and picks exit codes."""
+"""``launcher run|config|submit``: parse, load the job, dispatch; one place reports errors and exit codes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Job files: a YAML document mapped onto nested dataclasses, strictly and with errors that say how to fix them.
+"""Job files: a YAML document mapped onto nested dataclasses, strictly, with errors that say how to fix them.
 
 ``load(path, overrides)`` is the only entry point. Every section is a dataclass with a docstring under each
 field; unknown keys, wrong types and missing required keys raise :class:`ConfigError`, which names the file,
@@ -162,7 +162,7 @@ class SlurmConfig:
     srun_args: list[str] = field(default_factory=list)
     """Extra arguments of the ``srun`` line."""
     setup: list[str] = field(default_factory=list)
-    """Shell lines run before ``srun`` in the batch script (``module load ...``, ``source venv/bin/activate``)."""
+    """Lines run before ``srun`` in the batch script (``module load ...``, ``source .venv/bin/activate``)."""
     python: str | None = None
     """Python command on the nodes; default: the interpreter running ``launcher submit``."""
     signal_delay_s: int = 90
@@ -229,7 +229,7 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"a mapping ({tp.__name__})"
     return getattr(tp, "__name__", str(tp))
 
@@ -245,7 +245,7 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
         if not isinstance(value, dict):

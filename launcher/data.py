@@ -1,4 +1,4 @@
-"""Sharded IterableDatasets: every sample exactly once per epoch, equal batches on every rank, mid-epoch resume.
+"""Sharded IterableDatasets: each sample once per epoch, equal batches on every rank, mid-epoch resume.
 
 Everything follows from one pure function, :func:`plan_epoch`: given the shard sizes, the number of ranks and
 DataLoader workers, the batch size, the seed and the epoch, it says which samples each (rank, worker) slot
@@ -25,8 +25,9 @@ import functools
 import random
 import signal
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
@@ -108,13 +109,15 @@ def slot_streams(
             loads[r] += sizes[s]
         for r, shards in enumerate(per_rank):
             wl = [0] * workers
+            mine: list[list[int]] = [[] for _ in range(workers)]
             for s in shards:
                 w = min(range(workers), key=lambda k: (wl[k], k))
                 wl[w] += sizes[s]
-                streams[r][w].append(s)  # type: ignore[arg-type]
+                mine[w].append(s)
             for w in range(workers):
-                mine = sorted(streams[r][w], key=shard_order.index)  # type: ignore[arg-type]
-                streams[r][w] = [(s, i) for s in mine for i in range(sizes[s])]  # type: ignore[misc]
+                streams[r][w] = [
+                    (s, i) for s in sorted(mine[w], key=shard_order.index) for i in range(sizes[s])
+                ]
     else:
         for k, ref in enumerate(stream):
             slot = k % slots
@@ -165,7 +168,7 @@ def plan_epoch(
     plans: list[list[SlotPlan]] = []
     pad_cursor = 0
     for r in range(world_size):
-        row = []
+        slots_of_rank = []
         for w in range(workers):
             n = per_worker[r][w] * batch_size
             order = streams[r][w][:n]
@@ -175,8 +178,8 @@ def plan_epoch(
                     raise ValueError("uneven='pad' needs at least one sample")
                 order += [stream[(pad_cursor + j) % len(stream)] for j in range(missing)]
                 pad_cursor += missing
-            row.append(SlotPlan(order=order, num_padded=max(0, missing), batches=per_worker[r][w]))
-        plans.append(row)
+            slots_of_rank.append(SlotPlan(order=order, num_padded=max(0, missing), batches=per_worker[r][w]))
+        plans.append(slots_of_rank)
     return plans
 
 
@@ -296,7 +299,9 @@ class ShardedIterableDataset(IterableDataset):
         return cache[shard]
 
 
-def make_loader(dataset: ShardedIterableDataset, num_workers: int = 0, pin_memory: bool = False, **kw: Any) -> Any:
+def make_loader(
+    dataset: ShardedIterableDataset, num_workers: int = 0, pin_memory: bool = False, **kw: Any
+) -> Any:
     """A torchdata ``StatefulDataLoader`` over ``dataset`` (batches come from the dataset; state per worker).
 
     Inside a SLURM job the workers ignore SIGTERM and USR2: SLURM signals every process of the step on a

@@ -1,8 +1,8 @@
 """Process-group set-up and rank helpers that answer sensibly when nothing is distributed.
 
-Training code never branches on "is DDP on?": ``get_rank()`` is 0, ``get_world_size()`` is 1, ``barrier()`` is a
-no-op and the object collectives return the single-process answer when no process group exists.
-Functions marked *collective* must be called by all ranks together.
+Training code never branches on "is DDP on?": ``get_rank()`` is 0, ``get_world_size()`` is 1, ``barrier()`` is
+a no-op and the object collectives return the single-process answer when no process group exists. Functions
+marked *collective* must be called by all ranks together.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from .env import ClusterEnvironment
 
 T = TypeVar("T")
 
-_state: dict[str, Any] = {"step": None, "step_timeout_s": None, "startup_timeout_s": None, "first_step_done": False}
+_state: dict[str, Any] = {
+    "step": None,
+    "step_timeout_s": None,
+    "startup_timeout_s": None,
+    "first_step_done": False,
+}
 
 
 def is_initialized() -> bool:
@@ -78,8 +83,8 @@ def init(env: ClusterEnvironment, backend: str, startup_timeout_s: float, step_t
         # srun step or another launcher that does not export MASTER_ADDR/PORT: say it explicitly.
         kwargs["init_method"] = f"tcp://{env.master_addr()}:{env.master_port()}"
     elif restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # The agent's store outlives a restart (ours is kept open on purpose): without a namespace per attempt,
-        # Gloo would read the dead ranks' addresses from the previous attempt and fail to connect.
+        # The agent's store outlives a restart (ours is kept open on purpose): without a namespace per
+        # attempt, Gloo would read the dead ranks' addresses from the previous attempt and fail to connect.
         store = tdist.TCPStore(env.master_addr(), env.master_port(), env.world_size(), is_master=False,
                                timeout=datetime.timedelta(seconds=startup_timeout_s))
         kwargs["store"] = tdist.PrefixStore(f"launcher/attempt_{restart}", store)
@@ -137,7 +142,7 @@ def _gloo_group() -> Any:
 
 
 def barrier() -> None:
-    """*Collective.* Wait for all ranks (no-op when not distributed); bounded by the current collective timeout."""
+    """*Collective.* Wait for all ranks (no-op when not distributed), bounded by the collective timeout."""
     if not is_initialized() or get_world_size() == 1:
         return
     if tdist.get_backend() != "gloo":

@@ -19,6 +19,7 @@ def seed_everything(seed: int) -> None:
 def get_rng_state() -> dict[str, Any]:
     """The state of every generator, as tensors and plain data (safe for ``weights_only`` loading)."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form, the default
     state: dict[str, Any] = {
         "python": _python_state_to_plain(random.getstate()),
         "numpy": {

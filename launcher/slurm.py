@@ -23,7 +23,7 @@ from .errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, R
 
 
 def tasks_per_node(job: config_mod.Job) -> int:
-    """One task per rank: ``slurm.tasks_per_node``, else GPUs per node, else ``distributed.nproc_per_node``."""
+    """Tasks (ranks) per node: ``slurm.tasks_per_node``, else GPUs per node, else ``nproc_per_node``."""
     s = job.slurm
     if s.tasks_per_node is not None:
         return s.tasks_per_node
@@ -105,8 +105,8 @@ def make_executor(job: config_mod.Job, folder: Path) -> Any:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **kwargs)
     except RuntimeError as e:  # submitit: 'Could not detect "srun"'
         raise LaunchError(
-            f"{job.source}: cannot submit: {e}\nHINT: run this on a SLURM login node, or start the local test "
-            "cluster: slurm/cluster.sh up && eval \"$(slurm/cluster.sh env)\""
+            f"{job.source}: cannot submit: {e}\nHINT: run this on a SLURM login node, or start the local "
+            'test cluster: slurm/cluster.sh up && eval "$(slurm/cluster.sh env)"'
         ) from None
     try:
         executor.update_parameters(**executor_parameters(job))
@@ -206,7 +206,10 @@ def _report(job: Any, name: str) -> int:
             continue
         failures.append((rank, exc))
     if not failures:
-        print(f"[launcher] {name}: SLURM job {job.job_id} finished on {n} rank(s); rank 0 returned {results[0]!r}")
+        print(
+            f"[launcher] {name}: SLURM job {job.job_id} finished on {n} rank(s); "
+            f"rank 0 returned {results[0]!r}"
+        )
         return EXIT_OK
     state, exit_code = _final_state(job.job_id)
     if exit_code == f"{EXIT_REQUEUE}:0":
@@ -233,7 +236,7 @@ def _host(message: str) -> str:
 
 
 def _final_state(job_id: str, timeout_s: float = 30.0) -> tuple[str, str]:
-    """``(state, exit code)`` from sacct once the job left the running states (results arrive a bit earlier)."""
+    """``(state, exit code)`` from sacct once the job left the running states (results come a bit earlier)."""
     end = time.monotonic() + timeout_s
     state, code = _sacct_state(job_id)
     while state in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "UNKNOWN") and time.monotonic() < end:
@@ -245,7 +248,7 @@ def _final_state(job_id: str, timeout_s: float = 30.0) -> tuple[str, str]:
 def _sacct_state(job_id: str) -> tuple[str, str]:
     try:
         r = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State,ExitCode"],
-                           capture_output=True, text=True, timeout=30)
+                           check=False, capture_output=True, text=True, timeout=30)
         state, _, code = r.stdout.strip().splitlines()[0].partition("|")
         return state, code
     except (OSError, subprocess.SubprocessError, IndexError):
@@ -263,6 +266,8 @@ def cmd_submit(job: config_mod.Job, wait: bool = False, sweeps: list[str] | None
     for j, m in zip(jobs, members):
         print(f"[launcher]   {m.name}: run dir {m.run_dir}, rank 0 log {j.paths.stdout}", flush=True)
     if not wait:
-        print(f"[launcher] follow with: tail -f {first.paths.stdout}   (squeue -j {first.job_id} for the state)")
+        print(
+            f"[launcher] follow with: tail -f {first.paths.stdout}   (squeue -j {first.job_id} for the state)"
+        )
         return EXIT_OK
     return follow(jobs, names)

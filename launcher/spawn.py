@@ -14,6 +14,7 @@ What we add on top of the agent (and why we build it ourselves instead of callin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -113,7 +114,8 @@ def spawn(
         log_line_prefix_template="[rank${rank}]:",
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
-    environ = dict(os.environ)  # the agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs
+    # The agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs.
+    environ = dict(os.environ)
     restore = _install_signal_handlers(agent)
     try:
         os.environ.update(threads)  # the agent passes OMP_NUM_THREADS on from here ("spawn" ranks inherit it)
@@ -123,10 +125,8 @@ def spawn(
         _kill_groups(agent.rank_pids)  # a rank's DataLoader workers, left when the agent stopped the rank
         os.environ.clear()
         os.environ.update(environ)
-        try:
+        with contextlib.suppress(Exception):  # the run's outcome matters more than closing the store
             worker_spec.rdzv_handler.shutdown()
-        except Exception:  # noqa: BLE001 - the run's outcome matters more than closing the store
-            pass
         spec_path.unlink(missing_ok=True)
     try:
         if result.is_failed():
@@ -169,7 +169,9 @@ def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
         if len(received) == 1:
-            raise SignalException(f"launcher got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+            raise SignalException(
+                f"launcher got {signal.Signals(signum).name}", sigval=signal.Signals(signum)
+            )
         _kill_groups(agent.rank_pids)
         os._exit(128 + received[0])
 

@@ -99,11 +99,17 @@ def _requeue(reason: str) -> None:
         print(f"[launcher] {reason}: state saved; not in a SLURM job, nothing to requeue", file=sys.stderr)
         return
     if restarts >= limit:
-        print(f"[launcher] {reason}: state saved; NOT requeued: job {job_id} was already requeued {restarts} "
-              f"time(s) (slurm.max_requeues={limit})\nHINT: submit the job again to resume from the checkpoint, "
-              "or raise slurm.max_requeues", file=sys.stderr, flush=True)
+        print(
+            f"[launcher] {reason}: state saved; NOT requeued: job {job_id} was already requeued {restarts} "
+            f"time(s) (slurm.max_requeues={limit})\nHINT: submit the job again to resume from the "
+            "checkpoint, or raise slurm.max_requeues",
+            file=sys.stderr,
+            flush=True,
+        )
         return
-    r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["scontrol", "requeue", job_id], check=False, capture_output=True, text=True, timeout=60
+    )
     if r.returncode != 0:
         print(f"[launcher] {reason}: state saved; `scontrol requeue {job_id}` failed: {r.stderr.strip()}\n"
               "HINT: submit the job again to resume from the checkpoint", file=sys.stderr, flush=True)

@@ -106,7 +106,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         total = counts.sum()
         if total.item() <= 1:
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got {int(total.item())} over all ranks"
+                "Expected more than 1 value per channel when training, "
+                f"got {int(total.item())} over all ranks"
             )
         mean = (counts * means).sum(0) / total
         var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / total
@@ -122,7 +123,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return y, mean, unbiased_var
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor, _gm: Any, _gv: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: torch.Tensor, _gm: Any, _gv: Any
+    ) -> tuple[Any, ...]:
         saved, weight, mean_l, delta, invstd = ctx.saved_tensors
         g = grad_y.float() if ctx.half else grad_y
         if saved.numel() > 0:
@@ -239,7 +242,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
 
     def convert(m: nn.Module) -> nn.Module | None:
         if isinstance(m, _BatchNorm) and not isinstance(m, SyncBatchNorm):
-            new = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group)
+            new = SyncBatchNorm(
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group
+            )
             new.original_cls = None if isinstance(m, (nn.SyncBatchNorm, _AnyDimBatchNorm)) else type(m)
             return _copy_bn(m, new)
         return None

@@ -7,8 +7,9 @@ anything) and the class names. Large image sets on slow file systems are read as
 instead of millions of small ones.
 
 ``python -m launcher.tarshards IMAGE_FOLDER OUT_DIR --per-shard 1000`` converts an ImageFolder tree
-(``root/CLASS/image.jpg``, or ``root/train/...`` and ``root/val/...`` into ``OUT_DIR/train`` and ``OUT_DIR/val``);
-``--format cifar10`` converts a CIFAR-10 copy on disk (the python version) into ``OUT_DIR/train`` and ``OUT_DIR/val``.
+(``root/CLASS/image.jpg``, or ``root/train/...`` and ``root/val/...`` into ``OUT_DIR/train`` and
+``OUT_DIR/val``); ``--format cifar10`` converts a CIFAR-10 copy on disk (the python version) into
+``OUT_DIR/train`` and ``OUT_DIR/val``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import json
 import os
 import sys
 import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 INDEX = "index.json"
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -65,7 +67,7 @@ def write_shards(
             close()
             count = 0
             tmp = out / f".shard-{len(shards):06d}.tar.tmp"
-            tar = tarfile.open(tmp, "w")
+            tar = tarfile.open(tmp, "w")  # noqa: SIM115 - a shard spans many samples; close() closes it
         for name, payload in ((f"{key}.{ext.lstrip('.')}", data), (f"{key}.cls", str(label).encode())):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
@@ -132,7 +134,9 @@ class DecodeImage:
         return (self.transform(image) if self.transform else image), sample["label"]
 
 
-def image_folder_samples(root: str | os.PathLike[str]) -> tuple[list[str], Iterator[tuple[str, bytes, str, int]]]:
+def image_folder_samples(
+    root: str | os.PathLike[str],
+) -> tuple[list[str], Iterator[tuple[str, bytes, str, int]]]:
     """Classes and samples of an ImageFolder tree (``root/CLASS/*.jpg``), files kept as they are encoded."""
     base = Path(root)
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
@@ -148,7 +152,9 @@ def image_folder_samples(root: str | os.PathLike[str]) -> tuple[list[str], Itera
     return classes, gen()
 
 
-def cifar10_samples(root: str | os.PathLike[str], train: bool) -> tuple[list[str], Iterator[tuple[str, bytes, str, int]]]:
+def cifar10_samples(
+    root: str | os.PathLike[str], train: bool
+) -> tuple[list[str], Iterator[tuple[str, bytes, str, int]]]:
     """Classes and samples (as PNG) of a CIFAR-10 copy on disk, read by torchvision (nothing is downloaded).
 
     ``root`` is the ``cifar-10-batches-py`` folder of the python version, or the folder that holds it.
@@ -185,9 +191,14 @@ def _splits(src: Path, fmt: str) -> list[tuple[str, tuple[list[str], Iterator[tu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.tarshards", description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="an ImageFolder tree (SRC/CLASS/IMAGE.jpg, or SRC/train/... and SRC/val/...), "
-                                    "or a CIFAR-10 copy with --format cifar10")
-    parser.add_argument("out", help="output folder for the shards and index.json (OUT/train and OUT/val for splits)")
+    parser.add_argument(
+        "src",
+        help="an ImageFolder tree (SRC/CLASS/IMAGE.jpg, or SRC/train/... and SRC/val/...), "
+        "or a CIFAR-10 copy with --format cifar10",
+    )
+    parser.add_argument(
+        "out", help="output folder for the shards and index.json (OUT/train and OUT/val for splits)"
+    )
     parser.add_argument("--format", choices=("imagefolder", "cifar10"), default="imagefolder",
                         help="layout of SRC (default imagefolder)")
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
@@ -198,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for sub, (classes, samples) in splits:
-        index = write_shards(samples, Path(args.out) / sub, per_shard=args.per_shard, classes=classes, progress=True)
+        index = write_shards(
+            samples, Path(args.out) / sub, per_shard=args.per_shard, classes=classes, progress=True
+        )
         paths, sizes, _ = open_shards(index.parent)
-        print(f"wrote {sum(sizes)} samples of {len(classes)} classes into {len(paths)} shards in {index.parent}")
+        print(
+            f"wrote {sum(sizes)} samples of {len(classes)} classes into {len(paths)} shards in {index.parent}"
+        )
     return 0
 
 

@@ -13,14 +13,17 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from .spawn import launch
 
 
-def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout_s: float = 60.0) -> dict[int, Any]:
+def run_distributed(
+    fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout_s: float = 60.0
+) -> dict[int, Any]:
     """Run ``fn(*args)`` on ``world_size`` Gloo CPU ranks; ``{rank: result}``, or RankFailure."""
     return launch(fn, nproc=world_size, backend="gloo", args=args, timeout_s=timeout_s, startup_timeout_s=120)
 

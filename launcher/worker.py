@@ -18,8 +18,9 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ MAIN_ALIAS = "__launcher_main__"  # not __mp_main__: torch aliases that to the r
 
 
 def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
-    """Import ``"module:qualname"``; ``__main__`` targets are loaded from ``main_file`` without running main."""
+    """Import ``"module:qualname"``; ``__main__`` targets load from ``main_file`` without running main."""
     module_name, _, qualname = target.partition(":")
     if module_name == "__main__":
         if main_file is None:
@@ -112,7 +113,7 @@ def run_in_place(job: config_mod.Job) -> Any:
 
 
 def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
-    """Run one rank of ``spec`` in this process and return the target's result (``fn`` instead of the target)."""
+    """Run one rank of ``spec`` in this process; returns the target's result (``fn`` replaces the target)."""
     environment = env_mod.detect()
     if spec.get("keep_freed_memory", True):
         hostmem.keep_freed_memory()
@@ -235,7 +236,8 @@ def forked_main(spec_path: str) -> None:
     The rank first becomes what a fresh process started by the launcher would be: its own session (the
     launcher stops a rank together with its DataLoader workers by process group), and the launcher's
     environment (plus the agent's RANK, MASTER_PORT, ...), working directory and ``sys.path`` instead of the
-    server's, and a numpy global stream of its own. It returns normally (the agent collects that), also when the target calls ``sys.exit(0)``.
+    server's, and a numpy global stream of its own. It returns normally (the agent collects that), also when
+    the target calls ``sys.exit(0)``.
     """
     os.setsid()
     _prctl(_PR_SET_NAME, f"launcher-rank{os.environ.get('RANK', '')}".encode()[:15])  # in top, ps -o comm
@@ -270,8 +272,8 @@ def exit_now(code: int) -> None:
     """Leave without running C++ static destructors once the work is done and the result written.
 
     With torch 2.15, a rank (or a plain torchrun script) sometimes aborts at interpreter shutdown with
-    "terminate called without an active exception" (a joinable thread destroyed), turning a finished job
-    into a SIGABRT failure: seen in about 1 of 10 runs of a 2-rank Gloo test and in the benchmark's plain script.
+    "terminate called without an active exception" (a joinable thread destroyed), turning a finished job into
+    a SIGABRT failure: seen in about 1 of 10 runs of a 2-rank Gloo test and in the benchmark's plain script.
     """
     sys.stdout.flush()
     sys.stderr.flush()

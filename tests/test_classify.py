@@ -11,8 +11,16 @@ from .conftest import run_cli
 
 def test_classify_runs_writes_metrics_and_resumes(tmp_path):
     data = generate(tmp_path / "shapes", train=192, val=64, size=16, per_shard=40)
-    common = ["jobs/classify.yaml", f"output_dir={tmp_path / 'runs'}", f"args.data_dir={data}", "args.width=8",
-              "train.epochs=2", "train.batch_size=16", "train.log_every=2", "checkpoint.every_steps=3"]
+    common = [
+        "jobs/classify.yaml",
+        f"output_dir={tmp_path / 'runs'}",
+        f"args.data_dir={data}",
+        "args.width=8",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.log_every=2",
+        "checkpoint.every_steps=3",
+    ]
     first = run_cli("run", *common, "args.stop_at_step=4")
     assert first.returncode == 0, first.stderr
     second = run_cli("run", *common)

@@ -30,7 +30,11 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     "text, overrides, expected",
     [
         ("name: a\nentry: m:f\ntrain:\n  max_step: 3\n", [], ["unknown key 'train.max_step'", "max_steps"]),
-        ("name: a\nentry: m:f\nbogus: 1\n", [], ["unknown key 'bogus'", "valid keys of the job", "distributed"]),
+        (
+            "name: a\nentry: m:f\nbogus: 1\n",
+            [],
+            ["unknown key 'bogus'", "valid keys of the job", "distributed"],
+        ),
         ("name: a\nentry: m:f\ntrain:\n  epochs: two\n", [], ["train.epochs", "expected int", "'two'"]),
         ("name: a\nentry: m:f\n", ["distributed.backend=mpi"], ["distributed.backend", "'gloo'"]),
         ("name: a\nentry: m:f\n", ["train.batch_size=true"], ["train.batch_size", "expected int"]),
@@ -58,7 +62,11 @@ def test_every_field_has_a_docstring():
 
     tree = ast.parse(inspect.getsource(config))
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name.endswith(("Config", "Job")) and node.name != "ConfigError":
+        if (
+            isinstance(node, ast.ClassDef)
+            and node.name.endswith(("Config", "Job"))
+            and node.name != "ConfigError"
+        ):
             body = node.body
             for i, stmt in enumerate(body):
                 if isinstance(stmt, ast.AnnAssign):

@@ -29,7 +29,9 @@ def all_refs(sizes):
 def test_plan_every_sample_once_and_equal_batches(sizes, world, workers, batch, uneven, buffer, epoch):
     if uneven == "pad" and sum(sizes) == 0:
         return
-    plans = plan_epoch(sizes, world, workers, batch, seed=7, epoch=epoch, uneven=uneven, shuffle_buffer=buffer)
+    plans = plan_epoch(
+        sizes, world, workers, batch, seed=7, epoch=epoch, uneven=uneven, shuffle_buffer=buffer
+    )
     per_rank = [sum(p.batches for p in row) for row in plans]
     assert len(set(per_rank)) == 1, per_rank  # equal batch count on every rank: no DDP hang
     for row in plans:

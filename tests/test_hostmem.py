@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import launcher
+
 from .conftest import ROOT
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting exists only in glibc")

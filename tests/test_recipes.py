@@ -63,5 +63,7 @@ def report_over_ranks():
 def test_report_is_gathered_over_ranks():
     out = run_distributed(report_over_ranks, world_size=2)
     assert out[0] == out[1]
-    assert out[0]["accuracy"] == 0.75 and out[0]["precision"] == [1.0, 2 / 3] and out[0]["recall"] == [0.5, 1.0]
+    assert (
+        out[0]["accuracy"] == 0.75 and out[0]["precision"] == [1.0, 2 / 3] and out[0]["recall"] == [0.5, 1.0]
+    )
     assert not math.isnan(out[0]["accuracy"])

@@ -35,10 +35,21 @@ def tiny(*overrides: str) -> config_mod.Job:
 
 
 def test_job_file_maps_to_submitit_parameters():
-    job = tiny("slurm.partition=gpu", "slurm.account=proj", "slurm.qos=high", "slurm.nodes=2",
-               "slurm.time_min=30", "slurm.mem_gb=64", "slurm.constraint=a100", "slurm.exclusive=true",
-               "slurm.comment=hello", "slurm.additional_parameters={reservation: big}",
-               "slurm.srun_args=[--cpu-bind=none]", "slurm.setup=['module load cuda']", "slurm.signal_delay_s=120")
+    job = tiny(
+        "slurm.partition=gpu",
+        "slurm.account=proj",
+        "slurm.qos=high",
+        "slurm.nodes=2",
+        "slurm.time_min=30",
+        "slurm.mem_gb=64",
+        "slurm.constraint=a100",
+        "slurm.exclusive=true",
+        "slurm.comment=hello",
+        "slurm.additional_parameters={reservation: big}",
+        "slurm.srun_args=[--cpu-bind=none]",
+        "slurm.setup=['module load cuda']",
+        "slurm.signal_delay_s=120",
+    )
     p = slurm.executor_parameters(job)
     assert p["tasks_per_node"] == 2  # distributed.nproc_per_node on CPU
     assert p["nodes"] == 2 and p["timeout_min"] == 30 and p["mem_gb"] == 64
@@ -59,11 +70,19 @@ def test_sbatch_script_rendered_by_submitit(tmp_path, monkeypatch):
     import submitit
 
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # no srun needed
-    job = tiny("slurm.partition=gpu", "slurm.time_min=30", "slurm.signal_delay_s=120", "slurm.gpus_per_node=2")
+    job = tiny(
+        "slurm.partition=gpu", "slurm.time_min=30", "slurm.signal_delay_s=120", "slurm.gpus_per_node=2"
+    )
     executor = slurm.make_executor(job, tmp_path)
     text = executor._executor._make_submission_file_text("CMD", "uid")
-    for line in ("--partition=gpu", "--time=30", "--signal=USR2@120", "--ntasks-per-node=2", "--gpus-per-node=2",
-                 "--job-name=tiny"):
+    for line in (
+        "--partition=gpu",
+        "--time=30",
+        "--signal=USR2@120",
+        "--ntasks-per-node=2",
+        "--gpus-per-node=2",
+        "--job-name=tiny",
+    ):
         assert f"#SBATCH {line}" in text, text
 
 
@@ -122,15 +141,18 @@ def test_all_ranks_agree_to_stop_when_one_was_signalled():
     assert results[1] == {"agreed": True, "code": EXIT_REQUEUE, "received": [int(signal.SIGUSR2)]}
 
 
-# ------------------------------------------------------------------------------------- the local SLURM cluster
+# ------------------------------------------------------------------------------------- the local SLURM
+# cluster
 
 
 @pytest.fixture(scope="session")
 def slurm_env():
     """Bring the local cluster up (installing packages when missing); remove it again if we started it."""
-    was_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True).stdout
+    was_up = subprocess.run(
+        ["bash", str(CLUSTER), "status"], check=False, capture_output=True, text=True
+    ).stdout
     already = "slurmctld: running" in was_up
-    r = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(["bash", str(CLUSTER), "up"], check=False, capture_output=True, text=True, timeout=600)
     if r.returncode == 3:
         pytest.skip(f"no local SLURM cluster: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, f"slurm/cluster.sh up failed:\n{r.stderr}"
@@ -138,12 +160,20 @@ def slurm_env():
     env = {**os.environ, "SLURM_CONF": conf}
     yield env
     if not already:
-        subprocess.run(["bash", str(CLUSTER), "clean"], capture_output=True, timeout=120)  # daemons and state
+        # Daemons and state.
+        subprocess.run(["bash", str(CLUSTER), "clean"], check=False, capture_output=True, timeout=120)
 
 
 def submit(env, run_root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5",
-                                       *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5", *args),
+        cwd=ROOT,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def sacct(env, job_id: str, fields: str = "State,ExitCode") -> list[str]:
@@ -153,7 +183,9 @@ def sacct(env, job_id: str, fields: str = "State,ExitCode") -> list[str]:
 
 
 def job_id_of(output: str) -> str:
-    return re.search(r"submitted SLURM job (\d+)", output).group(1)
+    m = re.search(r"submitted SLURM job (\d+)", output)
+    assert m is not None, output
+    return m.group(1)
 
 
 def test_submit_wait_trains_on_two_tasks(slurm_env, run_root):
@@ -166,19 +198,51 @@ def test_submit_wait_trains_on_two_tasks(slurm_env, run_root):
 
 
 def test_srun_launcher_run_inside_an_allocation(slurm_env, run_root):
-    r = subprocess.run(["srun", "-n", "2", "--time=3", sys.executable, "-m", "launcher", "run", "jobs/tiny.yaml",
-                        f"output_dir={run_root}", "train.max_steps=6"],
-                       cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            "srun",
+            "-n",
+            "2",
+            "--time=3",
+            sys.executable,
+            "-m",
+            "launcher",
+            "run",
+            "jobs/tiny.yaml",
+            f"output_dir={run_root}",
+            "train.max_steps=6",
+        ],
+        cwd=ROOT,
+        env=slurm_env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     ckpt = load_checkpoint(run_root / "tiny" / "checkpoints" / "step_00000006.pt")
     assert ckpt["world_size"] == 2
 
 
 def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_root):
-    proc = subprocess.Popen(launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5",
-                                         "train.max_steps=60", "train.epochs=100", "args.step_sleep=0.3",
-                                         "checkpoint.every_steps=20", "--wait"),
-                            cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        launcher_cmd(
+            "submit",
+            "jobs/tiny.yaml",
+            f"output_dir={run_root}",
+            "slurm.time_min=5",
+            "train.max_steps=60",
+            "train.epochs=100",
+            "args.step_sleep=0.3",
+            "checkpoint.every_steps=20",
+            "--wait",
+        ),
+        cwd=ROOT,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ckpts = run_root / "tiny" / "checkpoints"
         assert wait_until(lambda: (ckpts / "latest").exists(), 120), "no first checkpoint"  # mid-run, step 20
@@ -194,7 +258,9 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_
     assert 20 < stopped < 60 and resumed == stopped  # saved at the step boundary: nothing beyond it lost
     assert "'step': 60" in out
     # --wait returns once both ranks wrote their results; SLURM marks the job completed a moment later.
-    assert wait_until(lambda: sacct(slurm_env, job_id)[-1].startswith("COMPLETED"), 60), sacct(slurm_env, job_id)
+    assert wait_until(lambda: sacct(slurm_env, job_id)[-1].startswith("COMPLETED"), 60), sacct(
+        slurm_env, job_id
+    )
     assert sacct(slurm_env, job_id)[0].startswith("REQUEUED")
 
 

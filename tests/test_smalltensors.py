@@ -41,7 +41,11 @@ def test_only_small_cpu_tensors_are_marked():
 def read_items(shard):
     n, offset = shard
     for i in range(n):
-        yield {"image": torch.full((3, 8, 8), float(offset + i)), "label": offset + i, "name": f"s{offset + i}"}
+        yield {
+            "image": torch.full((3, 8, 8), float(offset + i)),
+            "label": offset + i,
+            "name": f"s{offset + i}",
+        }
 
 
 @pytest.mark.parametrize("workers", [0, 2])

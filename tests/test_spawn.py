@@ -89,7 +89,9 @@ def test_local_functions_are_refused_with_a_hint():
 def test_root_cause_is_reported_before_ranks_stopped_because_of_it():
     from launcher.errors import Failure, RankFailure
 
-    stopped = Failure(rank=0, host="h", exitcode=-15, signal="SIGTERM", timestamp=100, message="", traceback="")
+    stopped = Failure(
+        rank=0, host="h", exitcode=-15, signal="SIGTERM", timestamp=100, message="", traceback=""
+    )
     peer = Failure(rank=2, host="h", exitcode=1, signal=None, timestamp=100, message="",
                    traceback="RuntimeError: Connection closed by peer")
     killed = Failure(rank=1, host="h", exitcode=-9, signal="SIGKILL", timestamp=101, message="", traceback="")

@@ -19,9 +19,12 @@ SPATIAL = {2: (), 3: (5,), 4: (3, 4), 5: (2, 3, 2)}
 def cases(world):
     sizes = {2: [(4, 4), (3, 5), (0, 6)], 3: [(2, 3, 4), (2, 0, 5), (1, 1, 0)]}[world]
     for i, (dim, affine, track, momentum, dtype, split) in enumerate(
-        itertools.product([2, 3, 4, 5], [True, False], [True, False], [0.1, None], ["float64", "float32"], sizes)
+        itertools.product(
+            [2, 3, 4, 5], [True, False], [True, False], [0.1, None], ["float64", "float32"], sizes
+        )
     ):
-        yield dict(seed=i, dim=dim, affine=affine, track=track, momentum=momentum, dtype=dtype, split=split)
+        yield {"seed": i, "dim": dim, "affine": affine, "track": track, "momentum": momentum, "dtype": dtype,
+               "split": split}
 
 
 def compare_cases(world):
@@ -77,9 +80,9 @@ def test_matches_batchnorm_on_the_global_batch(world):
 
 
 def half_precision_errors():
-    """bfloat16/float16 input (as under autocast): the output and input gradient keep the dtype and match float32
-    BatchNorm on the global batch to within the half type's precision (statistics are computed in float32).
-    channels_last input matches too."""
+    """bfloat16/float16 input (as under autocast): the output and input gradient keep the dtype and match
+    float32 BatchNorm on the global batch to within the half type's precision (statistics are computed in
+    float32). channels_last input matches too."""
     rank = launcher.get_rank()
     torch.manual_seed(0)
     x, r = torch.randn(8, 3, 4, 4) * 3 + 1, torch.randn(8, 3, 4, 4)
@@ -122,8 +125,10 @@ def make_cnn():
 
 def batches(steps, n):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g))
-            for _ in range(steps)]
+    return [
+        (torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g))
+        for _ in range(steps)
+    ]
 
 
 def train(model, data, rank=0, world=1):

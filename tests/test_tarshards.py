@@ -43,7 +43,7 @@ def test_missing_index_says_how_to_fix(tmp_path):
 
 
 def fake_cifar10(root, per_batch=3):
-    """The python CIFAR-10 layout with a few random images (torchvision reads it; its checksums are patched)."""
+    """The python CIFAR-10 layout with a few random images (torchvision reads it; checksums patched)."""
     import pickle
 
     import numpy as np
@@ -63,7 +63,7 @@ def fake_cifar10(root, per_batch=3):
 
 
 def test_cifar10_on_disk_becomes_train_and_val_shards(tmp_path, monkeypatch, capsys):
-    import torchvision.datasets.cifar as cifar
+    from torchvision.datasets import cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
     monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
