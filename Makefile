@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean slurm-up slurm-down slurm-demo
+.PHONY: demo test lint venv bench clean slurm-up slurm-down slurm-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# House style (../shared/STYLE.md): ruff (lines <= 110) and mypy clean; settings in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m pip install -q -e '.[lint]'
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
