@@ -161,7 +161,7 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp_file(tmp_path):
     ck = Checkpointer(tmp_path, keep_last=5, async_save=False, model=box)
     ck.save(TrainState(step=1))
     box.t = lambda: None  # not serializable: torch.save raises half-way through the file
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the object
         ck.save(TrainState(step=2))
     ck.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001.json", "step_00000001.pt"]

@@ -69,9 +69,13 @@ def test_sigkill_of_one_rank_ends_the_job_within_5s_without_orphans(run_root):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_launcher_stops_every_rank(run_root, sig):
-    proc = start_long_job(run_root)
+    proc = start_long_job(run_root, "checkpoint.every_steps=1")
     try:
         assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
+        # Signal after a step is done (the first checkpoint is on disk): DataLoader workers start before it,
+        # and a signal in between made the ranks say "before the first step" (2 of about 70 runs).
+        checkpoints = run_root / "tiny" / "checkpoints"
+        assert wait_until(lambda: any(checkpoints.glob("*.json")), 60), "no step finished"
         ranks, tree = ranks_running(proc), descendants(proc.pid)
         proc.send_signal(sig)
         proc.wait(timeout=30)
