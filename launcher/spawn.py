@@ -193,9 +193,17 @@ def _all_failures(agent: _Agent, reported: dict[int, ProcessFailure]) -> dict[in
     """
     failures = dict(reported)
     pcontext = getattr(agent, "_pcontext", None)  # private, but the only handle on the last attempt's files
-    for rank, path in (getattr(pcontext, "error_files", None) or {}).items():
+    error_files = getattr(pcontext, "error_files", None) or {}
+    for rank, path in error_files.items():
         if rank not in failures and os.path.isfile(path):
             failures[rank] = ProcessFailure(local_rank=rank, pid=-1, exitcode=1, error_file=path)  # it raised
+    # Forked ranks (multiprocessing's process context) report one failure: a rank killed by a signal (OOM
+    # killer, kill -9) wrote no error file, and its peer's "connection reset" may be the one reported.
+    processes = getattr(getattr(pcontext, "_pc", None), "processes", None) or []
+    for rank, proc in enumerate(processes):
+        if rank not in failures and (proc.exitcode or 0) < 0:
+            failures[rank] = ProcessFailure(local_rank=rank, pid=proc.pid, exitcode=proc.exitcode,
+                                            error_file=error_files.get(rank, ""))
     return failures
 
 
