@@ -1,6 +1,7 @@
 """The CLI end to end on the tiny job: runs, failures, signals, concurrency, torchrun in place."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,13 +70,9 @@ def test_sigkill_of_one_rank_ends_the_job_within_5s_without_orphans(run_root):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_launcher_stops_every_rank(run_root, sig):
-    proc = start_long_job(run_root, "checkpoint.every_steps=1")
+    proc = start_long_job(run_root)
     try:
         assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
-        # Signal after a step is done (the first checkpoint is on disk): DataLoader workers start before it,
-        # and a signal in between made the ranks say "before the first step" (2 of about 70 runs).
-        checkpoints = run_root / "tiny" / "checkpoints"
-        assert wait_until(lambda: any(checkpoints.glob("*.json")), 60), "no step finished"
         ranks, tree = ranks_running(proc), descendants(proc.pid)
         proc.send_signal(sig)
         proc.wait(timeout=30)
@@ -90,7 +87,9 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
             # The rank handles the stop itself. Its line reaches the console in most runs; in about 1 of 15
             # under load it was in the rank's log file only (known, not yet explained): check the log.
             logs = list((run_root / "tiny" / "logs").glob("*/attempt_0/0/stderr.log"))
-            assert logs and "rank 0 stopped by SIGINT after step" in logs[0].read_text(), err
+            # DataLoader workers start before the first step: a signal in between is "before the first step".
+            assert logs and re.search(r"rank 0 stopped by SIGINT (after step \d+|before the first step)",
+                                      logs[0].read_text()), err
     finally:
         proc.kill()
 
