@@ -9,7 +9,6 @@ adds no decorator) and carry the rank, host and last completed step.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -18,14 +17,14 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import config as config_mod
-from . import dist, forkserver, hostmem, stop
+from . import dist, forkserver, hostmem, interrupt, stop
 from . import env as env_mod
 from .errors import StopForRequeue
 from .rng import seed_everything
@@ -129,17 +128,17 @@ def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
             seed_everything(int(spec["seed"]) + rank)
         fn = fn or resolve(spec["target"], spec.get("main_file"))
         try:
-            with _interruptible():
+            with interrupt.interruptible():
                 result = fn(*spec.get("args", ()), **spec.get("kwargs", {}))
         except StopForRequeue:
             raise
         except BaseException as e:
             step = dist.current_step()
             where = f"after step {step}" if step is not None else "before the first step"
-            if _INTERRUPT["signal"]:
+            if interrupt.stopped_by():
                 # Asked to stop (Ctrl-C reaches the ranks as SIGINT from the launcher or torchrun): whatever
                 # ended the target, a KeyboardInterrupt or a peer's closed connection, is the stop itself.
-                print(f"[launcher] rank {rank} stopped by {_INTERRUPT['signal']} {where}", file=sys.stderr)
+                print(f"[launcher] rank {rank} stopped by {interrupt.stopped_by()} {where}", file=sys.stderr)
                 raise SystemExit(128 + signal.SIGINT) from None
             e.add_note(f"[launcher] rank {rank} on {socket.gethostname()}, {where}")
             raise
@@ -149,43 +148,6 @@ def execute(spec: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
     finally:
         stop.uninstall()
         dist.teardown()
-
-
-_INTERRUPT: dict[str, Any] = {"signal": None, "closing": False}
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    _INTERRUPT["signal"] = signal.Signals(signum).name
-    if not _INTERRUPT["closing"]:
-        raise KeyboardInterrupt
-
-
-def _run_pending_signal_handlers() -> None:
-    """Nothing: calling a Python function is where CPython runs the handlers of signals already delivered."""
-
-
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt as usual and is remembered, so the rank can tell a stop from a failure.
-
-    A rank blocked in a collective may see its peer, stopped a moment earlier, close the connection before its
-    own SIGINT handler has run; the handler is run before the exception leaves, so that error counts as the
-    stop too. Only Python's default handler is replaced (a user's own handler is kept).
-    """
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    _INTERRUPT.update(signal=None, closing=False)
-    signal.signal(signal.SIGINT, _on_sigint)
-    try:
-        yield
-    except BaseException:
-        _INTERRUPT["closing"] = True  # from here a SIGINT is only recorded: no second exception
-        _run_pending_signal_handlers()
-        raise
-    finally:
-        _INTERRUPT["closing"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _write_result(folder: Path, rank: int, result: Any) -> None:
@@ -278,4 +240,3 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-

@@ -33,9 +33,11 @@ def test_two_rank_run_succeeds_and_every_rank_ran(run_root):
 
 
 def start_long_job(run_root, *extra):
+    """The tiny job until it is stopped (its own 2 epochs end after about a second: a signal sent later found
+    the job finished, and rank 0's log without a stop line). Short epochs: DataLoader workers start often."""
     return subprocess.Popen(
         launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=100000",
-                     "args.step_sleep=0.01", "data.num_workers=2", *extra),
+                     "train.epochs=100000", "args.step_sleep=0.01", "data.num_workers=2", *extra),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=killable_env(run_root.parent),
     )
