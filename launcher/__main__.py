@@ -1,7 +1,5 @@
 """``python -m launcher`` works like the ``launcher`` console script."""
 
-import sys
+from .cli import console
 
-from .cli import main
-
-sys.exit(main())
+console()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import config as config_mod
@@ -34,6 +35,8 @@ def cmd_run(job: config_mod.Job) -> int:
     except SignalException as e:
         print(f"launcher: stopped by {e.sigval.name}; all ranks were stopped", file=sys.stderr)
         return 128 + int(e.sigval)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ranks are gone, the outcome known: see console()
     print(f"[launcher] {job.name}: finished on {len(results)} rank(s); rank 0 returned {results[0]!r}")
     return EXIT_OK
 
@@ -86,3 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("launcher: interrupted", file=sys.stderr)
         return 130
+
+
+def console() -> None:
+    """The ``launcher`` command and ``python -m launcher``: :func:`main`, then exit with its code.
+
+    Once the outcome is known, Ctrl-C is ignored: the interpreter's shutdown (about 0.4 s with torch loaded,
+    much of it after Python has put back the default handler) would otherwise turn a finished job into a death
+    by SIGINT, or print a KeyboardInterrupt traceback from a shutdown callback.
+    """
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

@@ -311,10 +311,12 @@ def make_loader(
     A worker that sends nothing for ``timeout`` seconds (default: the job's ``distributed.startup_timeout_s``,
     600 s outside the launcher) fails the rank instead of hanging it:
     a DataLoader worker forked while another thread of the rank held a lock can deadlock (pytorch issue
-    130610; seen here once, a worker stuck in ``PyOS_AfterFork_Child`` while the checkpoint writer started a
-    thread, which is why the Checkpointer no longer starts threads after it is created).
-    ``multiprocessing_context="forkserver"`` avoids forking a threaded process when the dataset and its read
-    function are importable (not defined in the ``__main__`` script).
+    130610). Seen here about once in a few hundred runs: the new worker stuck in ``PyOS_AfterFork_Child`` on
+    CPython's runtime lock (CPython issue 112275, fixed in releases after our 3.11.7). Gloo's run-loop threads
+    take that lock without the GIL whenever they destroy a finished collective (gdb:
+    ``~AsyncAllgatherWork`` -> ``decref`` -> ``gil_scoped_acquire`` -> ``PyThreadState_New``), so every rank
+    that runs collectives is exposed. ``multiprocessing_context="forkserver"`` avoids forking a threaded
+    process when the dataset and its read function are importable (not defined in the ``__main__`` script).
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 

@@ -96,6 +96,24 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
         proc.kill()
 
 
+def test_ctrl_c_after_the_job_finished_keeps_its_exit_code(run_root):
+    # The launcher's shutdown takes a while (torch loaded): a Ctrl-C then used to kill it by SIGINT (-2).
+    proc = subprocess.Popen(
+        launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=3"),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "finished on 2 rank(s)" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err, err
+    finally:
+        proc.kill()
+
+
 def test_four_concurrent_jobs_all_succeed(run_root):
     procs = [
         subprocess.Popen(
