@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from . import dist, stop
+from . import dist, forkserver, stop
 from .smalltensors import by_value
 
 Ref = tuple[int, int]  # (shard index, sample index within the shard)
@@ -310,13 +310,11 @@ def make_loader(
 
     A worker that sends nothing for ``timeout`` seconds (default: the job's ``distributed.startup_timeout_s``,
     600 s outside the launcher) fails the rank instead of hanging it:
-    a DataLoader worker forked while another thread of the rank held a lock can deadlock (pytorch issue
-    130610). Seen here about once in a few hundred runs: the new worker stuck in ``PyOS_AfterFork_Child`` on
-    CPython's runtime lock (CPython issue 112275, fixed in releases after our 3.11.7). Gloo's run-loop threads
-    take that lock without the GIL whenever they destroy a finished collective (gdb:
-    ``~AsyncAllgatherWork`` -> ``decref`` -> ``gil_scoped_acquire`` -> ``PyThreadState_New``), so every rank
-    that runs collectives is exposed. ``multiprocessing_context="forkserver"`` avoids forking a threaded
-    process when the dataset and its read function are importable (not defined in the ``__main__`` script).
+    a worker stuck at start-up, for instance.
+
+    In a rank, workers start from a fork server of the rank's own when the dataset can be sent to one
+    (:func:`launcher.forkserver.for_workers`: forking a rank that runs Gloo collectives can deadlock the new
+    worker); otherwise, or with ``multiprocessing_context`` given, as the DataLoader starts them.
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -324,6 +322,8 @@ def make_loader(
         kw.setdefault("timeout", dist.data_timeout_s())
     if num_workers > 0 and stop.installed():
         kw["worker_init_fn"] = functools.partial(_ignore_stop_signals, kw.get("worker_init_fn"))
+    if num_workers > 0 and "multiprocessing_context" not in kw:
+        kw["multiprocessing_context"] = forkserver.for_workers(dataset, kw.get("worker_init_fn"))
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, deprecated in newer torch: noise, not a user problem.
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")

@@ -105,7 +105,7 @@ def run_in_place(job: config_mod.Job) -> Any:
     """Run this process as one rank of ``job`` (under torchrun, an srun step or a submitit task)."""
     environment = env_mod.detect()
     if isinstance(environment, env_mod.TorchElasticEnvironment):
-        _die_with_parent()  # torchrun SIGKILLed: its ranks go too instead of training on as orphans
+        die_with_parent()  # torchrun SIGKILLed: its ranks go too instead of training on as orphans
     if environment.rank() == 0:
         write_resolved(job)
     return execute(job_spec(job))
@@ -158,8 +158,8 @@ def _write_result(folder: Path, rank: int, result: Any) -> None:
     os.replace(tmp, folder / f"rank{rank}.pkl")
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the launcher dies, even by SIGKILL, so no rank outlives it as an orphan."""
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, even by SIGKILL (a rank: its launcher): no orphans."""
     if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) and os.getppid() == 1:  # it died before prctl took effect
         os._exit(128 + signal.SIGKILL)
 
@@ -221,7 +221,7 @@ def forked_main(spec_path: str) -> None:
     # Rank logs go to files and are tailed to the console: line buffering keeps them in step.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    _die_with_parent()
+    die_with_parent()
     _forked_children_die_with_this_process()
     try:
         execute(spec)

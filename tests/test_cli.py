@@ -12,7 +12,6 @@ import pytest
 
 from .conftest import (
     ROOT,
-    children_of,
     descendants,
     killable_env,
     launcher_cmd,
@@ -44,9 +43,9 @@ def start_long_job(run_root, *extra):
 
 
 def ranks_running(proc):
-    """The rank processes, once both have DataLoader workers running."""
+    """The rank processes, once both have DataLoader workers running (children of the rank's fork server)."""
     ranks = rank_pids(proc.pid)
-    if len(ranks) == 2 and all(len(children_of(r)) >= 2 for r in ranks):
+    if len(ranks) == 2 and all(len(descendants(r)) >= 3 for r in ranks):
         return ranks
     return None
 

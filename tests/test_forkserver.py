@@ -1,0 +1,50 @@
+"""A rank's DataLoader workers start from a fork server of its own when the dataset can be sent there."""
+
+import os
+
+import torch
+
+import __main__
+from launcher import forkserver
+from launcher.data import ShardedIterableDataset, make_loader
+from launcher.testing import run_distributed
+
+
+def read_parent(shard):
+    """Samples that say which process started the worker reading them."""
+    return [{"ppid": torch.tensor(os.getppid())} for _ in range(shard)]
+
+
+def workers_parents():
+    ds = ShardedIterableDataset([4, 4, 4, 4], read_parent, batch_size=2)
+    parents = {int(p) for batch in make_loader(ds, num_workers=2) for p in batch["ppid"]}
+    return os.getpid(), parents
+
+
+def test_workers_of_a_rank_are_not_forks_of_the_rank():
+    out = run_distributed(workers_parents, world_size=2, timeout_s=60)
+    for rank_pid, parents in out.values():
+        assert len(parents) == 1, parents  # one server forks both workers
+        assert rank_pid not in parents
+
+
+def test_outside_a_process_group_workers_are_forked_as_usual():
+    ds = ShardedIterableDataset([2, 2], read_parent, batch_size=2, rank=0, world_size=1)
+    assert forkserver.for_workers(ds) is None
+    parents = {int(p) for batch in make_loader(ds, num_workers=2) for p in batch["ppid"]}
+    assert parents == {os.getpid()}
+
+
+def test_what_cannot_go_through_a_server_is_recognised(monkeypatch):
+    ds = ShardedIterableDataset([2, 2], read_parent, batch_size=2, rank=0, world_size=1)
+    modules = forkserver._modules_if_importable((ds,))
+    assert modules is not None and "tests.test_forkserver" in modules and "launcher.data" in modules
+    # tensors travel through shared memory: they do not count towards the size limit
+    big_tensor = torch.zeros(forkserver.WORKER_PICKLE_LIMIT)
+    assert forkserver._modules_if_importable((ds, big_tensor)) is not None
+    assert forkserver._modules_if_importable((ds, b"x" * (forkserver.WORKER_PICKLE_LIMIT + 1))) is None
+    assert forkserver._modules_if_importable((lambda shard: [],)) is None  # does not pickle
+    # a class of the script being run pickles in this process but not in the server
+    in_main = type("Dataset", (), {"__module__": "__main__"})
+    monkeypatch.setattr(__main__, "Dataset", in_main, raising=False)
+    assert forkserver._modules_if_importable((in_main,)) is None
