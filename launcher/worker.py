@@ -236,7 +236,13 @@ def exit_now(code: int) -> None:
     With torch 2.15, a rank (or a plain torchrun script) sometimes aborts at interpreter shutdown with
     "terminate called without an active exception" (a joinable thread destroyed), turning a finished job into
     a SIGABRT failure: seen in about 1 of 10 runs of a 2-rank Gloo test and in the benchmark's plain script.
+    What multiprocessing started is cleaned up first, as at a normal exit (and as a spawned rank's process
+    does): leftover DataLoader workers and the fork server of the workers, whose socket folder in the temp
+    directory would otherwise stay behind.
     """
+    import multiprocessing.util
+
+    multiprocessing.util._exit_function()  # type: ignore[attr-defined]
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

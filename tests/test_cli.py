@@ -145,10 +145,10 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
             "jobs/tiny.yaml",
             f"output_dir={run_root}",
             "train.max_steps=4",
-            # With the job's 2 DataLoader workers per rank. One full-suite run once hung here silently (not
-            # reproduced in 50 runs since): tight timeouts turn any stuck wait (rendezvous, collective, batch
-            # from a worker) into the launcher's own error, with its traceback, well before this test's
-            # timeout.
+            # With the job's 2 DataLoader workers per rank. One full-suite run once hung here silently: most
+            # likely a worker forked from the rank deadlocked (see launcher.forkserver.for_workers). Tight
+            # timeouts turn any stuck wait (rendezvous, collective, batch from a worker) into the launcher's
+            # own error, with its traceback, well before this test's timeout.
             "distributed.startup_timeout_s=60",
             "distributed.timeout_s=30",
         ],
@@ -157,11 +157,15 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
         capture_output=True,
         text=True,
         timeout=240,
+        env=killable_env(run_root.parent),
     )
     assert r.returncode == 0, r.stderr
     # In place: no "starting 2 rank(s)" from a nested spawner, and the run directory was written once.
     assert "starting" not in r.stdout
     assert (run_root / "tiny" / "job.yaml").exists()
+    # A rank in place leaves at once when done (worker.exit_now): what multiprocessing made is gone first, the
+    # socket folder of the workers' fork server included.
+    assert not list((run_root.parent / "tmp").glob("pymp-*"))
 
 
 def fail_once(job):
