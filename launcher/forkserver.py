@@ -10,6 +10,9 @@ every forked DataLoader worker. No CUDA is touched before the fork.
 A fork inherits the server's environment, working directory, ``sys.path`` and start method from when the
 server started. :func:`start` records the server's environment, the rank spec carries the launcher's, and
 :func:`launcher.worker.forked_main` makes the rank what a fresh process started by the launcher would be.
+
+A rank, in turn, starts its DataLoader workers from a fork server of its own (:func:`for_workers`): forking
+the rank itself, which runs Gloo's threads, can deadlock the new worker.
 """
 
 from __future__ import annotations
