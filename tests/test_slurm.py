@@ -22,7 +22,7 @@ from launcher import slurm, stop
 from launcher.checkpoint import load_checkpoint
 from launcher.errors import EXIT_REQUEUE, StopForRequeue
 
-from .conftest import ROOT, launcher_cmd, wait_until
+from .conftest import ROOT, killable_env, launcher_cmd, wait_until
 
 CLUSTER = ROOT / "slurm" / "cluster.sh"
 
@@ -164,6 +164,13 @@ def slurm_env():
         subprocess.run(["bash", str(CLUSTER), "clean"], check=False, capture_output=True, timeout=120)
 
 
+@pytest.fixture
+def job_env(slurm_env, tmp_path):
+    """The cluster's environment with the jobs' temp files in the test's own folder: a rank that SLURM ends by
+    signal cannot remove the socket folder of its DataLoader workers' fork server."""
+    return {**slurm_env, "TMPDIR": killable_env(tmp_path)["TMPDIR"]}
+
+
 def submit(env, run_root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5", *args),
@@ -188,8 +195,8 @@ def job_id_of(output: str) -> str:
     return m.group(1)
 
 
-def test_submit_wait_trains_on_two_tasks(slurm_env, run_root):
-    r = submit(slurm_env, run_root, "train.max_steps=12", "--wait")
+def test_submit_wait_trains_on_two_tasks(job_env, run_root):
+    r = submit(job_env, run_root, "train.max_steps=12", "--wait")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "finished on 2 rank(s)" in r.stdout and "'world_size': 2" in r.stdout and "'step': 12" in r.stdout
     assert (run_root / "tiny" / "slurm_logs" / f"{job_id_of(r.stdout)}_1_log.out").exists()  # rank 1 ran too
@@ -197,7 +204,7 @@ def test_submit_wait_trains_on_two_tasks(slurm_env, run_root):
     assert ckpt["world_size"] == 2
 
 
-def test_srun_launcher_run_inside_an_allocation(slurm_env, run_root):
+def test_srun_launcher_run_inside_an_allocation(job_env, run_root):
     r = subprocess.run(
         [
             "srun",
@@ -213,7 +220,7 @@ def test_srun_launcher_run_inside_an_allocation(slurm_env, run_root):
             "train.max_steps=6",
         ],
         cwd=ROOT,
-        env=slurm_env,
+        env=job_env,
         check=False,
         capture_output=True,
         text=True,
@@ -224,7 +231,7 @@ def test_srun_launcher_run_inside_an_allocation(slurm_env, run_root):
     assert ckpt["world_size"] == 2
 
 
-def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_root):
+def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_root):
     proc = subprocess.Popen(
         launcher_cmd(
             "submit",
@@ -238,7 +245,7 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_
             "--wait",
         ),
         cwd=ROOT,
-        env=slurm_env,
+        env=job_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -248,7 +255,7 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_
         assert wait_until(lambda: (ckpts / "latest").exists(), 120), "no first checkpoint"  # mid-run, step 20
         log = next((run_root / "tiny" / "slurm_logs").glob("*_0_log.out"))
         job_id = log.name.split("_")[0]
-        subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, check=True, timeout=30)
+        subprocess.run(["scontrol", "requeue", job_id], env=job_env, check=True, timeout=30)
         out, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
@@ -258,17 +265,17 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(slurm_env, run_
     assert 20 < stopped < 60 and resumed == stopped  # saved at the step boundary: nothing beyond it lost
     assert "'step': 60" in out
     # --wait returns once both ranks wrote their results; SLURM marks the job completed a moment later.
-    assert wait_until(lambda: sacct(slurm_env, job_id)[-1].startswith("COMPLETED"), 60), sacct(
-        slurm_env, job_id
+    assert wait_until(lambda: sacct(job_env, job_id)[-1].startswith("COMPLETED"), 60), sacct(
+        job_env, job_id
     )
-    assert sacct(slurm_env, job_id)[0].startswith("REQUEUED")
+    assert sacct(job_env, job_id)[0].startswith("REQUEUED")
 
 
-def test_time_limit_signal_requeues_until_max_requeues(slurm_env, run_root):
+def test_time_limit_signal_requeues_until_max_requeues(job_env, run_root):
     # A 1-minute limit with the signal 15 s before it: USR2 arrives while training (SLURM 22.05 sent it up to
     # ~15 s early here; with a 30 s delay it once came during start-up, before any handler existed, and killed
     # the tasks). One requeue is allowed.
-    r = submit(slurm_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=15", "slurm.max_requeues=1",
+    r = submit(job_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=15", "slurm.max_requeues=1",
                "train.max_steps=100000", "train.epochs=100000", "args.step_sleep=0.3", "--wait", timeout=400)
     assert r.returncode == EXIT_REQUEUE, r.stdout + r.stderr
     assert "SIGUSR2: state saved; requeued job" in r.stderr and "(1/1)" in r.stderr
@@ -286,19 +293,19 @@ def fail_on_rank_one(job: config_mod.Job) -> str:
     return "ok"
 
 
-def test_failing_job_shows_its_traceback_and_is_not_requeued(slurm_env, run_root):
+def test_failing_job_shows_its_traceback_and_is_not_requeued(job_env, run_root):
     started = time.monotonic()
-    r = submit(slurm_env, run_root, "entry=tests.test_slurm:fail_on_rank_one", "--wait")
+    r = submit(job_env, run_root, "entry=tests.test_slurm:fail_on_rank_one", "--wait")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "ValueError: boom on rank 1" in r.stderr and "rank 1 failed first" in r.stderr
     job_id = job_id_of(r.stdout)
     # One row with duplicates shown (-D): the job ran once, never requeued.
-    assert wait_until(lambda: sacct(slurm_env, job_id) == ["FAILED|1:0"], 60), sacct(slurm_env, job_id)
+    assert wait_until(lambda: sacct(job_env, job_id) == ["FAILED|1:0"], 60), sacct(job_env, job_id)
     assert time.monotonic() - started < 120
 
 
-def test_sweep_runs_as_an_array_with_one_run_directory_each(slurm_env, run_root):
-    r = submit(slurm_env, run_root, "train.max_steps=4", "data.num_workers=0", "--sweep", "train.lr=0.01",
+def test_sweep_runs_as_an_array_with_one_run_directory_each(job_env, run_root):
+    r = submit(job_env, run_root, "train.max_steps=4", "data.num_workers=0", "--sweep", "train.lr=0.01",
                "--sweep", "train.lr=0.02", "--sweep", "train.lr=0.03 seed=5", "--wait")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "as an array of 3" in r.stdout
@@ -306,5 +313,5 @@ def test_sweep_runs_as_an_array_with_one_run_directory_each(slurm_env, run_root)
         job = config_mod.load(run_root / "tiny" / f"tiny-{i}" / "job.yaml")
         assert job.train.lr == lr and (run_root / "tiny" / f"tiny-{i}" / "checkpoints" / "latest").exists()
         assert f"tiny-{i}: SLURM job" in r.stdout
-    rows = sacct(slurm_env, job_id_of(r.stdout) + "", "JobID,State")
+    rows = sacct(job_env, job_id_of(r.stdout) + "", "JobID,State")
     assert sorted(row.split("|")[0] for row in rows)[-3:] == [f"{job_id_of(r.stdout)}_{i}" for i in range(3)]
