@@ -156,11 +156,8 @@ def main(job: launcher.Job) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: recipes.warmup_cosine(s, t.warmup_steps, total))
     amp_dtype = t.autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
-    ckpt = Checkpointer(
-        job.checkpoint_dir,
-        keep_last=job.checkpoint.keep_last,
-        async_save=job.checkpoint.async_save,
-        job=job,
+    ckpt = Checkpointer.for_job(
+        job,
         per_rank={"data": loader},
         model=model,
         optimizer=opt,

@@ -42,15 +42,7 @@ def main(job: launcher.Job) -> dict[str, Any]:
     ds = ShardedIterableDataset(shard_list, read_shard, sizes=sizes, batch_size=job.train.batch_size,
                                 seed=job.seed, uneven=job.data.uneven, shuffle_buffer=job.data.shuffle_buffer)
     loader = make_loader(ds, num_workers=job.data.num_workers)
-    ckpt = Checkpointer(
-        job.checkpoint_dir,
-        keep_last=job.checkpoint.keep_last,
-        async_save=job.checkpoint.async_save,
-        job=job,
-        per_rank={"data": loader},
-        model=model,
-        optimizer=opt,
-    )
+    ckpt = Checkpointer.for_job(job, per_rank={"data": loader}, model=model, optimizer=opt)
     state = ckpt.resume(job.checkpoint.resume)
     max_steps = job.train.max_steps or 10**12
     sleep = float(job.args.get("step_sleep", 0.0))

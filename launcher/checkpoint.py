@@ -267,8 +267,16 @@ class Checkpointer:
         **objects: objects with ``state_dict``/``load_state_dict`` (model, optimizer, scheduler, scaler...);
             a DDP model is unwrapped so the saved ``model`` is a plain state_dict.
 
-    ``save`` and ``resume`` are collective: every rank calls them together.
+    ``save`` and ``resume`` are collective: every rank calls them together. :meth:`for_job` takes the
+    directory and settings from a job's ``checkpoint`` section.
     """
+
+    @classmethod
+    def for_job(cls, job: Any, **kwargs: Any) -> Checkpointer:
+        """A checkpointer in ``job.checkpoint_dir`` with the job's ``keep_last`` and ``async_save``, storing
+        ``job``; ``kwargs`` as for the constructor (``per_rank``, ``model=``, ``optimizer=``, ...)."""
+        c = job.checkpoint
+        return cls(job.checkpoint_dir, keep_last=c.keep_last, async_save=c.async_save, job=job, **kwargs)
 
     def __init__(
         self,
