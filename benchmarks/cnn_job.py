@@ -1,23 +1,21 @@
 """The benchmark CNN job through the launcher: the loop of ``plain_cnn.py`` written with launcher's pieces.
 
 Model wrapping, the sharded dataset with its StatefulDataLoader, the checkpointer (resume=never, no saves),
-``note_step`` and ``stop_if_requested`` every step: what a launcher user's loop carries. Run with
-``launcher run jobs/tiny.yaml entry=benchmarks.cnn_job:main distributed.sync_batchnorm=false ...``.
-Job ``args``: ``model`` (``cnn``, the default, or ``resnet18``, the example job's GPU model), ``image_size``
-(32), ``batch`` (per rank, 32); ``train.amp`` (``bf16``/``fp16``) applies on GPU.
+``ckpt.step`` every step: what a launcher user's loop carries. Run with ``launcher run jobs/bench_cnn.yaml``;
+its ``args`` are :class:`CnnArgs`.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 import launcher
-from launcher.checkpoint import Checkpointer
-from launcher.data import ShardedIterableDataset, make_loader
 
 BATCH = 32
 IMAGE_SIZE = 32
@@ -50,24 +48,39 @@ def read_shard(shard: int, size: int = IMAGE_SIZE) -> list[tuple[torch.Tensor, t
     return list(zip(x, y))
 
 
-def main(job: launcher.Job) -> float:
-    steps = job.train.max_steps or 50
-    name, size = str(job.args.get("model", "cnn")), int(job.args.get("image_size", IMAGE_SIZE))
-    batch = int(job.args.get("batch", BATCH))
+@dataclass
+class CnnArgs:
+    """The benchmark job's settings."""
+
+    max_steps: int = 50
+    """Steps to run (the first WARMUP are not timed)."""
+    model: Literal["cnn", "resnet18"] = "cnn"
+    """The CPU benchmarks' small CNN, or the example job's GPU model."""
+    image_size: int = IMAGE_SIZE
+    """Side of the square synthetic images."""
+    batch: int = BATCH
+    """Samples per rank per step."""
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    """Mixed precision on GPU."""
+
+
+def main(job: launcher.Job, args: CnnArgs) -> float:
+    steps, name, size, batch = args.max_steps, args.model, args.image_size, args.batch
     device = launcher.get_device()
-    dtype = job.train.autocast_dtype(device)
+    dtype = launcher.autocast_dtype(args.amp, device)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = launcher.wrap_for_job(make_model(name), job)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     read = functools.partial(read_shard, size=size)
-    ds = ShardedIterableDataset(list(range(SHARDS)), read, sizes=[SAMPLES // SHARDS] * SHARDS,
+    ds = launcher.ShardedIterableDataset(list(range(SHARDS)), read, sizes=[SAMPLES // SHARDS] * SHARDS,
                                 batch_size=batch, seed=job.seed)
     for shard in range(SHARDS):
         read(shard)
-    loader = make_loader(ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
+    loader = launcher.make_loader(ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-    ckpt = Checkpointer(job.checkpoint_dir, job=job, per_rank={"data": loader}, model=model, optimizer=opt)
+    ckpt = launcher.Checkpointer(job.checkpoint_dir, job=job, per_rank={"data": loader}, model=model,
+                                 optimizer=opt)
     state = ckpt.resume("never")
     start = 0.0
     while state.step < steps:
@@ -81,8 +94,7 @@ def main(job: launcher.Job) -> float:
             scaler.step(opt)
             scaler.update()
             state.step += 1
-            launcher.note_step(state.step)
-            ckpt.stop_if_requested(state)
+            ckpt.step(state)
             if state.step == 1 and launcher.is_main_process():
                 print(f"FIRST_STEP {time.time()}", flush=True)
             if state.step == WARMUP:

@@ -18,7 +18,7 @@ from torchvision import transforms
 
 from examples.shapes import generate
 from launcher.data import ShardedIterableDataset, make_loader
-from launcher.tarshards import DecodeImage, open_shards, read_tar
+from launcher.data.tar import DecodeImage, open_shards, read_tar
 
 from .common import alternate
 

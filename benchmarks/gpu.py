@@ -30,11 +30,10 @@ def run() -> list[dict[str, object]]:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     plain_cmd = [torchrun, "--standalone", "--nproc-per-node", "1", "benchmarks/plain_cnn.py", str(STEPS),
                  "resnet18", str(SIZE), "bf16", str(BATCH)]
-    ours_cmd = [sys.executable, "-m", "launcher", "run", "jobs/tiny.yaml", "entry=benchmarks.cnn_job:main",
-                f"output_dir={tmp}", f"train.max_steps={STEPS}", "checkpoint.resume=never",
-                "data.num_workers=0",
-                "distributed.nproc_per_node=1", "distributed.backend=nccl", "train.amp=bf16",
-                "args.model=resnet18", f"args.image_size={SIZE}", f"args.batch={BATCH}"]
+    ours_cmd = [os.path.join(os.path.dirname(sys.executable), "launcher"), "run", "jobs/bench_cnn.yaml",
+                f"output_dir={tmp}", f"args.max_steps={STEPS}", "distributed.nproc_per_node=1",
+                "distributed.backend=nccl", "args.amp=bf16", "args.model=resnet18", f"args.image_size={SIZE}",
+                f"args.batch={BATCH}"]
     plain, ours = [], []
     try:
         for _ in range(ROUNDS):

@@ -42,9 +42,9 @@ def _number(key: str, out: str) -> float:
 
 
 def _launcher_cmd(tmp: str, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "launcher", "run", "jobs/tiny.yaml", "entry=benchmarks.cnn_job:main",
-            f"output_dir={tmp}", f"train.max_steps={STEPS}", "checkpoint.resume=never", "data.num_workers=0",
-            "distributed.sync_batchnorm=false", f"distributed.nproc_per_node={nproc}"]
+    launcher = os.path.join(os.path.dirname(sys.executable), "launcher")  # the console script users type
+    return [launcher, "run", "jobs/bench_cnn.yaml", f"output_dir={tmp}", f"args.max_steps={STEPS}",
+            f"distributed.nproc_per_node={nproc}"]
 
 
 def run() -> list[dict[str, object]]:

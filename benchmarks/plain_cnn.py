@@ -29,7 +29,7 @@ if torch.cuda.is_available():
 else:
     device = torch.device("cpu")
     dist.init_process_group("gloo")
-# autocast on GPU only (the launcher side's train.amp rule, written out: this script uses no launcher code)
+# autocast on GPU only (launcher.autocast_dtype's rule, written out: this script uses no launcher code)
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
 torch.backends.cudnn.benchmark = True
 torch.manual_seed(0)

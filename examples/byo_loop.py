@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 import launcher
-from launcher.checkpoint import Checkpointer
-from launcher.data import ShardedIterableDataset, make_loader
 
 
 def read_shard(shard_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -35,9 +33,10 @@ def train(steps: int, out: str, workers: int) -> dict[str, float]:
         nn.Sequential(nn.Linear(10, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    data = ShardedIterableDataset(list(range(8)), read_shard, sizes=[100] * 8, batch_size=16, seed=0)
-    loader = make_loader(data, num_workers=workers)
-    ckpt = Checkpointer(out, keep_last=2, per_rank={"data": loader}, model=model, optimizer=opt)
+    data = launcher.ShardedIterableDataset(list(range(8)), read_shard, sizes=[100] * 8, batch_size=16, seed=0)
+    loader = launcher.make_loader(data, num_workers=workers)
+    ckpt = launcher.Checkpointer(out, keep_last=2, every_steps=20, per_rank={"data": loader}, model=model,
+                                 optimizer=opt)
     state = ckpt.resume("auto")
     loss = torch.tensor(float("nan"))
     while state.step < steps:
@@ -50,16 +49,12 @@ def train(steps: int, out: str, workers: int) -> dict[str, float]:
             loss.backward()
             opt.step()
             state.step += 1
-            launcher.note_step(state.step)
-            if state.step % 20 == 0:
-                ckpt.save(state)
-            ckpt.stop_if_requested(state)  # SLURM preemption: save, requeue, exit (free elsewhere)
+            ckpt.step(state)  # saves every 20 steps; SLURM preemption: save, requeue, exit (free elsewhere)
             if state.step >= steps:
                 break
         else:
             state.epoch += 1
-    ckpt.save(state, per_rank=False)
-    ckpt.close()
+    ckpt.finish(state)
     return {"step": state.step, "loss": loss.item(), "world_size": launcher.get_world_size()}
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,11 +24,52 @@ from torchvision.models.resnet import BasicBlock
 from tqdm import tqdm
 
 import launcher
-from launcher.checkpoint import Checkpointer
-from launcher.data import ShardedIterableDataset, make_loader
-from launcher.tarshards import DecodeImage, open_shards, read_tar
+from launcher.config import EXACT
+from launcher.data.tar import DecodeImage, open_shards, read_tar
 
 from . import recipes
+
+
+@dataclass
+class ClassifyArgs:
+    """The example's own settings: the ``args:`` section of ``jobs/classify.yaml``."""
+
+    data_dir: str = "data/shapes"
+    """Folder with ``train/`` and ``val/`` tar shards (``python -m examples.shapes`` writes one)."""
+    model: Literal["small", "resnet18"] = "small"
+    """``small``: the ResNet of ``width`` and ``depth`` below; ``resnet18``: torchvision's."""
+    width: int = 16
+    """Channels of the small ResNet's first stage."""
+    depth: int = 1
+    """Blocks per stage of the small ResNet."""
+    epochs: int = 4
+    """Passes over the training data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (before ``epochs`` ends if smaller)."""
+    batch_size: int = field(default=32, metadata=EXACT)
+    """Samples per rank per micro-batch (the global batch is ``batch_size x world_size x grad_accum``)."""
+    grad_accum: int = field(default=1, metadata=EXACT)
+    """Micro-batches per optimizer step (DDP's all-reduce only on the last)."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay for weights; biases and normalization parameters get none."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; null disables."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before cosine decay."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    mixup_alpha: float = 0.0
+    """Mixup Beta(alpha, alpha); 0 disables."""
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    """Mixed precision on GPU (ignored on CPU)."""
+    log_every: int = 10
+    """A progress line and a metrics row every this many steps."""
+    stop_at_step: int | None = None
+    """Stop after this step as if preempted (the demo's interruption)."""
 
 
 def small_resnet(num_classes: int, width: int = 16, depth: int = 1) -> nn.Module:
@@ -51,21 +93,22 @@ def small_resnet(num_classes: int, width: int = 16, depth: int = 1) -> nn.Module
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, num_classes))
 
 
-def build_model(args: dict[str, Any], num_classes: int) -> nn.Module:
-    if args.get("model", "small") == "resnet18":
+def build_model(args: ClassifyArgs, num_classes: int) -> nn.Module:
+    if args.model == "resnet18":
         return resnet18(num_classes=num_classes)
-    return small_resnet(num_classes, int(args.get("width", 16)), int(args.get("depth", 1)))
+    return small_resnet(num_classes, args.width, args.depth)
 
 
-def sharded(root: Path, job: launcher.Job, train: bool) -> tuple[ShardedIterableDataset, list[str]]:
+def sharded(root: Path, job: launcher.Job, args: ClassifyArgs,
+            train: bool) -> tuple[launcher.ShardedIterableDataset, list[str]]:
     paths, sizes, classes = open_shards(root / ("train" if train else "val"))
     norm = transforms.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     if train:
         tf = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
     else:
         tf = transforms.Compose([transforms.ToTensor(), norm])
-    ds = ShardedIterableDataset(
-        paths, read_tar, sizes=sizes, batch_size=job.train.batch_size, transform=DecodeImage(tf),
+    ds = launcher.ShardedIterableDataset(
+        paths, read_tar, sizes=sizes, batch_size=args.batch_size, transform=DecodeImage(tf),
         seed=job.seed, shuffle=train, shuffle_buffer=job.data.shuffle_buffer if train else 0,
         uneven=job.data.uneven if train else "none",  # evaluation runs no collective: every sample once
     )
@@ -135,36 +178,37 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.devi
     return recipes.classification_report(conf)
 
 
-def main(job: launcher.Job) -> dict[str, Any]:
-    args, t = job.args, job.train
+def main(job: launcher.Job, args: ClassifyArgs) -> dict[str, Any]:
     device = launcher.get_device()
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.backends.cudnn.benchmark = True
-    root = Path(args.get("data_dir", "data/shapes"))
-    train_ds, classes = sharded(root, job, train=True)
-    val_ds, _ = sharded(root, job, train=False)
+    root = Path(args.data_dir)
+    train_ds, classes = sharded(root, job, args, train=True)
+    val_ds, _ = sharded(root, job, args, train=False)
     num_classes = len(classes)
 
     torch.manual_seed(job.seed)  # identical initial weights on every rank
     model = launcher.wrap_for_job(build_model(args, num_classes), job)
-    opt = torch.optim.SGD(recipes.param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
-    loader = make_loader(train_ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
-    val_loader = make_loader(val_ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
-    steps_per_epoch = train_ds.batches_per_rank(job.data.num_workers) // t.grad_accum
-    total = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: recipes.warmup_cosine(s, t.warmup_steps, total))
-    amp_dtype = t.autocast_dtype(device)
+    opt = torch.optim.SGD(recipes.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    loader = launcher.make_loader(train_ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
+    val_loader = launcher.make_loader(val_ds, num_workers=job.data.num_workers,
+                                      pin_memory=job.data.pin_memory)
+    steps_per_epoch = train_ds.batches_per_rank(job.data.num_workers) // args.grad_accum
+    total = min(args.max_steps or 10**12, args.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: recipes.warmup_cosine(s, args.warmup_steps, total))
+    amp_dtype = launcher.autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
-    ckpt = Checkpointer.for_job(
-        job,
-        per_rank={"data": loader},
-        model=model,
-        optimizer=opt,
-        scheduler=sched,
-        scaler=scaler,
-    )
-    state = ckpt.resume(job.checkpoint.resume)
+    ckpt = launcher.Checkpointer.for_job(job, per_rank={"data": loader}, model=model, optimizer=opt,
+                                         scheduler=sched, scaler=scaler)
+    state = ckpt.resume()
+    if state.step >= total:
+        launcher.log(f"already finished: resumed at step {state.step} of {total}; nothing to train "
+                     "(start over with checkpoint.resume=never or another name)")
+        ckpt.close()
+        return {"step": state.step, "epoch": state.epoch, "val_accuracy": None,
+                "best_accuracy": state.best_metric}
     metrics_file = job.run_dir / "metrics.jsonl"
     writer = _tensorboard(job.run_dir) if launcher.is_main_process() else None
 
@@ -177,58 +221,55 @@ def main(job: launcher.Job) -> dict[str, Any]:
                     if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                         writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
 
-    progress = Progress(total, state.step, t.log_every)
+    progress = Progress(total, state.step, args.log_every)
     report: dict[str, Any] = {}
-    stop_at = int(args.get("stop_at_step", 0)) or None  # simulate a preemption (the demo uses it)
+    stop_at = args.stop_at_step
     micro, seen, epoch_start, loss_value = 0, 0, time.time(), float("nan")
-    while state.epoch < t.epochs and state.step < total and state.step != stop_at:
-        train_ds.set_epoch(state.epoch)
-        epoch_done = False
+    while state.step < total and state.step != stop_at:
+        epoch = state.epoch  # 0-based; rows and lines say "epoch {epoch + 1}"
+        train_ds.set_epoch(epoch)
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, ya, yb, lam = recipes.mixup(x, y, t.mixup_alpha)
+            x, ya, yb, lam = recipes.mixup(x, y, args.mixup_alpha)
             micro += 1
-            last_micro = micro % t.grad_accum == 0
+            last_micro = micro % args.grad_accum == 0
             with launcher.accumulate(model, sync=last_micro):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = recipes.mixed_loss(model(x), ya, yb, lam, t.label_smoothing) / t.grad_accum
+                    loss = recipes.mixed_loss(model(x), ya, yb, lam, args.label_smoothing) / args.grad_accum
                 scaler.scale(loss).backward()
             seen += x.shape[0]
             if not last_micro:
                 continue
-            if t.grad_clip:
+            if args.grad_clip:
                 scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
             state.step += 1
-            launcher.note_step(state.step)
-            loss_value = loss.item() * t.grad_accum
+            loss_value = loss.item() * args.grad_accum
             progress.update(loss=f"{loss_value:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
-            if state.step % t.log_every == 0:
-                log({"kind": "train", "step": state.step, "epoch": state.epoch, "loss": loss_value,
+            if state.step % args.log_every == 0:
+                log({"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": loss_value,
                      "lr": sched.get_last_lr()[0]})
-            if job.checkpoint.every_steps and state.step % job.checkpoint.every_steps == 0:
-                ckpt.save(state)
-            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit
+            ckpt.step(state)  # every checkpoint.every_steps; SLURM preemption: save, requeue, exit
             if state.step >= total or state.step == stop_at:
                 break
-        else:
-            state.epoch += 1
-            epoch_done = True
+        epoch_done = state.step >= (epoch + 1) * steps_per_epoch  # also when the last step ended the loop
+        if epoch_done:
+            state.epoch = epoch + 1
         if seen == 0:  # resumed exactly at the end of an epoch: nothing new to evaluate
             continue
         report = evaluate(model, val_loader, num_classes, device)
         rate = seen * launcher.get_world_size() / max(time.time() - epoch_start, 1e-9)
-        log({"kind": "val", "step": state.step, "epoch": state.epoch, **report, "samples_per_s": rate})
+        log({"kind": "val", "step": state.step, "epoch": epoch + 1, **report, "samples_per_s": rate})
         if launcher.is_main_process():
             rec = ", ".join(
                 f"{c} {p:.2f}/{r:.2f}" for c, p, r in zip(classes, report["precision"], report["recall"])
             )
             print(
-                f"epoch {state.epoch} step {state.step}: loss {loss_value:.3f} "
+                f"epoch {epoch + 1} step {state.step}: loss {loss_value:.3f} "
                 f"val acc {report['accuracy']:.3f} "
                 f"(precision/recall {rec}) {rate:.0f} samples/s",
                 flush=True,

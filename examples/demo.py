@@ -21,8 +21,10 @@ RUN_DIR = Path("runs/demo")
 
 
 def launcher(*extra: str) -> None:
-    cmd = [sys.executable, "-m", "launcher", "run", JOB, "name=demo", "output_dir=runs", *extra]
-    print("$ " + " ".join(["launcher", *cmd[3:]]), flush=True)
+    # The console script users type, beside this interpreter (the venv's bin folder).
+    cmd = [str(Path(sys.executable).with_name("launcher")), "run", JOB, "name=demo", "output_dir=runs",
+           *extra]
+    print("$ " + " ".join(["launcher", *cmd[1:]]), flush=True)
     rc = subprocess.call(cmd)
     if rc != 0:
         sys.exit(f"demo: launcher exited with {rc}")

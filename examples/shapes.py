@@ -12,7 +12,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from launcher.tarshards import INDEX, write_shards
+from launcher.data.tar import INDEX
+from launcher.tools.tarshards import write_shards
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 

@@ -7,14 +7,36 @@ sharded IterableDataset read by DataLoader workers, periodic checkpoints and aut
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 import launcher
-from launcher.checkpoint import Checkpointer
-from launcher.data import ShardedIterableDataset, make_loader
+from launcher.config import EXACT
+
+
+@dataclass
+class TinyArgs:
+    """The tiny job's own settings (the ``args:`` section of ``jobs/tiny.yaml``)."""
+
+    epochs: int = 2
+    """Passes over the data."""
+    max_steps: int | None = None
+    """Stop after this many steps in total (null: run every epoch)."""
+    batch_size: int = field(default=16, metadata=EXACT)
+    """Samples per rank per step."""
+    lr: float = 0.1
+    """SGD learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    num_samples: int = 512
+    """Size of the synthetic data set."""
+    log_every: int = 10
+    """Print a progress line on rank 0 every this many steps (0: never)."""
+    step_sleep: float = 0.0
+    """Seconds to sleep after each step (tests use it to keep a job running)."""
 
 
 def read_shard(shard: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -33,21 +55,26 @@ def shards(num_samples: int, num_shards: int = 7) -> tuple[list[tuple[int, int]]
     return [(i, n) for i, n in enumerate(sizes)], sizes
 
 
-def main(job: launcher.Job) -> dict[str, Any]:
+def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
     torch.manual_seed(job.seed)  # the same initial weights everywhere (DDP would broadcast rank 0's anyway)
     model: nn.Module = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
     model = launcher.wrap_for_job(model, job)
-    opt = torch.optim.SGD(model.parameters(), lr=job.train.lr, momentum=job.train.momentum)
-    shard_list, sizes = shards(job.data.num_samples)
-    ds = ShardedIterableDataset(shard_list, read_shard, sizes=sizes, batch_size=job.train.batch_size,
-                                seed=job.seed, uneven=job.data.uneven, shuffle_buffer=job.data.shuffle_buffer)
-    loader = make_loader(ds, num_workers=job.data.num_workers)
-    ckpt = Checkpointer.for_job(job, per_rank={"data": loader}, model=model, optimizer=opt)
-    state = ckpt.resume(job.checkpoint.resume)
-    max_steps = job.train.max_steps or 10**12
-    sleep = float(job.args.get("step_sleep", 0.0))
-    loss = torch.tensor(0.0)
-    while state.epoch < job.train.epochs and state.step < max_steps:
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    shard_list, sizes = shards(args.num_samples)
+    ds = launcher.ShardedIterableDataset(shard_list, read_shard, sizes=sizes, batch_size=args.batch_size,
+                                         seed=job.seed, uneven=job.data.uneven,
+                                         shuffle_buffer=job.data.shuffle_buffer)
+    loader = launcher.make_loader(ds, num_workers=job.data.num_workers)
+    ckpt = launcher.Checkpointer.for_job(job, per_rank={"data": loader}, model=model, optimizer=opt)
+    state = ckpt.resume()
+    max_steps = args.max_steps or 10**12
+    if state.epoch >= args.epochs or state.step >= max_steps:
+        launcher.log(f"already finished: resumed at step {state.step}, epoch {state.epoch}; nothing to train "
+                     "(start over with checkpoint.resume=never or another name)")
+        ckpt.close()
+        return {"rank": launcher.get_rank(), "step": state.step, "epoch": state.epoch, "loss": None}
+    loss = torch.tensor(float("nan"))
+    while state.epoch < args.epochs and state.step < max_steps:
         ds.set_epoch(state.epoch)
         for x, y in loader:
             loss = nn.functional.cross_entropy(model(x), y)
@@ -55,16 +82,14 @@ def main(job: launcher.Job) -> dict[str, Any]:
             loss.backward()
             opt.step()
             state.step += 1
-            launcher.note_step(state.step)
-            if job.checkpoint.every_steps and state.step % job.checkpoint.every_steps == 0:
-                ckpt.save(state)
-            ckpt.stop_if_requested(state)  # SLURM preemption / time limit: save, requeue, exit
-            time.sleep(sleep)
+            ckpt.step(state)  # save every checkpoint.every_steps; SLURM preemption: save, requeue, exit
+            if args.log_every and state.step % args.log_every == 0:
+                launcher.log(f"epoch {state.epoch} step {state.step} loss {loss.item():.4f}")
+            time.sleep(args.step_sleep)
             if state.step >= max_steps:
                 break
         else:
             state.epoch += 1
-    ckpt.save(state, per_rank=False)
-    ckpt.close()
+    ckpt.finish(state)
     return {"rank": launcher.get_rank(), "world_size": launcher.get_world_size(), "step": state.step,
             "epoch": state.epoch, "loss": loss.item()}

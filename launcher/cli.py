@@ -1,35 +1,57 @@
-"""``launcher run|config|submit``: parse, load the job, dispatch; one place reports errors and exit codes."""
+"""``launcher run|config|submit``: parse, load the job, dispatch; one place reports errors and exit codes.
+
+Runs in the ``launcher`` process. It reaches the ranks only through :mod:`launcher.launching` (which hands
+each rank a :class:`launcher.spec.RankSpec`); under torchrun or in an srun step this process *is* one rank,
+and the rank program is reached by name.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import os
 import signal
 import sys
+from pathlib import Path
 
 from . import config as config_mod
+from . import entry as entry_mod
 from . import env as env_mod
-from . import forkserver
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure
 
-# torch is imported only once the ranks' fork server is importing it too (see launcher.forkserver).
+# torch is imported only once the ranks' fork server is importing it too (see launcher.launching.rankserver).
+
+#: This process as one rank (torchrun, srun), by name: the launching side never imports the rank program.
+RANK_IN_PLACE = "launcher.rank.program"
+
+
+def _rank_program() -> object:
+    return importlib.import_module(RANK_IN_PLACE)
 
 
 def cmd_run(job: config_mod.Job) -> int:
+    _check_entry_findable(job)
     if not env_mod.detect().spawns_here():
-        from .worker import exit_now, run_in_place
-
-        run_in_place(job)  # under torchrun or in an srun step: this process is one rank of the job
-        exit_now(EXIT_OK)  # done and saved: skip interpreter shutdown (see worker.exit_now)
+        entry_mod.check_entry(job)
+        program = _rank_program()
+        program.run_in_place(job)  # type: ignore[attr-defined]  # this process is one rank of the job
+        program.process.exit_now(EXIT_OK)  # type: ignore[attr-defined]  # done and saved: see exit_now
     nproc = job.distributed.nproc_per_node
-    forkserver.start(nproc)
+    from .launching import rankserver
+
+    rankserver.start(nproc)  # the ranks' server imports torch while this process does
+    entry_mod.check_entry(job)
     from torch.distributed.elastic.multiprocessing import SignalException
 
-    from .spawn import spawn
-    from .worker import job_spec, write_resolved
+    from .launching.local import spawn
+    from .spec import RankSpec
 
-    spec = job_spec(job)
-    write_resolved(job)
-    print(f"[launcher] {job.name}: starting {nproc} rank(s); logs in {job.run_dir / 'logs'}", flush=True)
+    spec = RankSpec.for_job(job)
+    config_mod.write_resolved(job)
+    what = f"{job.script} {' '.join(job.script_args)}".strip() if job.script else job.entry
+    print(f"[launcher] {job.name}: starting {nproc} rank(s) of {what}; logs in {job.run_dir / 'logs'}",
+          flush=True)
     try:
         results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=job.distributed.max_restarts)
     except SignalException as e:
@@ -37,8 +59,39 @@ def cmd_run(job: config_mod.Job) -> int:
         return 128 + int(e.sigval)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ranks are gone, the outcome known: see console()
-    print(f"[launcher] {job.name}: finished on {len(results)} rank(s); rank 0 returned {results[0]!r}")
+    if job.script:
+        print(f"[launcher] {job.name}: finished on {len(results)} rank(s)")
+    else:
+        print(f"[launcher] {job.name}: finished on {len(results)} rank(s); rank 0 returned {results[0]!r}")
     return EXIT_OK
+
+
+def _check_entry_findable(job: config_mod.Job) -> None:
+    """Before any process starts: the entry's module or the script exists (importing it comes later, once
+    the ranks' server is importing torch beside it)."""
+    if job.script is not None:
+        if job.script.startswith("-m "):
+            module = job.script[3:].strip()
+            if _find_spec(module) is None:
+                raise config_mod.ConfigError(
+                    f"{job.source}: no module named {module!r} (looked in {os.getcwd()} and the import "
+                    "path)\n"
+                    "HINT: run from the folder that holds the package, or install it")
+        elif not Path(job.script).is_file():
+            raise config_mod.ConfigError(f"{job.source}: script {job.script!r} does not exist (working "
+                                         "directory "
+                                         f"{os.getcwd()})\nHINT: give the path of a .py file")
+        return
+    module = job.entry.partition(":")[0]
+    if _find_spec(module) is None:
+        entry_mod.resolve_entry(job)  # raises with the import path and a hint
+
+
+def _find_spec(module: str) -> object | None:
+    try:
+        return importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
 
 
 def cmd_config(job: config_mod.Job) -> int:
@@ -46,13 +99,28 @@ def cmd_config(job: config_mod.Job) -> int:
     return EXIT_OK
 
 
+RUN_HELP = """\
+launcher run JOB.yaml [key.path=value ...]      a job file and overrides
+launcher run [options] train.py [script args]   a torchrun script, unchanged
+launcher run [options] -m pkg.train [args]      a module, as python -m / torchrun -m run it
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launcher", description="Run the same PyTorch DDP job on a laptop, a GPU box or SLURM."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the job on this machine (or as one rank under torchrun / srun)",
+                         usage=RUN_HELP, allow_abbrev=False)
+    run.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
+                     help="ranks on this machine (distributed.nproc_per_node)")
+    run.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int,
+                     help="restart all ranks this many times after a failure (distributed.max_restarts)")
+    run.add_argument("-m", "--module", action="store_true", help="the target is a module, run as __main__")
+    run.add_argument("target", help="job file (YAML), script (.py) or, with -m, a module")
+    run.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (job file) or the script's arguments")
     for name, text in (
-        ("run", "run the job on this machine (or as one rank under torchrun / srun)"),
         ("config", "print the resolved job file"),
         ("submit", "submit the job to SLURM through submitit"),
     ):
@@ -65,18 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_run_job(args: argparse.Namespace) -> config_mod.Job:
+    """The job ``launcher run`` was given: a job file with overrides, or a script with its arguments."""
+    options = []
+    if args.nproc is not None:
+        options.append(f"distributed.nproc_per_node={args.nproc}")
+    if args.max_restarts is not None:
+        options.append(f"distributed.max_restarts={args.max_restarts}")
+    if args.module or args.target.endswith(".py"):
+        script = f"-m {args.target}" if args.module else args.target
+        name = args.target.rsplit(".", 1)[-1] if args.module else Path(args.target).stem
+        data = {"name": name, "script": script, "script_args": list(args.rest)}
+        return config_mod.from_dict(data, f"launcher run {args.target}", options)
+    return config_mod.load(args.target, list(args.rest) + options)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``launcher`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run":
+            return cmd_run(load_run_job(args))
         job = config_mod.load(args.job, args.overrides)
         if args.command == "config":
             return cmd_config(job)
-        if args.command == "submit":
-            from .slurm import cmd_submit  # submitit is only imported when submitting
+        from .launching.slurm import cmd_submit  # submitit is only imported when submitting
 
-            return cmd_submit(job, wait=args.wait, sweeps=args.sweep)
-        return cmd_run(job)
+        return cmd_submit(job, wait=args.wait, sweeps=args.sweep)
     except config_mod.ConfigError as e:
         print(f"launcher: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -94,10 +177,17 @@ def main(argv: list[str] | None = None) -> int:
 def console() -> None:
     """The ``launcher`` command and ``python -m launcher``: :func:`main`, then exit with its code.
 
+    The working directory goes first on the import path, as ``python -m`` and torchrun put it: a console
+    script's ``sys.path[0]`` is its ``bin`` folder, and entry modules such as ``examples.tiny`` are found
+    from the folder the command runs in (the ranks inherit this path).
+
     Once the outcome is known, Ctrl-C is ignored: the interpreter's shutdown (about 0.4 s with torch loaded,
     much of it after Python has put back the default handler) would otherwise turn a finished job into a death
     by SIGINT, or print a KeyboardInterrupt traceback from a shutdown callback.
     """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)

@@ -26,11 +26,18 @@ class ConfigError(ValueError):
     """A job file or override is invalid; the message names file, key and fix."""
 
 
+#: Field metadata: a change of this key makes a resumed run differ from an uninterrupted one. The checkpointer
+#: refuses such a change unless ``checkpoint.allow_changes`` is set (entry points mark their own fields too).
+EXACT = {"resume": "exact"}
+#: Field metadata: this key may change between a run and its resume without being listed.
+IGNORED = {"resume": "ignore"}
+
+
 @dataclass
 class DistributedConfig:
     """How the ranks are started and talk to each other."""
 
-    nproc_per_node: int = 1
+    nproc_per_node: int = field(default=1, metadata=EXACT)
     """Ranks to start on this machine (``launcher run``); one per GPU is typical."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: NCCL when every rank has its own CUDA device, Gloo otherwise."""
@@ -54,61 +61,17 @@ class DistributedConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The training loop's knobs; the entry point reads them."""
-
-    epochs: int = 1
-    """Passes over the training data."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps in total (overrides ``epochs`` when reached first)."""
-    batch_size: int = 32
-    """Samples per rank per step (the global batch is ``batch_size x world_size x grad_accum``)."""
-    lr: float = 0.1
-    """Peak learning rate."""
-    weight_decay: float = 0.0
-    """Weight decay for weights; biases and normalization parameters get none."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (uses DDP ``no_sync`` on all but the last)."""
-    grad_clip: float | None = None
-    """Clip the global gradient norm to this value; ``null`` disables."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up steps before cosine decay."""
-    label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy loss."""
-    mixup_alpha: float = 0.0
-    """Mixup Beta(alpha, alpha) parameter; 0 disables mixup."""
-    amp: Literal["off", "bf16", "fp16"] = "off"
-    """Automatic mixed precision on GPU; ignored on CPU."""
-    log_every: int = 10
-    """Log a line (and update the progress bar's postfix) every this many steps."""
-
-    def autocast_dtype(self, device: Any) -> Any:
-        """The ``torch.autocast`` dtype that ``amp`` asks for on ``device``; None (full precision) on CPU."""
-        import torch
-
-        if torch.device(device).type != "cuda":
-            return None
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-
-
-@dataclass
 class DataConfig:
-    """Where the samples come from and how they are loaded."""
+    """Data-loading settings the entry passes to :func:`launcher.make_loader` (the launcher applies them)."""
 
-    root: str = "data"
-    """Folder of the data set (tar shards or an image folder), relative to the job file's run directory."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=EXACT)
     """DataLoader worker processes per rank."""
-    uneven: Literal["drop", "pad"] = "drop"
+    uneven: Literal["drop", "pad"] = field(default="drop", metadata=EXACT)
     """Equal batches on every rank (no DDP hang): drop the uneven tail, or pad by repeating samples."""
-    shuffle_buffer: int = 0
+    shuffle_buffer: int = field(default=0, metadata=EXACT)
     """Bounded sample shuffle buffer per worker; 0 shuffles shard order only."""
     pin_memory: bool = True
     """Pin host memory on GPU runs (ignored on CPU)."""
-    num_samples: int = 1024
-    """Size of generated synthetic data sets."""
 
 
 @dataclass
@@ -121,11 +84,11 @@ class CheckpointConfig:
     """Save every this many steps; 0 saves only at the end of each epoch."""
     keep_last: int = 3
     """Keep this many most recent checkpoints (plus the best one)."""
-    resume: str = "auto"
+    resume: str = field(default="auto", metadata=IGNORED)
     """``auto``: newest valid checkpoint in ``dir`` else a fresh start; ``never``; or a checkpoint path."""
     async_save: bool = True
     """Write files in a background thread; the step loop only pays for a copy to CPU memory."""
-    allow_changes: bool = False
+    allow_changes: bool = field(default=False, metadata=IGNORED)
     """Resume even when world size, DataLoader workers or batch size changed (the order will differ)."""
 
 
@@ -139,9 +102,9 @@ class SlurmConfig:
     """Account to charge (``--account``)."""
     qos: str | None = None
     """Quality of service (``--qos``)."""
-    nodes: int = 1
+    nodes: int = field(default=1, metadata=EXACT)
     """Number of nodes."""
-    tasks_per_node: int | None = None
+    tasks_per_node: int | None = field(default=None, metadata=EXACT)
     """Ranks per node; defaults to ``gpus_per_node``, or ``distributed.nproc_per_node`` on CPU."""
     gpus_per_node: int = 0
     """GPUs per node (``--gpus-per-node``)."""
@@ -179,20 +142,23 @@ class Job:
 
     name: str
     """Name of the run; the run directory is ``output_dir/name``."""
-    entry: str
-    """Training function as ``"module:function"``; it is called as ``fn(job)`` in every rank."""
-    seed: int = 0
-    """Base random seed; each rank seeds ``seed + rank``."""
-    output_dir: str = "runs"
+    entry: str = ""
+    """Training function as ``"module:function"``, called in every rank as ``fn(job, args)`` (``args`` built
+    from the ``args:`` section and the dataclass its annotation names), ``fn(job)`` or ``fn()``."""
+    script: str | None = None
+    """Instead of ``entry``: a torchrun-style script (``train.py``, or ``-m pkg.train``) run unchanged."""
+    script_args: list[str] = field(default_factory=list)
+    """Command-line arguments of ``script``."""
+    seed: int = field(default=0, metadata=EXACT)
+    """Base random seed; each rank seeds ``seed + rank`` (entry functions only: scripts seed themselves)."""
+    output_dir: str = field(default="runs", metadata=IGNORED)
     """Parent folder of run directories."""
     args: dict[str, Any] = field(default_factory=dict)
-    """Free-form settings of the entry point (model width, data generator, ...)."""
+    """The entry point's own settings, checked against the dataclass its ``args`` parameter declares."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Ranks, backend and timeouts."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Training loop settings."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Data loading settings."""
+    """Data loading settings the launcher's loader applies."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint and resume settings."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -203,10 +169,14 @@ class Job:
     """The job file this was loaded from (filled in by the loader)."""
 
     def __post_init__(self) -> None:
-        if ":" not in self.entry:
+        if self.script is not None and self.entry:
+            raise ConfigError("entry and script are both set\nHINT: keep one: entry: module:function, or "
+                              "script: train.py with script_args: [...]")
+        if self.script is None and ":" not in self.entry:
             raise ConfigError(
                 f"entry: expected 'module:function', got {self.entry!r}\n"
-                "HINT: set entry: examples.tiny:main (a module importable from the working directory)"
+                "HINT: set entry: examples.tiny:main (a module importable from the working directory), or "
+                "script: train.py to run a torchrun script"
             )
 
     @property
@@ -386,3 +356,13 @@ def to_dict(job: Job) -> dict[str, Any]:
 def dump(job: Job) -> str:
     """The resolved job as YAML."""
     return yaml.safe_dump(to_dict(job), sort_keys=False)
+
+
+def write_resolved(job: Job) -> Path:
+    """Save the resolved job as ``run_dir/job.yaml`` (atomically) for the record and for resume checks."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    path = job.run_dir / "job.yaml"
+    tmp = path.with_name(f".job.yaml.{os.getpid()}.tmp")
+    tmp.write_text(dump(job))
+    os.replace(tmp, path)
+    return path

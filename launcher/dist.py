@@ -184,3 +184,17 @@ def any_rank(flag: bool) -> bool:
     """*Collective.* True when ``flag`` is true on at least one rank (one tiny all-reduce)."""
     t = torch.tensor([1.0 if flag else 0.0], device=get_device())
     return bool(all_reduce_sum(t).item() > 0)
+
+
+def autocast_dtype(amp: str, device: Any) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype for ``amp`` (``off``, ``bf16``, ``fp16``) on ``device``; None on CPU (full
+    precision), so a loop can write ``torch.autocast(dev.type, dtype, enabled=dtype is not None)``."""
+    if torch.device(device).type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
+def log(message: str) -> None:
+    """Print ``message`` on rank 0 only (flushed: rank logs are tailed to the console). Not collective."""
+    if is_main_process():
+        print(message, flush=True)

@@ -27,7 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import internals
+
+_BatchNorm: Any = internals.batchnorm_base()
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -41,6 +44,11 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
 
 
+# Newer torch renamed all_gather_into_tensor to all_gather_single (the old name warns on every call); older
+# releases (>= 2.4, our floor) have only the old one.
+_all_gather_flat: Any = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
+
+
 class _Gather:
     """Every rank's ``t`` as rows of one tensor, gathered in the background until :meth:`wait`.
 
@@ -50,7 +58,7 @@ class _Gather:
 
     def __init__(self, t: torch.Tensor, world: int, group: Any) -> None:
         self.out = t.new_empty(world * t.numel())
-        work = tdist.all_gather_into_tensor(self.out, t, group=group, async_op=True)
+        work = _all_gather_flat(self.out, t, group=group, async_op=True)
         assert work is not None  # async_op=True always returns a handle
         self.work = work
         self.world = world

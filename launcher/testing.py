@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .spawn import launch
+from .launching.api import launch
 
 
 def run_distributed(

@@ -43,8 +43,8 @@ def killable_env(tmp_path: Path) -> dict[str, str]:
 
 
 def launcher_cmd(*args: str) -> list[str]:
-    """The CLI as users call it (through the venv's interpreter)."""
-    return [sys.executable, "-m", "launcher", *args]
+    """The CLI as users type it: the venv's console script, run from the repository root."""
+    return [str(Path(sys.executable).with_name("launcher")), *args]
 
 
 def run_cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess[str]:

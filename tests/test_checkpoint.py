@@ -70,7 +70,7 @@ def flatten(d, prefix=""):
 
 
 def test_bit_exact_resume_after_sigkill(tmp_path):
-    common = ["jobs/tiny.yaml", "train.max_steps=36", "train.epochs=3", "checkpoint.every_steps=5"]
+    common = ["jobs/tiny.yaml", "args.max_steps=36", "args.epochs=3", "checkpoint.every_steps=5"]
     ref = run_cli("run", *common, f"output_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
@@ -204,7 +204,7 @@ def test_saves_start_no_threads(tmp_path, monkeypatch, async_save):
 def test_async_save_writes_the_state_of_the_moment_it_was_called(tmp_path, monkeypatch):
     import threading
 
-    import launcher.checkpoint as ck_mod
+    import launcher.checkpoint.checkpointer as ck_mod
 
     release = threading.Event()
     real_write = ck_mod.atomic_write_bytes
@@ -288,11 +288,11 @@ def test_kill_during_save_always_leaves_a_loadable_checkpoint(tmp_path):
 
 def test_breaking_job_change_is_refused_unless_allowed(tmp_path):
     out = tmp_path / "runs"
-    base = ["jobs/tiny.yaml", f"output_dir={out}", "train.max_steps=6", "checkpoint.every_steps=3"]
+    base = ["jobs/tiny.yaml", f"output_dir={out}", "args.max_steps=6", "checkpoint.every_steps=3"]
     assert run_cli("run", *base).returncode == 0
-    r = run_cli("run", *base, "train.max_steps=12", "train.batch_size=8")
+    r = run_cli("run", *base, "args.max_steps=12", "args.batch_size=8")
     assert r.returncode == 1
-    assert "train.batch_size: 16 -> 8" in r.stderr and "allow_changes" in r.stderr
-    r = run_cli("run", *base, "train.max_steps=12", "train.batch_size=8", "checkpoint.allow_changes=true")
+    assert "args.batch_size: 16 -> 8" in r.stderr and "allow_changes" in r.stderr
+    r = run_cli("run", *base, "args.max_steps=12", "args.batch_size=8", "checkpoint.allow_changes=true")
     assert r.returncode == 0, r.stderr
-    assert "train.batch_size: 16 -> 8" in r.stdout
+    assert "args.batch_size: 16 -> 8" in r.stdout

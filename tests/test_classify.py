@@ -4,7 +4,7 @@ import json
 
 from examples.shapes import generate
 from launcher.data import plan_epoch
-from launcher.tarshards import open_shards
+from launcher.data.tar import open_shards
 
 from .conftest import run_cli
 
@@ -16,9 +16,9 @@ def test_classify_runs_writes_metrics_and_resumes(tmp_path):
         f"output_dir={tmp_path / 'runs'}",
         f"args.data_dir={data}",
         "args.width=8",
-        "train.epochs=2",
-        "train.batch_size=16",
-        "train.log_every=2",
+        "args.epochs=2",
+        "args.batch_size=16",
+        "args.log_every=2",
         "checkpoint.every_steps=3",
     ]
     first = run_cli("run", *common, "args.stop_at_step=4")

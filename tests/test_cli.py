@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+import examples.tiny
+
 from .conftest import (
     ROOT,
     descendants,
@@ -23,7 +25,7 @@ from .conftest import (
 
 
 def test_two_rank_run_succeeds_and_every_rank_ran(run_root):
-    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=5")
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=5")
     assert r.returncode == 0, r.stderr
     assert "finished on 2 rank(s)" in r.stdout
     logs = sorted((run_root / "tiny" / "logs").rglob("stdout.log"))
@@ -35,8 +37,8 @@ def start_long_job(run_root, *extra):
     """The tiny job until it is stopped (its own 2 epochs end after about a second: a signal sent later found
     the job finished, and rank 0's log without a stop line). Short epochs: DataLoader workers start often."""
     return subprocess.Popen(
-        launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=100000",
-                     "train.epochs=100000", "args.step_sleep=0.01", "data.num_workers=2", *extra),
+        launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=100000",
+                     "args.epochs=100000", "args.step_sleep=0.01", "data.num_workers=2", *extra),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=killable_env(run_root.parent),
     )
@@ -98,7 +100,7 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
 def test_ctrl_c_after_the_job_finished_keeps_its_exit_code(run_root):
     # The launcher's shutdown takes a while (torch loaded): a Ctrl-C then used to kill it by SIGINT (-2).
     proc = subprocess.Popen(
-        launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "train.max_steps=3"),
+        launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=3"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -117,7 +119,7 @@ def test_four_concurrent_jobs_all_succeed(run_root):
     procs = [
         subprocess.Popen(
             launcher_cmd(
-                "run", "jobs/tiny.yaml", f"output_dir={run_root}", f"name=job{i}", "train.max_steps=3"
+                "run", "jobs/tiny.yaml", f"output_dir={run_root}", f"name=job{i}", "args.max_steps=3"
             ),
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -144,7 +146,7 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
             "run",
             "jobs/tiny.yaml",
             f"output_dir={run_root}",
-            "train.max_steps=4",
+            "args.max_steps=4",
             # With the job's 2 DataLoader workers per rank. One full-suite run once hung here silently: most
             # likely a worker forked from the rank deadlocked (see launcher.forkserver.for_workers). Tight
             # timeouts turn any stuck wait (rendezvous, collective, batch from a worker) into the launcher's
@@ -168,25 +170,23 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
     assert not list((run_root.parent / "tmp").glob("pymp-*"))
 
 
-def fail_once(job):
+def fail_once(job, args: "examples.tiny.TinyArgs"):
     """Entry point: the first attempt trains 15 steps, then rank 1 fails; the restarted attempt resumes."""
-    import examples.tiny
+    import dataclasses
+
     import launcher
 
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        full = job.train.max_steps
-        job.train.max_steps = 15
-        examples.tiny.main(job)
-        job.train.max_steps = full
+        examples.tiny.main(job, dataclasses.replace(args, max_steps=15))
         if launcher.get_rank() == 1:
             raise RuntimeError("first attempt fails on purpose")
         launcher.barrier()  # rank 0 waits here until the agent stops it
-    return examples.tiny.main(job)
+    return examples.tiny.main(job, args)
 
 
 def test_max_restarts_restarts_all_ranks_which_resume(run_root):
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "entry=tests.test_cli:fail_once",
-                "train.max_steps=30", "train.epochs=100", "distributed.max_restarts=1")
+                "args.max_steps=30", "args.epochs=100", "distributed.max_restarts=1")
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and "step_00000015.pt" in r.stdout
     assert "'step': 30" in r.stdout
@@ -195,7 +195,7 @@ def test_max_restarts_restarts_all_ranks_which_resume(run_root):
         "jobs/tiny.yaml",
         f"output_dir={run_root}/b",
         "entry=tests.test_cli:fail_once",
-        "train.max_steps=30",
-        "train.epochs=100",
+        "args.max_steps=30",
+        "args.epochs=100",
     )
     assert no_restart.returncode == 1 and "first attempt fails on purpose" in no_restart.stderr

@@ -5,8 +5,8 @@ import os
 import torch
 
 import __main__
-from launcher import forkserver
 from launcher.data import ShardedIterableDataset, make_loader
+from launcher.data import workerserver as forkserver
 from launcher.testing import run_distributed
 
 
@@ -38,7 +38,7 @@ def test_outside_a_process_group_workers_are_forked_as_usual():
 def test_what_cannot_go_through_a_server_is_recognised(monkeypatch):
     ds = ShardedIterableDataset([2, 2], read_parent, batch_size=2, rank=0, world_size=1)
     modules = forkserver._modules_if_importable((ds,))
-    assert modules is not None and "tests.test_forkserver" in modules and "launcher.data" in modules
+    assert modules is not None and "tests.test_forkserver" in modules and "launcher.data.dataset" in modules
     # tensors travel through shared memory: they do not count towards the size limit
     big_tensor = torch.zeros(forkserver.WORKER_PICKLE_LIMIT)
     assert forkserver._modules_if_importable((ds, big_tensor)) is not None

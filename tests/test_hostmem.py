@@ -40,7 +40,7 @@ GLIBC_DEFAULTS = "glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold
 
 def faults_in_fresh_process(keep: bool) -> int:
     code = (
-        "from launcher import hostmem; from tests.test_hostmem import churn_faults; "
+        "from launcher.rank import hostmem; from tests.test_hostmem import churn_faults; "
         f"assert hostmem.keep_freed_memory() if {keep} else True; print(churn_faults())"
     )
     env = {**os.environ, "GLIBC_TUNABLES": GLIBC_DEFAULTS}
@@ -62,8 +62,8 @@ def test_ranks_keep_freed_memory(monkeypatch):
 
 def test_the_job_option_turns_it_off():
     from launcher.config import load
-    from launcher.worker import job_spec
+    from launcher.spec import RankSpec
 
-    assert job_spec(load(ROOT / "jobs/tiny.yaml", []))["keep_freed_memory"] is True
+    assert RankSpec.for_job(load(ROOT / "jobs/tiny.yaml", [])).keep_freed_memory is True
     off = load(ROOT / "jobs/tiny.yaml", ["distributed.keep_freed_memory=false"])
-    assert job_spec(off)["keep_freed_memory"] is False
+    assert RankSpec.for_job(off).keep_freed_memory is False

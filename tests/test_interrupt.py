@@ -16,7 +16,7 @@ from .conftest import ROOT
 LOOP = textwrap.dedent(
     """
     import os, subprocess, sys, time
-    from launcher.interrupt import interruptible, stopped_by
+    from launcher.rank.interrupt import interruptible, stopped_by
 
     def spin(seconds):
         end = time.monotonic() + seconds
@@ -72,7 +72,7 @@ def test_a_users_own_sigint_handler_is_kept():
     script = textwrap.dedent(
         """
         import os, signal
-        from launcher.interrupt import interruptible, stopped_by
+        from launcher.rank.interrupt import interruptible, stopped_by
 
         seen = []
         signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))

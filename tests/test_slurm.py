@@ -18,9 +18,10 @@ import pytest
 
 import launcher
 from launcher import config as config_mod
-from launcher import slurm, stop
 from launcher.checkpoint import load_checkpoint
 from launcher.errors import EXIT_REQUEUE, StopForRequeue
+from launcher.launching import slurm
+from launcher.rank import stop
 
 from .conftest import ROOT, killable_env, launcher_cmd, wait_until
 
@@ -96,15 +97,15 @@ def test_unknown_slurm_key_lists_valid_keys(tmp_path):
 
 
 def test_sweep_members_get_their_own_run_directories():
-    job = tiny("output_dir=/tmp/x", "sweep=[{train.lr: 0.05}, {train.lr: 0.2, seed: 3}]")
+    job = tiny("output_dir=/tmp/x", "sweep=[{args.lr: 0.05}, {args.lr: 0.2, seed: 3}]")
     members = slurm.sweep_jobs(job)
-    assert [m.train.lr for m in members] == [0.05, 0.2] and members[1].seed == 3
+    assert [m.args["lr"] for m in members] == [0.05, 0.2] and members[1].seed == 3
     assert [str(m.run_dir) for m in members] == ["/tmp/x/tiny/tiny-0", "/tmp/x/tiny/tiny-1"]
     assert all(m.sweep == [] for m in members)
-    cli = slurm.sweep_jobs(job, ["train.lr=1.5", "train.lr=2.5 seed=7"])  # --sweep replaces the file's list
-    assert [(m.train.lr, m.seed) for m in cli] == [(1.5, 0), (2.5, 7)]
+    cli = slurm.sweep_jobs(job, ["args.lr=1.5", "args.lr=2.5 seed=7"])  # --sweep replaces the file's list
+    assert [(m.args["lr"], m.seed) for m in cli] == [(1.5, 0), (2.5, 7)]
     with pytest.raises(config_mod.ConfigError, match="sweep member 1"):
-        slurm.sweep_jobs(job, ["train.lr=1", "train.lrr=2"])
+        slurm.sweep_jobs(job, ["args.lr=1", "args.lrr=2"])
 
 
 def test_submit_without_slurm_says_how_to_get_one(tmp_path, monkeypatch):
@@ -196,7 +197,7 @@ def job_id_of(output: str) -> str:
 
 
 def test_submit_wait_trains_on_two_tasks(job_env, run_root):
-    r = submit(job_env, run_root, "train.max_steps=12", "--wait")
+    r = submit(job_env, run_root, "args.max_steps=12", "--wait")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "finished on 2 rank(s)" in r.stdout and "'world_size': 2" in r.stdout and "'step': 12" in r.stdout
     assert (run_root / "tiny" / "slurm_logs" / f"{job_id_of(r.stdout)}_1_log.out").exists()  # rank 1 ran too
@@ -217,7 +218,7 @@ def test_srun_launcher_run_inside_an_allocation(job_env, run_root):
             "run",
             "jobs/tiny.yaml",
             f"output_dir={run_root}",
-            "train.max_steps=6",
+            "args.max_steps=6",
         ],
         cwd=ROOT,
         env=job_env,
@@ -238,8 +239,8 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
             "jobs/tiny.yaml",
             f"output_dir={run_root}",
             "slurm.time_min=5",
-            "train.max_steps=60",
-            "train.epochs=100",
+            "args.max_steps=60",
+            "args.epochs=100",
             "args.step_sleep=0.3",
             "checkpoint.every_steps=20",
             "--wait",
@@ -276,7 +277,7 @@ def test_time_limit_signal_requeues_until_max_requeues(job_env, run_root):
     # ~15 s early here; with a 30 s delay it once came during start-up, before any handler existed, and killed
     # the tasks). One requeue is allowed.
     r = submit(job_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=15", "slurm.max_requeues=1",
-               "train.max_steps=100000", "train.epochs=100000", "args.step_sleep=0.3", "--wait", timeout=400)
+               "args.max_steps=100000", "args.epochs=100000", "args.step_sleep=0.3", "--wait", timeout=400)
     assert r.returncode == EXIT_REQUEUE, r.stdout + r.stderr
     assert "SIGUSR2: state saved; requeued job" in r.stderr and "(1/1)" in r.stderr
     assert "NOT requeued" in r.stderr and "slurm.max_requeues=1" in r.stderr
@@ -305,13 +306,13 @@ def test_failing_job_shows_its_traceback_and_is_not_requeued(job_env, run_root):
 
 
 def test_sweep_runs_as_an_array_with_one_run_directory_each(job_env, run_root):
-    r = submit(job_env, run_root, "train.max_steps=4", "data.num_workers=0", "--sweep", "train.lr=0.01",
-               "--sweep", "train.lr=0.02", "--sweep", "train.lr=0.03 seed=5", "--wait")
+    r = submit(job_env, run_root, "args.max_steps=4", "data.num_workers=0", "--sweep", "args.lr=0.01",
+               "--sweep", "args.lr=0.02", "--sweep", "args.lr=0.03 seed=5", "--wait")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "as an array of 3" in r.stdout
     for i, lr in enumerate((0.01, 0.02, 0.03)):
         job = config_mod.load(run_root / "tiny" / f"tiny-{i}" / "job.yaml")
-        assert job.train.lr == lr and (run_root / "tiny" / f"tiny-{i}" / "checkpoints" / "latest").exists()
+        assert job.args["lr"] == lr and (run_root / "tiny" / f"tiny-{i}" / "checkpoints" / "latest").exists()
         assert f"tiny-{i}: SLURM job" in r.stdout
     rows = sacct(job_env, job_id_of(r.stdout) + "", "JobID,State")
     assert sorted(row.split("|")[0] for row in rows)[-3:] == [f"{job_id_of(r.stdout)}_{i}" for i in range(3)]

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing
 
 from launcher.data import ShardedIterableDataset, make_loader
-from launcher.smalltensors import LIMIT_BYTES, by_value
+from launcher.data.smalltensors import LIMIT_BYTES, by_value
 
 CASES = {
     "int64 labels": torch.arange(50),

@@ -104,7 +104,7 @@ def num_threads():
 
 
 def test_ranks_share_the_cores_instead_of_oversubscribing(monkeypatch):
-    from launcher.forkserver import threads_per_rank
+    from launcher.launching.rankserver import threads_per_rank
 
     assert threads_per_rank(2, cores=2) == 1 and threads_per_rank(1, cores=2) == 2
     assert threads_per_rank(3, cores=16) == 5 and threads_per_rank(8, cores=4) == 1

@@ -1,9 +1,11 @@
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from launcher.tarshards import DecodeImage, image_folder_samples, main, open_shards, read_tar, write_shards
+from launcher.data.tar import DecodeImage, open_shards, read_tar
+from launcher.tools.tarshards import image_folder_samples, main, write_shards
 
 
 def png(color):
@@ -29,10 +31,31 @@ def test_image_folder_conversion(tmp_path, capsys):
         (tmp_path / "src" / cls).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (4, 4), color).save(tmp_path / "src" / cls / f"{i}.png")
-    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--per-shard", "4"]) == 0
-    paths, sizes, classes = open_shards(tmp_path / "out")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "src"), str(out), "--per-shard", "4", "--val-fraction", "0"]) == 0
+    paths, sizes, classes = open_shards(tmp_path / "out" / "train")
     assert classes == ["cat", "dog"] and sum(sizes) == 6
     assert sorted(s["label"] for p in paths for s in read_tar(p)) == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_plain_image_folder_is_split_into_the_train_and_val_the_classify_job_reads(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (4, 4), "red").save(tmp_path / "src" / cls / f"{i}.png")
+    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--val-fraction", "0.2"]) == 0
+    keys = {}
+    for part in ("train", "val"):
+        paths, _, classes = open_shards(tmp_path / "out" / part)
+        keys[part] = {s["key"] for p in paths for s in read_tar(p)}
+        assert classes == ["cat", "dog"]
+    assert len(keys["val"]) == 4 and len(keys["train"]) == 16 and not keys["train"] & keys["val"]
+    assert {k.split("_")[0] for k in keys["val"]} == {"cat", "dog"}  # per class
+    # the job reads exactly this layout
+    from launcher import config
+
+    job = config.load(Path(__file__).parents[1] / "jobs/classify.yaml", [f"args.data_dir={tmp_path / 'out'}"])
+    assert (Path(job.args["data_dir"]) / "train" / "index.json").exists()
 
 
 def test_missing_index_says_how_to_fix(tmp_path):

@@ -23,8 +23,8 @@ from typing import NoReturn
 
 import torch
 
-from . import dist
-from .errors import StopForRequeue
+from .. import dist
+from ..errors import StopForRequeue
 
 #: The signals that ask for a stop, in the order of the flags exchanged by :func:`should_stop`.
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)

@@ -4,8 +4,9 @@ What we add on top of the agent (and why we build it ourselves instead of callin
 
 * the rendezvous is a c10d store created on port 0 of loopback and kept open, so concurrent jobs never race
   for a port (the agent hands that store to the ranks: MASTER_PORT is its port);
-* every rank is a fork of a server that has imported torch already (:mod:`launcher.forkserver`: start-up
-  without the ranks' own ``import torch``) and runs :func:`launcher.worker.forked_main`; the agent's
+* every rank is a fork of a server that has imported torch already (:mod:`launcher.launching.rankserver`:
+  start-up without the ranks' own ``import torch``) and runs :func:`launcher.rank.program.forked_main`
+  (named, not imported, here); the agent's
   ``@record`` writes the traceback of a failure, so the user needs no decorator; the first failure is
   reported with rank, host, exit code or signal and traceback;
 * Ctrl-C stops the ranks gracefully and a second Ctrl-C kills them at once (the agent alone would wait);
@@ -15,17 +16,14 @@ What we add on top of the agent (and why we build it ourselves instead of callin
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib
 import logging
 import os
-import pickle
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-import uuid
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,31 +35,27 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
-from . import forkserver
-from .env import detect
-from .errors import Failure, LaunchError, RankFailure
-from .worker import execute, forked_main, target_name
+from .. import internals
+from ..errors import Failure, RankFailure
+from ..spec import Process, RankSpec
+from . import rankserver
 
-# The agent logs every failure at ERROR level; we report the first one ourselves, with its traceback.
-logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-# On Ctrl-C the agent warns "Received 2 death signal, shutting down workers": we say it in our own words.
-logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(
-    lambda record: "death signal" not in record.getMessage()
-)
+#: The entry point of every forked rank, by name: the launching side never imports the rank program.
+RANK_MAIN = "launcher.rank.program:forked_main"
 
 #: Seconds a rank gets to exit after SIGTERM/SIGINT before SIGKILL (graceful stop and failure alike).
 SHUTDOWN_TIMEOUT_S = 3
 
 
 def spawn(
-    spec: dict[str, Any],
+    spec: RankSpec,
     nproc: int,
     log_dir: Path,
     *,
     max_restarts: int = 0,
     console_ranks: set[int] | None = frozenset({0}),  # type: ignore[assignment]
 ) -> dict[int, Any]:
-    """Run the worker ``spec`` in ``nproc`` local ranks; return ``{rank: result}``.
+    """Run ``spec`` in ``nproc`` local ranks; return ``{rank: result}`` (torch elastic's ``RunResult``).
 
     Raises:
         RankFailure: a rank raised or died (after ``max_restarts`` restarts of all ranks).
@@ -69,21 +63,15 @@ def spawn(
     """
     log_dir = Path(log_dir).absolute()
     log_dir.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex[:12]
-    threads = forkserver.threads_env(nproc)
-    server_env = forkserver.start(nproc)
-    spec = dict(
-        spec,
-        result_dir=str(log_dir / f"results-{run_id}"),
-        environ={**os.environ, **threads},
-        server_env=server_env,
-        cwd=os.getcwd(),
-        sys_path=list(sys.path),
-    )
-    spec_path = log_dir / f"spec-{run_id}.pkl"
-    with open(spec_path, "wb") as f:
-        pickle.dump(spec, f)
-
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()  # sorts by start time
+    threads = rankserver.threads_env(nproc)
+    server_env = rankserver.start(nproc)
+    if server_env is not None:
+        # Handed to each rank through the fork server's socket: no file holds the environment.
+        spec = spec.with_process(Process(environ={**os.environ, **threads}, server_env=server_env,
+                                         cwd=os.getcwd(), sys_path=list(sys.path)))
+    module, _, name = RANK_MAIN.partition(":")
+    entrypoint = getattr(importlib.import_module(module), name)
     rdzv = RendezvousParameters(
         backend="c10d",
         endpoint="127.0.0.1:0",
@@ -92,13 +80,13 @@ def spawn(
         max_nodes=1,
         local_addr="127.0.0.1",
         is_host=True,
-        timeout=int(spec.get("startup_timeout_s", 600)),
+        timeout=int(spec.startup_timeout_s),
     )
     worker_spec = WorkerSpec(
         role="rank",
         local_world_size=nproc,
-        entrypoint=forked_main,
-        args=(str(spec_path),),
+        entrypoint=entrypoint,
+        args=(spec,),
         rdzv_handler=rdzv_registry.get_rendezvous_handler(rdzv),
         max_restarts=max_restarts,
         monitor_interval=0.1,
@@ -119,7 +107,8 @@ def spawn(
     restore = _install_signal_handlers(agent)
     try:
         os.environ.update(threads)  # the agent passes OMP_NUM_THREADS on from here ("spawn" ranks inherit it)
-        result = agent.run()
+        with _quiet_elastic_logs():
+            result = agent.run()
     finally:
         restore()
         _kill_groups(agent.rank_pids)  # a rank's DataLoader workers, left when the agent stopped the rank
@@ -127,13 +116,30 @@ def spawn(
         os.environ.update(environ)
         with contextlib.suppress(Exception):  # the run's outcome matters more than closing the store
             worker_spec.rdzv_handler.shutdown()
-        spec_path.unlink(missing_ok=True)
+    if result.is_failed():
+        raise RankFailure([_failure(r, f) for r, f in _all_failures(agent, result.failures).items()])
+    return {rank: result.return_values.get(rank) for rank in range(nproc)}
+
+
+@contextlib.contextmanager
+def _quiet_elastic_logs() -> Iterator[None]:
+    """While the agent runs: its ERROR lines for each failure and its "Received 2 death signal" warning are
+    not shown (the launcher reports the first failure and a stop in its own words). Restored afterwards, so
+    importing this module changes nothing for the rest of the process."""
+    logger = logging.getLogger("torch.distributed.elastic")
+    api_logger = logging.getLogger("torch.distributed.elastic.agent.server.api")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    api_logger.addFilter(_no_death_signal)
     try:
-        if result.is_failed():
-            raise RankFailure([_failure(r, f) for r, f in _all_failures(agent, result.failures).items()])
-        return _read_results(Path(spec["result_dir"]), nproc)
+        yield
     finally:
-        shutil.rmtree(spec["result_dir"], ignore_errors=True)
+        logger.setLevel(level)
+        api_logger.removeFilter(_no_death_signal)
+
+
+def _no_death_signal(record: logging.LogRecord) -> bool:
+    return "death signal" not in record.getMessage()
 
 
 class _Agent(LocalElasticAgent):
@@ -192,14 +198,12 @@ def _all_failures(agent: _Agent, reported: dict[int, ProcessFailure]) -> dict[in
     :class:`RankFailure` can still name the root cause.
     """
     failures = dict(reported)
-    pcontext = getattr(agent, "_pcontext", None)  # private, but the only handle on the last attempt's files
-    error_files = getattr(pcontext, "error_files", None) or {}
+    error_files, processes = internals.agent_processes(agent)
     for rank, path in error_files.items():
         if rank not in failures and os.path.isfile(path):
             failures[rank] = ProcessFailure(local_rank=rank, pid=-1, exitcode=1, error_file=path)  # it raised
     # Forked ranks (multiprocessing's process context) report one failure: a rank killed by a signal (OOM
     # killer, kill -9) wrote no error file, and its peer's "connection reset" may be the one reported.
-    processes = getattr(getattr(pcontext, "_pc", None), "processes", None) or []
     for rank, proc in enumerate(processes):
         if rank not in failures and (proc.exitcode or 0) < 0:
             failures[rank] = ProcessFailure(local_rank=rank, pid=proc.pid, exitcode=proc.exitcode,
@@ -241,66 +245,3 @@ def _log_tail(pf: ProcessFailure, lines: int = 30) -> str:
         return "\n".join(stderr.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def _read_results(folder: Path, nproc: int) -> dict[int, Any]:
-    out: dict[int, Any] = {}
-    for rank in range(nproc):
-        path = folder / f"rank{rank}.pkl"
-        if not path.exists():  # the target ended with sys.exit(0)
-            out[rank] = None
-            continue
-        with open(path, "rb") as f:
-            out[rank] = pickle.load(f)  # written by our own ranks
-    return out
-
-
-def launch(
-    fn: Callable[..., Any],
-    nproc: int = 2,
-    backend: str = "auto",
-    args: tuple[Any, ...] = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    timeout_s: float = 120.0,
-    startup_timeout_s: float = 300.0,
-    seed: int | None = None,
-    log_dir: str | os.PathLike[str] | None = None,
-) -> dict[int, Any]:
-    """Run ``fn(*args, **kwargs)`` in ``nproc`` ranks with the process group ready.
-
-    ``fn`` must be defined at module level (in a module or in the script being run). Returns
-    ``{rank: return value}``; raises :class:`launcher.RankFailure` with the failing rank's traceback.
-
-    Under torchrun or in an srun step the calling process already is one rank: ``fn`` runs in place (``nproc``
-    is ignored; the world size is the launcher's) and only this rank's result is returned, so the same script
-    works with ``python script.py`` and ``torchrun --nproc-per-node N script.py``.
-    """
-    environment = detect()
-    if not environment.spawns_here():
-        in_place = {"target": "", "args": tuple(args), "kwargs": dict(kwargs or {}), "backend": backend,
-                    "timeout_s": timeout_s, "startup_timeout_s": startup_timeout_s, "seed": seed}
-        return {environment.rank(): execute(in_place, fn=fn)}
-    target, main_file = target_name(fn)
-    spec = {
-        "target": target,
-        "main_file": main_file,
-        "args": tuple(args),
-        "kwargs": dict(kwargs or {}),
-        "backend": backend,
-        "timeout_s": timeout_s,
-        "startup_timeout_s": startup_timeout_s,
-        "seed": seed,
-    }
-    if log_dir is None:
-        with tempfile.TemporaryDirectory(prefix="launcher-") as tmp:
-            return spawn(spec, nproc, Path(tmp))
-    return spawn(spec, nproc, Path(log_dir))
-
-
-def describe(results: dict[int, Any]) -> str:
-    """One JSON line per rank for results that JSON can show."""
-    return "\n".join(f"rank {r}: {json.dumps(v, default=repr)}" for r, v in sorted(results.items()))
-
-
-__all__ = ["LaunchError", "RankFailure", "launch", "spawn"]

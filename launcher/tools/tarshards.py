@@ -1,4 +1,6 @@
-"""Tar shards of (image, label) samples: write them, index them, read them back for ShardedIterableDataset.
+"""Write tar shards of (image, label) samples and their index; convert ImageFolder trees and CIFAR-10.
+
+A tool, not runtime: training reads the shards with :mod:`launcher.data.tar`.
 
 The format is the common WebDataset layout: a plain tar whose members are ``KEY.png`` (or ``.jpg``) and
 ``KEY.cls`` (the label as text), grouped by key, one sample after the other. ``index.json`` beside the shards
@@ -6,10 +8,10 @@ lists every shard with its sample count (what the sharded dataset needs to plan 
 anything) and the class names. Large image sets on slow file systems are read as a few big sequential files
 instead of millions of small ones.
 
-``python -m launcher.tarshards IMAGE_FOLDER OUT_DIR --per-shard 1000`` converts an ImageFolder tree
-(``root/CLASS/image.jpg``, or ``root/train/...`` and ``root/val/...`` into ``OUT_DIR/train`` and
-``OUT_DIR/val``); ``--format cifar10`` converts a CIFAR-10 copy on disk (the python version) into
-``OUT_DIR/train`` and ``OUT_DIR/val``.
+``python -m launcher.tools.tarshards IMAGE_FOLDER OUT_DIR --per-shard 1000`` converts an ImageFolder tree
+into ``OUT_DIR/train`` and ``OUT_DIR/val``, the layout the classify example reads: ``root/train/...`` and
+``root/val/...`` keep their split, a plain ``root/CLASS/image.jpg`` tree is split per class
+(``--val-fraction``, default 0.1); ``--format cifar10`` converts a CIFAR-10 copy on disk (the python version).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import argparse
 import io
 import json
 import os
+import random
 import sys
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-INDEX = "index.json"
+from ..data.tar import INDEX, open_shards
+
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -85,69 +89,34 @@ def write_shards(
     return index
 
 
-def open_shards(directory: str | os.PathLike[str]) -> tuple[list[str], list[int], list[str]]:
-    """``(shard paths, samples per shard, class names)`` from a folder written by :func:`write_shards`."""
-    d = Path(directory)
-    try:
-        index = json.loads((d / INDEX).read_text())
-    except OSError:
-        raise FileNotFoundError(
-            f"{d / INDEX}: no shard index\nHINT: write shards first (python -m launcher.tarshards SRC {d})"
-        ) from None
-    paths = [str(d / s["file"]) for s in index["shards"]]
-    return paths, [int(s["samples"]) for s in index["shards"]], list(index.get("classes", []))
-
-
-def read_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard in order: ``{"key", "image": bytes, "label": int}`` (nothing decoded)."""
-    current: dict[str, Any] = {}
-    with tarfile.open(path, "r|") as tar:  # streaming: one sequential read
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition(".")
-            if current and current["key"] != key:
-                yield current
-                current = {}
-            f = tar.extractfile(member)
-            assert f is not None
-            data = f.read()
-            current["key"] = key
-            if ext == "cls":
-                current["label"] = int(data.decode())
-            else:
-                current["image"] = data
-    if current:
-        yield current
-
-
-class DecodeImage:
-    """Sample transform: PNG/JPEG bytes -> RGB PIL image -> ``transform`` (torchvision), label kept."""
-
-    def __init__(self, transform: Callable[[Any], Any] | None = None) -> None:
-        self.transform = transform
-
-    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
-        return (self.transform(image) if self.transform else image), sample["label"]
-
-
 def image_folder_samples(
-    root: str | os.PathLike[str],
+    root: str | os.PathLike[str], part: str = "all", val_fraction: float = 0.0, seed: int = 0,
 ) -> tuple[list[str], Iterator[tuple[str, bytes, str, int]]]:
-    """Classes and samples of an ImageFolder tree (``root/CLASS/*.jpg``), files kept as they are encoded."""
+    """Classes and samples of an ImageFolder tree (``root/CLASS/*.jpg``), files kept as they are encoded.
+
+    ``part`` ``"train"`` or ``"val"`` keeps one side of a per-class split: ``val_fraction`` of each class's
+    images (at least one where a class has two or more) drawn with ``seed``, the same on every call.
+    """
     base = Path(root)
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
     if not classes:
         raise FileNotFoundError(f"{base}: no class folders\nHINT: expected {base}/CLASS_NAME/IMAGE.jpg")
 
+    def files(cls: str) -> list[Path]:
+        found = sorted(f for f in (base / cls).iterdir() if f.suffix.lower() in _IMAGE_EXT)
+        if part == "all":
+            return found
+        rng = random.Random(f"{seed}:{cls}")
+        picked = list(found)
+        rng.shuffle(picked)
+        n_val = min(len(found) - 1, max(1, round(len(found) * val_fraction))) if len(found) > 1 else 0
+        val = set(picked[:n_val])
+        return [f for f in found if (f in val) == (part == "val")]
+
     def gen() -> Iterator[tuple[str, bytes, str, int]]:
         for label, cls in enumerate(classes):
-            for f in sorted((base / cls).iterdir()):
-                if f.suffix.lower() in _IMAGE_EXT:
-                    yield f"{cls}_{f.stem}", f.read_bytes(), f.suffix.lstrip(".").lower(), label
+            for f in files(cls):
+                yield f"{cls}_{f.stem}", f.read_bytes(), f.suffix.lstrip(".").lower(), label
 
     return classes, gen()
 
@@ -180,17 +149,24 @@ def cifar10_samples(
     return list(ds.classes), gen()
 
 
-def _splits(src: Path, fmt: str) -> list[tuple[str, tuple[list[str], Iterator[tuple[str, bytes, str, int]]]]]:
-    """``(output subfolder, (classes, samples))`` for each split found in ``src``."""
+Split = tuple[str, tuple[list[str], Iterator[tuple[str, bytes, str, int]]]]
+
+
+def _splits(src: Path, fmt: str, val_fraction: float) -> list[Split]:
+    """``(output subfolder, (classes, samples))`` for ``train`` and ``val``: the tree's own split, or a
+    per-class split of a plain ``CLASS/*.jpg`` tree (``val_fraction`` 0 writes everything to ``train``)."""
     if fmt == "cifar10":
         return [("train", cifar10_samples(src, True)), ("val", cifar10_samples(src, False))]
     if (src / "train").is_dir() and (src / "val").is_dir():
         return [(split, image_folder_samples(src / split)) for split in ("train", "val")]
-    return [("", image_folder_samples(src))]
+    if val_fraction <= 0:
+        return [("train", image_folder_samples(src))]
+    return [(part, image_folder_samples(src, part, val_fraction)) for part in ("train", "val")]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.tarshards", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launcher.tools.tarshards",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument(
         "src",
         help="an ImageFolder tree (SRC/CLASS/IMAGE.jpg, or SRC/train/... and SRC/val/...), "
@@ -202,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("imagefolder", "cifar10"), default="imagefolder",
                         help="layout of SRC (default imagefolder)")
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of each class held out as OUT/val when SRC has no train/ and val/ "
+                        "(default 0.1; 0 writes everything to OUT/train)")
     args = parser.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be at least 0 and below 1")
     try:
-        splits = _splits(Path(args.src), args.format)
+        splits = _splits(Path(args.src), args.format, args.val_fraction)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
 """``launcher submit``: the same job on SLURM through submitit; sweeps as job arrays; ``--wait`` follows.
 
 Each SLURM task is one rank: the submitted callable (:class:`SlurmTask`) runs exactly what ``launcher run``
-runs in a rank (:func:`launcher.worker.run_in_place`), with :class:`launcher.env.SlurmEnvironment` supplying
-rank, world size and the rendezvous address. Preemption and time limits are handled inside the ranks
-(:mod:`launcher.stop`); a requeued job resumes from its newest checkpoint because ``checkpoint.resume`` is
+runs in a rank (:func:`launcher.rank.program.run_in_place`, reached by name), with
+:class:`launcher.env.SlurmEnvironment` supplying rank, world size and the rendezvous address. Preemption and
+time limits are handled inside the ranks (:mod:`launcher.rank.stop`); a requeued job resumes from its newest
+checkpoint because ``checkpoint.resume`` is
 ``auto``. submitit is imported only here, so ``launcher run`` never needs it.
 """
 
@@ -18,8 +19,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import config as config_mod
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, RankFailure
+from .. import config as config_mod
+from ..entry import check_entry
+from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, RankFailure
+
+#: What each SLURM task runs, by name: the submitting side never imports the rank program.
+RANK_IN_PLACE = "launcher.rank.program:run_in_place"
 
 
 def tasks_per_node(job: config_mod.Job) -> int:
@@ -71,7 +76,9 @@ def sweep_jobs(job: config_mod.Job, sweeps: list[str] | None = None) -> list[con
     out = []
     for i, overrides in enumerate(sets):
         naming = [f"output_dir={job.run_dir}", f"name={job.name}-{i}"]
-        out.append(config_mod.from_dict(base, f"{job.source} (sweep member {i})", overrides + naming))
+        member = config_mod.from_dict(base, f"{job.source} (sweep member {i})", overrides + naming)
+        check_entry(member)  # its args too, before anything is submitted
+        out.append(member)
     return out
 
 
@@ -89,8 +96,10 @@ class SlurmTask:
     source: str
 
     def __call__(self) -> Any:
-        from .worker import run_in_place
+        import importlib
 
+        module, _, name = RANK_IN_PLACE.partition(":")
+        run_in_place = getattr(importlib.import_module(module), name)
         return run_in_place(config_mod.from_dict(self.job_data, self.source))
 
 
@@ -117,6 +126,7 @@ def make_executor(job: config_mod.Job, folder: Path) -> Any:
 
 def submit(job: config_mod.Job, sweeps: list[str] | None = None) -> tuple[list[config_mod.Job], list[Any]]:
     """Submit ``job`` (or its sweep, as one array); returns the jobs submitted and submitit's handles."""
+    check_entry(job)
     members = sweep_jobs(job, sweeps)
     folder = _log_folder(job).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,7 +240,7 @@ def _trace(message: str) -> str:
 
 
 def _host(message: str) -> str:
-    """The host named in the note :func:`launcher.worker.execute` adds to a rank's error (``?`` if none)."""
+    """The host named in the note the rank program adds to a rank's error (``?`` if none)."""
     found = re.search(r"\[launcher\] rank \d+ on (\S+),", message)
     return found.group(1) if found else "?"
 

@@ -1,0 +1,331 @@
+"""The collective :class:`Checkpointer`: save and restore the whole training state of every rank.
+
+The file format and its safety live in :mod:`launcher.checkpoint.files`; this module decides what goes into a
+checkpoint, when (:meth:`Checkpointer.step`), and whether a checkpoint may be resumed by this job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import dist
+from ..rank import stop
+from ..rng import get_rng_state, set_rng_state
+from .files import (
+    FORMAT,
+    CheckpointError,
+    atomic_write_bytes,
+    find_latest,
+    fsync_thread,
+    list_checkpoints,
+    load_file,
+)
+from .staging import Staging
+
+
+@dataclass
+class TrainState:
+    """Counters that travel with every checkpoint."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    epoch: int = 0
+    """Epoch in progress (the next one after an end-of-epoch save)."""
+    best_metric: float | None = None
+    """Best value of the tracked metric so far."""
+
+
+
+class Checkpointer:
+    """Save and restore the whole training state.
+
+    Args:
+        directory: where checkpoints go (created on rank 0).
+        keep_last: how many recent checkpoints to keep (the best one is kept in addition).
+        async_save: write in a background thread; the caller only pays for the copy to CPU memory.
+        every_steps: :meth:`step` saves every this many steps (0: never; save at epoch ends yourself).
+        job: the resolved :class:`launcher.Job`, stored for resume checks (optional).
+        per_rank: objects whose state differs per rank (the data loader), saved for every rank.
+        **objects: objects with ``state_dict``/``load_state_dict`` (model, optimizer, scheduler, scaler...);
+            a DDP model is unwrapped so the saved ``model`` is a plain state_dict.
+
+    ``step``, ``save``, ``resume`` and ``close`` are collective: every rank calls them together.
+    :meth:`for_job` takes the directory and settings from a job's ``checkpoint`` section.
+    """
+
+    @classmethod
+    def for_job(cls, job: Any, **kwargs: Any) -> Checkpointer:
+        """A checkpointer in ``job.checkpoint_dir`` with the job's ``keep_last``, ``async_save`` and
+        ``every_steps``, storing ``job``; ``kwargs`` as for the constructor (``per_rank``, ``model=``...)."""
+        c = job.checkpoint
+        return cls(job.checkpoint_dir, keep_last=c.keep_last, async_save=c.async_save,
+                   every_steps=c.every_steps, job=job, **kwargs)
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int = 3,
+        async_save: bool = True,
+        every_steps: int = 0,
+        job: Any = None,
+        per_rank: dict[str, Any] | None = None,
+        best_mode: str = "max",
+        **objects: Any,
+    ) -> None:
+        from ..wrap import unwrap
+
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.every_steps = every_steps
+        self.job = job
+        self.per_rank = dict(per_rank or {})
+        self.objects = {k: (unwrap(v) if k == "model" else v) for k, v in objects.items()}
+        self.best_mode = best_mode
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+        # Both threads start here, before the training loop forks DataLoader workers (see fsync_thread).
+        self._pool.submit(int).result()
+        fsync_thread()
+        self._pending: concurrent.futures.Future[Path] | None = None
+        self._stage = Staging(copy=async_save)
+        self.last_saved: Path | None = None
+        self._last_counters: tuple[int, int] | None = None  # (step, epoch) of the newest checkpoint
+        if dist.is_main_process():
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    # ----------------------------------------------------------------------------------------- saving
+
+    def step(self, state: TrainState, metric: float | None = None) -> None:
+        """*Collective.* Call once per optimizer step, after counting it in ``state.step``.
+
+        Notes the step (error messages name it; collectives switch to ``distributed.timeout_s``), saves every
+        ``every_steps`` steps, and when SLURM asked the job to stop (preemption, time limit) saves and exits
+        for the requeue (see :meth:`stop_if_requested`).
+        """
+        dist.note_step(state.step)
+        if self.every_steps > 0 and state.step % self.every_steps == 0:
+            self.save(state, metric)
+        self.stop_if_requested(state)
+
+    def finish(self, state: TrainState, metric: float | None = None) -> Path | None:
+        """*Collective.* Save the final state (without the data position, which is of no use at the end) and
+        wait until it is on disk. Nothing is written when ``state`` is already the last checkpoint's."""
+        path = None
+        if self._last_counters != (state.step, state.epoch):
+            path = self.save(state, metric, per_rank=False)
+        self.close()
+        return path
+
+    def _better(self, metric: float | None, best: float | None) -> bool:
+        if metric is None:
+            return False
+        if best is None:
+            return True
+        return metric > best if self.best_mode == "max" else metric < best
+
+    def save(self, state: TrainState, metric: float | None = None, *, per_rank: bool = True) -> Path:
+        """*Collective.* Save a checkpoint of ``state`` and every registered object; returns the file path.
+
+        ``per_rank=False`` leaves out the per-rank objects (e.g. at the end of an epoch, when the loader
+        position is of no use). The step loop pays for one all-gather and a copy to CPU; the write runs in the
+        background when ``async_save`` is on (at most one write in flight).
+        """
+        is_best = self._better(metric, state.best_metric)
+        if is_best:
+            state.best_metric = metric
+        mine = {"rng": get_rng_state()}
+        if per_rank:
+            mine.update({k: v.state_dict() for k, v in self.per_rank.items()})
+        ranks = dist.all_gather_object(mine)
+        path = self.directory / f"step_{state.step:08d}.pt"
+        if dist.is_main_process():
+            payload = {
+                "format": FORMAT,
+                "step": state.step,
+                "epoch": state.epoch,
+                "best_metric": state.best_metric,
+                "metric": metric,
+                "world_size": dist.get_world_size(),
+                "ranks": ranks,
+                "job": _job_dict(self.job),
+                "versions": {"torch": str(torch.__version__), "python": platform.python_version(),
+                             "launcher": _launcher_version()},
+                "time": time.time(),
+            }
+            payload.update({k: v.state_dict() for k, v in self.objects.items()})
+            self.wait()  # at most one write in flight, and it has let go of the staging buffers
+            payload = self._stage(payload)
+            if self.async_save:
+                self._pending = self._pool.submit(self._write, path, payload, is_best)
+            else:
+                self._write(path, payload, is_best)
+        self.last_saved = path
+        self._last_counters = (state.step, state.epoch)
+        return path
+
+    def _write(self, path: Path, payload: dict[str, Any], is_best: bool) -> Path:
+        digest = atomic_write_bytes(path, obj=payload)
+        manifest = {"file": path.name, "crc32": digest, "bytes": path.stat().st_size, "step": payload["step"],
+                    "epoch": payload["epoch"], "metric": payload["metric"]}
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(manifest).encode())
+        atomic_write_bytes(self.directory / "latest", path.name.encode())
+        if is_best:
+            atomic_write_bytes(self.directory / "best", path.name.encode())
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        best = (self.directory / "best").read_text().strip() if (self.directory / "best").exists() else None
+        for _, p in list_checkpoints(self.directory)[self.keep_last :]:
+            if p.name != best:
+                # The manifest first: never a manifest without its file.
+                p.with_suffix(".json").unlink(missing_ok=True)
+                p.unlink(missing_ok=True)
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is on disk; re-raises its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """*Collective.* Finish pending writes; all ranks return once the newest checkpoint is on disk."""
+        self.wait()
+        self._pool.shutdown(wait=True)
+        dist.barrier()
+
+    def stop_if_requested(self, state: TrainState) -> None:
+        """*Collective.* Call at every step boundary: when SLURM asked the job to stop (preemption, time
+        limit, requeue), save ``state``, wait until it is on disk, and exit for the requeue (code 3).
+
+        Free outside SLURM jobs (no communication); see :mod:`launcher.stop`.
+        """
+        if not stop.should_stop():
+            return
+        _log(f"[launcher] stop requested at step {state.step}: saving before the requeue")
+        self.save(state)
+        self.close()
+        stop.exit_for_requeue()
+
+    # ---------------------------------------------------------------------------------------- loading
+
+    def resume(self, resume: str | None = None) -> TrainState:
+        """*Collective.* Restore the newest valid checkpoint (``auto``), a given file, or nothing (``never``).
+
+        ``resume`` defaults to the job's ``checkpoint.resume`` (``auto`` without a job). Returns the
+        :class:`TrainState` to continue from (a fresh one when nothing was restored).
+        """
+        if resume is None:
+            resume = self.job.checkpoint.resume if self.job is not None else "auto"
+        found: tuple[Path, dict[str, Any]] | None = None
+        if resume == "never":
+            found = None
+        elif resume == "auto":
+            found = find_latest(self.directory, log=_log)
+        else:
+            found = (Path(resume), load_file(resume))
+        # Every rank looked at the same files; make sure they agree before anyone restores anything.
+        names = dist.all_gather_object(str(found[0]) if found else None)
+        if len(set(names)) != 1:
+            raise CheckpointError(f"ranks disagree on the checkpoint to resume from: {names}")
+        if found is None:
+            return TrainState()
+        path, data = found
+        restore_data = self._check_compatible(path, data)
+        for k, obj in self.objects.items():
+            if k not in data:
+                raise CheckpointError(
+                    f"{path}: has no '{k}' state\nHINT: register the same objects as when saving"
+                )
+            obj.load_state_dict(data[k])
+        rank = dist.get_rank()
+        mine = data["ranks"][rank] if rank < len(data["ranks"]) else None
+        if mine is not None and restore_data:
+            set_rng_state(mine["rng"])
+            for k, obj in self.per_rank.items():
+                if k in mine:
+                    obj.load_state_dict(mine[k])
+        state = TrainState(
+            step=int(data["step"]), epoch=int(data["epoch"]), best_metric=data.get("best_metric")
+        )
+        self.last_saved, self._last_counters = path, (state.step, state.epoch)
+        _log(f"[launcher] resumed from {path} (step {state.step}, epoch {state.epoch})")
+        return state
+
+    def _check_compatible(self, path: Path, data: dict[str, Any]) -> bool:
+        """Compare the saved run with this one; raise on changes that break exact resume unless allowed.
+
+        Returns whether per-rank state (RNG, data position) can be restored.
+        """
+        if data.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a launcher checkpoint (format {data.get('format')!r})")
+        saved, now = data.get("job") or {}, _job_dict(self.job) or {}
+        exact, ignored = _resume_keys(self.job)
+        changes = _diff(saved, now, ignored)
+        if data.get("world_size") != dist.get_world_size():
+            changes.insert(0, f"world size: {data.get('world_size')} -> {dist.get_world_size()}")
+        breaking = [c for c in changes if c.split(":")[0] in exact or c.startswith("world size")]
+        if changes:
+            _log("[launcher] the job changed since the checkpoint was written:\n  " + "\n  ".join(changes))
+        if breaking:
+            allowed = bool(self.job and self.job.checkpoint.allow_changes)
+            if not allowed:
+                raise CheckpointError(
+                    f"{path}: these changes break exact resume: {'; '.join(breaking)}\n"
+                    "HINT: undo them, start a new run (checkpoint.resume=never or a new name), or pass "
+                    "checkpoint.allow_changes=true to resume anyway (data order and RNG streams will differ)"
+                )
+            return False
+        return True
+
+
+def _resume_keys(job: Any) -> tuple[set[str], set[str]]:
+    """Keys that break exact resume, and keys not compared (declared on the fields, the entry's too)."""
+    if job is None:
+        return set(), set()
+    from ..entry import resume_keys
+
+    return resume_keys(job, "exact"), resume_keys(job, "ignore")
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], ignored: set[str], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if key in ignored:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, ignored, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _job_dict(job: Any) -> dict[str, Any] | None:
+    if job is None:
+        return None
+    from ..config import to_dict
+
+    return to_dict(job)
+
+
+def _launcher_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _log(msg: str) -> None:
+    if dist.is_main_process():
+        print(msg, flush=True)

@@ -1,0 +1,77 @@
+"""Every private attribute of CPython or torch that the launcher touches, in one place.
+
+Each accessor names the attribute it reads; :data:`REQUIRED` lists them for ``tests/test_internals.py``,
+which fails with the attribute's name when an upgrade removes one. Nothing here runs at import time beyond
+binding names, so importing it has no side effect on the process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import multiprocessing.util
+from typing import Any
+
+#: ``(module, dotted attribute path)`` of every private name used below (checked by the test suite).
+REQUIRED = [
+    ("multiprocessing.forkserver", "_forkserver"),
+    ("multiprocessing.forkserver", "_forkserver._forkserver_pid"),
+    ("multiprocessing.forkserver", "_forkserver._forkserver_alive_fd"),
+    ("multiprocessing.forkserver", "_forkserver._forkserver_address"),
+    ("multiprocessing.util", "_exit_function"),
+    ("torch.nn.modules.batchnorm", "_BatchNorm"),
+    ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._start_workers"),
+    ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._pcontext"),
+    ("torch.distributed.elastic.multiprocessing.api", "MultiprocessContext._pc"),
+]
+
+
+def forkserver_pid() -> int | None:
+    """The pid of this process's multiprocessing fork server (``_forkserver._forkserver_pid``), or None."""
+    return getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)  # type: ignore[attr-defined]
+
+
+def forkserver_forget() -> None:
+    """Let go of the fork server inherited from the parent: close its keep-alive pipe and forget its address
+    (``_forkserver._forkserver_alive_fd`` / ``_forkserver_address``), so the next use starts a server of our
+    own and the parent's server can end when its owner does."""
+    import os
+
+    server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
+        server._forkserver_address = None
+
+
+def run_multiprocessing_exit() -> None:
+    """What multiprocessing does at a normal interpreter exit (``multiprocessing.util._exit_function``):
+    terminate and join leftover children, stop the fork server and remove its socket folder."""
+    multiprocessing.util._exit_function()  # type: ignore[attr-defined]
+
+
+def batchnorm_base() -> type:
+    """torch's common base of ``BatchNorm1d/2d/3d`` (``torch.nn.modules.batchnorm._BatchNorm``)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return _BatchNorm
+
+
+def agent_processes(agent: Any) -> tuple[dict[int, str], list[Any]]:
+    """``(error files by local rank, processes)`` of the elastic agent's last attempt (``agent._pcontext``,
+    and ``_pc.processes`` of a multiprocessing context): the only handle on ranks that died by a signal."""
+    pcontext = getattr(agent, "_pcontext", None)
+    error_files = dict(getattr(pcontext, "error_files", None) or {})
+    processes = list(getattr(getattr(pcontext, "_pc", None), "processes", None) or [])
+    return error_files, processes
+
+
+def torch_save_without_zip_crc() -> Any:
+    """A context manager turning off torch.save's per-record CRC32 (``torch.utils.serialization.config``,
+    torch >= 2.6), or None where torch has no such setting."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return None
+    patch = getattr(config, "patch", None)  # added when torch installs its config module
+    return patch({"save.compute_crc32": False}) if patch is not None else None

@@ -1,0 +1,79 @@
+"""Ranks that start with torch already imported: Python's forkserver, started early with our code preloaded.
+
+A spawned rank spends most of its start-up importing torch. ``launcher run`` starts :mod:`multiprocessing`'s
+fork server as soon as it knows it will spawn ranks, with :mod:`launcher.rank.program` (so torch) preloaded:
+the server imports torch while the launcher imports it for the elastic agent, and each rank is then a fork of
+that single-threaded server instead of a fresh interpreter. The server's own threads: none of torch's
+(``import torch`` starts none); numpy's OpenBLAS server thread, which OpenBLAS re-creates after a fork, as in
+every forked DataLoader worker. No CUDA is touched before the fork.
+
+A fork inherits the server's environment, working directory, ``sys.path`` and start method from when the
+server started. :func:`start` records the server's environment, the rank spec carries the launcher's, and
+:func:`launcher.rank.program.forked_main` makes the rank what a fresh process started by the launcher would
+be.
+
+A rank, in turn, starts its DataLoader workers from a fork server of its own
+(:mod:`launcher.data.workerserver`): forking the rank itself, which runs Gloo's threads, can deadlock the new
+worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Iterator
+from multiprocessing import forkserver
+
+from .. import internals
+
+#: Modules the server imports before it forks any rank.
+PRELOAD = ["launcher.rank.program"]
+
+# The server this process started, and its environment: {pid: environ}.
+_ours: dict[int | None, dict[str, str]] = {}
+
+
+def threads_per_rank(nproc: int, cores: int | None = None) -> int:
+    """Intra-op threads for each of ``nproc`` ranks sharing this machine's usable cores (at least 1)."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, nproc))
+
+
+def threads_env(nproc: int) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for ``nproc`` ranks: the user's value, else the cores shared out.
+
+    torchrun sets 1 for every rank; this is the same idea (no rank starts a thread per core of the machine)
+    without starving a single rank.
+    """
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_rank(nproc)))}
+
+
+def start(nproc: int) -> dict[str, str] | None:
+    """Start the server for ``nproc`` ranks unless ours runs (restart it if it died); return its environment.
+
+    Returns None when a server that someone else started in this process is running: its environment is
+    unknown, so the caller should start the ranks with the ``spawn`` method instead.
+    """
+    running = internals.forkserver_pid()  # the module's singleton, the one torch.multiprocessing forks from
+    if running is not None and running not in _ours:
+        return None
+    with _environ(threads_env(nproc)):
+        multiprocessing.set_forkserver_preload(PRELOAD)
+        forkserver.ensure_running()
+        pid = internals.forkserver_pid()
+        if pid not in _ours:
+            _ours.clear()
+            _ours[pid] = dict(os.environ)
+    return dict(_ours[pid])
+
+
+@contextlib.contextmanager
+def _environ(updates: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -1,0 +1,81 @@
+"""What makes a rank a well-behaved process: it dies with its parent, names itself, lets go of the server.
+
+Linux-only effects (``prctl``) are no-ops elsewhere.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from .. import internals
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def _prctl(option: int, arg: Any) -> bool:
+    """Linux's prctl(2); False (nothing done) elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(option, arg)
+    return True
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, even by SIGKILL (a rank: its launcher): no orphans."""
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) and os.getppid() == 1:  # it died before prctl took effect
+        os._exit(128 + signal.SIGKILL)
+
+
+def set_name(name: str) -> None:
+    """The name ``top`` and ``ps -o comm`` show (15 bytes at most)."""
+    _prctl(_PR_SET_NAME, name.encode()[:15])
+
+
+def forked_children_die_with_this_process() -> None:
+    """Processes this rank forks from its main thread (DataLoader workers) get SIGKILL when the rank dies.
+
+    Without it a SIGKILLed rank's workers notice only at torch's next liveness check (up to 5 s). Forks from
+    other threads are left alone: the signal follows the forking thread, not the process.
+    """
+    forking_thread: list[bool] = []
+    os.register_at_fork(
+        before=lambda: forking_thread.append(threading.current_thread() is threading.main_thread()),
+        after_in_parent=forking_thread.clear,
+        after_in_child=lambda: forking_thread.pop() and _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL),
+    )
+
+
+def detach_from_server() -> None:
+    """In a rank forked from the launcher's server: let go of the server's keep-alive pipe, so the server ends
+    when the launcher does.
+
+    Every process forked from the server holds the pipe's write end (children may use the server in turn),
+    and the server stays up until all copies are closed: a rank holding one would keep its own parent alive
+    after a SIGKILLed launcher, and so itself (its parent-death signal comes from the server). The rank then
+    uses the platform's default start method, like a fresh process.
+    """
+    internals.forkserver_forget()
+    multiprocessing.set_start_method(None, force=True)  # type: ignore[arg-type]
+
+
+def exit_now(code: int) -> None:
+    """Leave without running C++ static destructors once the work is done and the result written.
+
+    With torch 2.15, a rank (or a plain torchrun script) sometimes aborts at interpreter shutdown with
+    "terminate called without an active exception" (a joinable thread destroyed), turning a finished job into
+    a SIGABRT failure. What multiprocessing started is cleaned up first, as at a normal exit (and as a spawned
+    rank's process does): leftover DataLoader workers and the fork server of the workers, whose socket folder
+    in the temp directory would otherwise stay behind.
+    """
+    internals.run_multiprocessing_exit()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

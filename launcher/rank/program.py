@@ -1,0 +1,201 @@
+"""The rank program: detect the environment, join the process group, run the target, tear down.
+
+Run as :func:`forked_main` in a process forked from the launcher's rank server, or called in place by
+``launcher run`` under torchrun or in an srun step (:func:`run_in_place`). What to run comes as a
+:class:`launcher.spec.RankSpec`: a ``"module:qualname"`` target resolved here, inside the rank, or a script
+that sets up its own process group. Errors are recorded with torch.distributed.elastic's ``@record``
+(the agent applies it; the user adds no decorator) and carry the rank, host and last completed step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import runpy
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .. import config as config_mod
+from .. import dist
+from .. import entry as entry_mod
+from .. import env as env_mod
+from ..errors import StopForRequeue
+from ..rng import seed_everything
+from ..spec import MAIN_ALIAS, RankSpec
+from . import hostmem, interrupt, process, stop
+
+
+def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
+    """Import ``"module:qualname"``; ``__main__`` targets load from ``main_file`` without running main."""
+    module_name, _, qualname = target.partition(":")
+    if module_name == "__main__":
+        if main_file is None:
+            raise ValueError(f"cannot resolve {target!r}: no main file")
+        mp_main = sys.modules.get("__mp_main__")  # multiprocessing ran the script in this rank already
+        if mp_main is not None and getattr(mp_main, "__file__", None) == main_file:
+            sys.modules.setdefault(MAIN_ALIAS, mp_main)
+        if MAIN_ALIAS not in sys.modules:
+            spec = importlib.util.spec_from_file_location(MAIN_ALIAS, main_file)
+            assert spec and spec.loader
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[MAIN_ALIAS] = module
+            spec.loader.exec_module(module)
+        obj: Any = sys.modules[MAIN_ALIAS]
+    else:
+        obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_job(job_data: dict[str, Any], source: str) -> Any:
+    """Target used by ``launcher run JOB.yaml``: rebuild the resolved job and call its entry point."""
+    job = config_mod.from_dict(job_data, source)
+    return entry_mod.call_entry(resolve(job.entry), job)
+
+
+def run_in_place(job: config_mod.Job) -> Any:
+    """Run this process as one rank of ``job`` (under torchrun, an srun step or a submitit task)."""
+    environment = env_mod.detect()
+    if isinstance(environment, env_mod.TorchElasticEnvironment):
+        process.die_with_parent()  # torchrun SIGKILLed: its ranks go too instead of training on as orphans
+    if environment.rank() == 0:
+        config_mod.write_resolved(job)
+    return execute(RankSpec.for_job(job))
+
+
+def execute(spec: RankSpec, fn: Callable[..., Any] | None = None) -> Any:
+    """Run one rank of ``spec`` in this process; returns the target's result (``fn`` replaces the target)."""
+    environment = env_mod.detect()
+    if spec.keep_freed_memory:
+        hostmem.keep_freed_memory()
+    if spec.runs_script:
+        return _run_script(spec, environment)
+    dist.init(environment, spec.backend, spec.startup_timeout_s, spec.timeout_s)
+    _tolerate_user_init()
+    rank = dist.get_rank()
+    if isinstance(environment, env_mod.SlurmEnvironment):
+        _slurm_threads()
+        stop.install(spec.max_requeues)  # preemption / time limit: save at a step boundary
+    try:
+        if spec.seed is not None:
+            seed_everything(spec.seed + rank)
+        fn = fn or resolve(spec.target, spec.main_file)
+        with _reported(rank):
+            return fn(*spec.args, **spec.kwargs)
+    finally:
+        stop.uninstall()
+        dist.teardown()
+
+
+def _tolerate_user_init() -> None:
+    """An entry function written for torchrun calls ``init_process_group`` itself: the group is already
+    there, so that call does nothing instead of raising "trying to initialize the default process group
+    twice!". Patched in this rank's process only, once the launcher's own group exists."""
+    import functools
+
+    import torch.distributed as tdist
+
+    original = tdist.init_process_group
+    if getattr(original, "__launcher_tolerant__", False):
+        return
+
+    @functools.wraps(original)
+    def init_process_group(*args: Any, **kwargs: Any) -> None:
+        if tdist.is_initialized():
+            return None  # the launcher created this rank's group before calling the entry
+        return original(*args, **kwargs)
+
+    init_process_group.__launcher_tolerant__ = True  # type: ignore[attr-defined]
+    tdist.init_process_group = init_process_group
+
+
+def _slurm_threads() -> None:
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Without task binding every rank would start a thread per core of the node: use the cores it got.
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+
+
+@contextlib.contextmanager
+def _reported(rank: int, counts_steps: bool = True) -> Iterator[None]:
+    """Around the target: a stop (Ctrl-C) is reported as such; a failure gets the rank, host and last step."""
+    try:
+        with interrupt.interruptible():
+            yield
+    except StopForRequeue:
+        raise
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        step = dist.current_step()
+        where = f"after step {step}" if step is not None else "before the first step" if counts_steps else ""
+        if interrupt.stopped_by():
+            # Asked to stop (Ctrl-C reaches the ranks as SIGINT from the launcher or torchrun): whatever ended
+            # the target, a KeyboardInterrupt or a peer's closed connection, is the stop itself.
+            line = f"[launcher] rank {rank} stopped by {interrupt.stopped_by()} {where}"
+            print(line.rstrip(), file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
+        e.add_note(f"[launcher] rank {rank} on {socket.gethostname()}" + (f", {where}" if where else ""))
+        raise
+
+
+def _run_script(spec: RankSpec, environment: env_mod.ClusterEnvironment) -> Any:
+    """Run a torchrun-style script as ``__main__`` with its arguments: it sets up the process group itself."""
+    if isinstance(environment, env_mod.SlurmEnvironment):
+        _slurm_threads()
+    name = spec.script or spec.module or ""
+    sys.argv = [name, *spec.argv]
+    try:
+        with _reported(environment.rank(), counts_steps=False):  # scripts do not report their steps
+            if spec.script is not None:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(spec.script)))  # as `python script.py`
+                runpy.run_path(spec.script, run_name="__main__")
+            else:
+                runpy.run_module(spec.module or "", run_name="__main__", alter_sys=True)
+    finally:
+        dist.teardown()
+    return None
+
+
+def forked_main(spec: RankSpec) -> Any:
+    """Rank entry point in a process forked from the launcher's server (:mod:`launcher.launching.rankserver`).
+
+    The rank first becomes what a fresh process started by the launcher would be: its own session (the
+    launcher stops a rank together with its DataLoader workers by process group), and the launcher's
+    environment (plus the agent's RANK, MASTER_PORT, ...), working directory and ``sys.path`` instead of the
+    server's, and a numpy global stream of its own. It returns the target's result (the agent collects it),
+    None when the target calls ``sys.exit(0)``.
+    """
+    os.setsid()
+    process.set_name(f"launcher-rank{os.environ.get('RANK', '')}")  # in top, ps -o comm
+    if spec.process is not None:
+        p = spec.process
+        from_agent = {k: v for k, v in os.environ.items() if p.server_env.get(k) != v}
+        os.environ.clear()
+        os.environ.update(p.environ)
+        os.environ.update(from_agent)
+        if "OMP_NUM_THREADS" in os.environ:  # torch read the server's value when it was imported
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        os.chdir(p.cwd)
+        sys.path[:] = p.sys_path
+    if "numpy" in sys.modules:  # its global stream, like Python's random (which the stdlib reseeds at fork)
+        sys.modules["numpy"].random.seed()
+    process.detach_from_server()  # DataLoader workers start as in a fresh process
+    # Rank logs go to files and are tailed to the console: line buffering keeps them in step.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    process.die_with_parent()
+    process.forked_children_die_with_this_process()
+    try:
+        return execute(spec)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+        return None

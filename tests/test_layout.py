@@ -1,0 +1,128 @@
+"""The package's tree is its process picture: launching side, rank side, library; no import cycle."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "launcher"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p) for p in PKG.rglob("*.py")}
+
+
+def _targets(base: str, names: list[ast.alias]) -> set[str]:
+    """What ``from base import names`` loads: each name that is a submodule, else ``base`` itself."""
+    out = {f"{base}.{a.name}" for a in names if f"{base}.{a.name}" in MODULES}
+    if len(out) < len(names):
+        out.add(base)
+    return out
+
+
+def _imports() -> dict[str, set[str]]:
+    """``{module: launcher modules it imports}``, top-level and function-level imports alike."""
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                if base.startswith("launcher"):
+                    deps.update(_targets(base, node.names))
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("launcher"))
+        graph[name] = deps
+    known = set(graph)
+    return {m: {d for d in ds if d in known and d != m} for m, ds in graph.items()}
+
+
+def _top_level_imports() -> dict[str, set[str]]:
+    """Like :func:`_imports`, but only imports executed when the module is imported (not in functions)."""
+    graph = {}
+    for path in PKG.rglob("*.py"):
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and (node.level or str(node.module).startswith("launcher")):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                deps.update(_targets(base, node.names))
+        graph[name] = deps
+    known = set(graph)
+    return {m: {d for d in ds if d in known and d != m} for m, ds in graph.items()}
+
+
+def test_no_import_cycle():
+    graph = _top_level_imports()
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join([*path, m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for d in sorted(graph[m]):
+            # a package importing its own submodule to re-export it is not a cycle back into the package
+            visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_library_and_rank_side_never_import_the_launching_side():
+    graph = _imports()
+    for m, deps in graph.items():
+        launching = ("launcher.launching", "launcher.cli", "launcher.testing", "launcher.__main__")
+        if m.startswith(launching) or m == "launcher":
+            continue
+        bad = sorted(d for d in deps if d.startswith("launcher.launching") or d == "launcher.cli")
+        assert not bad, f"{m} imports the launching side: {bad}"
+
+
+def test_launching_side_reaches_the_rank_side_only_by_name():
+    graph = _imports()
+    for m, deps in graph.items():
+        if m.startswith(("launcher.launching", "launcher.cli")) and m != "launcher.launching.api":
+            bad = sorted(d for d in deps if d.startswith("launcher.rank"))
+            assert not bad, f"{m} imports the rank program: {bad}"
+
+
+def test_no_module_is_much_over_400_lines():
+    lines = {str(p.relative_to(PKG)): len(p.read_text().splitlines()) for p in PKG.rglob("*.py")}
+    long = {name: n for name, n in lines.items() if n > 420}
+    assert not long, long
+
+
+def test_readme_how_it_works_names_every_module():
+    readme = (PKG.parent / "README.md").read_text()
+    section = readme.split("## How it works", 1)[1].split("\n## ", 1)[0]
+    for path in PKG.rglob("*.py"):
+        rel = str(path.relative_to(PKG))
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        assert rel in section, f"README's How it works does not mention launcher/{rel}"
+
+
+def test_importing_the_launching_side_changes_no_logging_setting():
+    import logging
+    import subprocess
+    import sys
+
+    code = ("import logging; import launcher.launching.local; "
+            "print(logging.getLogger('torch.distributed.elastic').level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(logging.NOTSET)
