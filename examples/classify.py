@@ -24,7 +24,7 @@ from torchvision.models.resnet import BasicBlock
 from tqdm import tqdm
 
 import launcher
-from launcher.config import EXACT
+from launcher.config import EXACT, above, at_least
 from launcher.data.tar import DecodeImage, open_shards, read_tar
 
 from . import recipes
@@ -38,35 +38,35 @@ class ClassifyArgs:
     """Folder with ``train/`` and ``val/`` tar shards (``python -m examples.shapes`` writes one)."""
     model: Literal["small", "resnet18"] = "small"
     """``small``: the ResNet of ``width`` and ``depth`` below; ``resnet18``: torchvision's."""
-    width: int = 16
+    width: int = field(default=16, metadata=at_least(1))
     """Channels of the small ResNet's first stage."""
-    depth: int = 1
+    depth: int = field(default=1, metadata=at_least(1))
     """Blocks per stage of the small ResNet."""
-    epochs: int = 4
+    epochs: int = field(default=4, metadata=at_least(1))
     """Passes over the training data."""
-    max_steps: int | None = None
+    max_steps: int | None = field(default=None, metadata=at_least(1))
     """Stop after this many optimizer steps in total (before ``epochs`` ends if smaller)."""
-    batch_size: int = field(default=32, metadata=EXACT)
+    batch_size: int = field(default=32, metadata=at_least(1, **EXACT))
     """Samples per rank per micro-batch (the global batch is ``batch_size x world_size x grad_accum``)."""
-    grad_accum: int = field(default=1, metadata=EXACT)
+    grad_accum: int = field(default=1, metadata=at_least(1, **EXACT))
     """Micro-batches per optimizer step (DDP's all-reduce only on the last)."""
-    lr: float = 0.1
+    lr: float = field(default=0.1, metadata=at_least(0))
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
     """Weight decay for weights; biases and normalization parameters get none."""
     momentum: float = 0.9
     """SGD momentum."""
-    grad_clip: float | None = None
+    grad_clip: float | None = field(default=None, metadata=above(0))
     """Clip the global gradient norm to this value; null disables."""
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata=at_least(0))
     """Linear warm-up steps before cosine decay."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss."""
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = field(default=0.0, metadata=at_least(0))
     """Mixup Beta(alpha, alpha); 0 disables."""
     amp: Literal["off", "bf16", "fp16"] = "off"
     """Mixed precision on GPU (ignored on CPU)."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=at_least(1))
     """A progress line and a metrics row every this many steps."""
     stop_at_step: int | None = None
     """Stop after this step as if preempted (the demo's interruption)."""

@@ -14,28 +14,28 @@ import torch
 from torch import nn
 
 import launcher
-from launcher.config import EXACT
+from launcher.config import EXACT, at_least
 
 
 @dataclass
 class TinyArgs:
     """The tiny job's own settings (the ``args:`` section of ``jobs/tiny.yaml``)."""
 
-    epochs: int = 2
+    epochs: int = field(default=2, metadata=at_least(1))
     """Passes over the data."""
-    max_steps: int | None = None
+    max_steps: int | None = field(default=None, metadata=at_least(1))
     """Stop after this many steps in total (null: run every epoch)."""
-    batch_size: int = field(default=16, metadata=EXACT)
+    batch_size: int = field(default=16, metadata=at_least(1, **EXACT))
     """Samples per rank per step."""
-    lr: float = 0.1
+    lr: float = field(default=0.1, metadata=at_least(0))
     """SGD learning rate."""
     momentum: float = 0.9
     """SGD momentum."""
-    num_samples: int = 512
+    num_samples: int = field(default=512, metadata=at_least(1))
     """Size of the synthetic data set."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=at_least(0))
     """Print a progress line on rank 0 every this many steps (0: never)."""
-    step_sleep: float = 0.0
+    step_sleep: float = field(default=0.0, metadata=at_least(0))
     """Seconds to sleep after each step (tests use it to keep a job running)."""
 
 

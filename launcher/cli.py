@@ -18,7 +18,7 @@ from pathlib import Path
 from . import config as config_mod
 from . import entry as entry_mod
 from . import env as env_mod
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure, UsageError
 
 # torch is imported only once the ranks' fork server is importing it too (see launcher.launching.rankserver).
 
@@ -68,7 +68,13 @@ def cmd_run(job: config_mod.Job) -> int:
 
 def _check_entry_findable(job: config_mod.Job) -> None:
     """Before any process starts: the entry's module or the script exists (importing it comes later, once
-    the ranks' server is importing torch beside it)."""
+    the ranks' server is importing torch beside it), and so does a checkpoint named to resume from."""
+    resume = job.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise config_mod.ConfigError(
+            f"{job.source}: checkpoint.resume: {resume!r} does not exist (working directory {os.getcwd()})\n"
+            "HINT: auto (the newest valid checkpoint in the run directory), never, or the path of a "
+            "step_*.pt file")
     if job.script is not None:
         if job.script.startswith("-m "):
             module = job.script[3:].strip()
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         from .launching.slurm import cmd_submit  # submitit is only imported when submitting
 
         return cmd_submit(job, wait=args.wait, sweeps=args.sweep)
-    except config_mod.ConfigError as e:
+    except (config_mod.ConfigError, UsageError) as e:
         print(f"launcher: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RankFailure as e:

@@ -12,6 +12,7 @@ reports the file, key path and valid keys together, which is the part users see.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -33,22 +34,32 @@ EXACT = {"resume": "exact"}
 IGNORED = {"resume": "ignore"}
 
 
+def at_least(low: float, **metadata: Any) -> dict[str, Any]:
+    """Field metadata: the value (when not null) must be ``>= low``; checked when the job is loaded."""
+    return {**metadata, "min": low}
+
+
+def above(low: float, **metadata: Any) -> dict[str, Any]:
+    """Field metadata: the value (when not null) must be ``> low``; checked when the job is loaded."""
+    return {**metadata, "above": low}
+
+
 @dataclass
 class DistributedConfig:
     """How the ranks are started and talk to each other."""
 
-    nproc_per_node: int = field(default=1, metadata=EXACT)
+    nproc_per_node: int = field(default=1, metadata=at_least(1, **EXACT))
     """Ranks to start on this machine (``launcher run``); one per GPU is typical."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: NCCL when every rank has its own CUDA device, Gloo otherwise."""
     sync_batchnorm: bool = True
     """Convert BatchNorm layers to :class:`launcher.SyncBatchNorm` when wrapping the model."""
-    timeout_s: float = 120.0
+    timeout_s: float = field(default=120.0, metadata=above(0))
     """Timeout of every collective once the first step has completed; a stuck rank fails after this."""
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: float = field(default=600.0, metadata=above(0))
     """Timeout of collectives before the first step (rendezvous, data loading warm-up, compilation); also
     bounds every wait for a batch from DataLoader workers (:func:`launcher.data.make_loader`)."""
-    max_restarts: int = 0
+    max_restarts: int = field(default=0, metadata=at_least(0))
     """Restart all ranks this many times after a failure; they resume from the last checkpoint."""
     find_unused_parameters: bool = False
     """Passed to DistributedDataParallel."""
@@ -64,11 +75,11 @@ class DistributedConfig:
 class DataConfig:
     """Data-loading settings the entry passes to :func:`launcher.make_loader` (the launcher applies them)."""
 
-    num_workers: int = field(default=0, metadata=EXACT)
+    num_workers: int = field(default=0, metadata=at_least(0, **EXACT))
     """DataLoader worker processes per rank."""
     uneven: Literal["drop", "pad"] = field(default="drop", metadata=EXACT)
     """Equal batches on every rank (no DDP hang): drop the uneven tail, or pad by repeating samples."""
-    shuffle_buffer: int = field(default=0, metadata=EXACT)
+    shuffle_buffer: int = field(default=0, metadata=at_least(0, **EXACT))
     """Bounded sample shuffle buffer per worker; 0 shuffles shard order only."""
     pin_memory: bool = True
     """Pin host memory on GPU runs (ignored on CPU)."""
@@ -80,9 +91,9 @@ class CheckpointConfig:
 
     dir: str = "checkpoints"
     """Checkpoint folder; relative paths are inside the run directory."""
-    every_steps: int = 0
+    every_steps: int = field(default=0, metadata=at_least(0))
     """Save every this many steps; 0 saves only at the end of each epoch."""
-    keep_last: int = 3
+    keep_last: int = field(default=3, metadata=at_least(1))
     """Keep this many most recent checkpoints (plus the best one)."""
     resume: str = field(default="auto", metadata=IGNORED)
     """``auto``: newest valid checkpoint in ``dir`` else a fresh start; ``never``; or a checkpoint path."""
@@ -102,17 +113,17 @@ class SlurmConfig:
     """Account to charge (``--account``)."""
     qos: str | None = None
     """Quality of service (``--qos``)."""
-    nodes: int = field(default=1, metadata=EXACT)
+    nodes: int = field(default=1, metadata=at_least(1, **EXACT))
     """Number of nodes."""
-    tasks_per_node: int | None = field(default=None, metadata=EXACT)
+    tasks_per_node: int | None = field(default=None, metadata=at_least(1, **EXACT))
     """Ranks per node; defaults to ``gpus_per_node``, or ``distributed.nproc_per_node`` on CPU."""
-    gpus_per_node: int = 0
+    gpus_per_node: int = field(default=0, metadata=at_least(0))
     """GPUs per node (``--gpus-per-node``)."""
-    cpus_per_task: int = 1
+    cpus_per_task: int = field(default=1, metadata=at_least(1))
     """CPU cores per rank."""
-    mem_gb: float | None = None
+    mem_gb: float | None = field(default=None, metadata=above(0))
     """Memory per node in GiB."""
-    time_min: int = 60
+    time_min: int = field(default=60, metadata=at_least(1))
     """Time limit in minutes."""
     constraint: str | None = None
     """Node features (``--constraint``)."""
@@ -128,11 +139,11 @@ class SlurmConfig:
     """Lines run before ``srun`` in the batch script (``module load ...``, ``source .venv/bin/activate``)."""
     python: str | None = None
     """Python command on the nodes; default: the interpreter running ``launcher submit``."""
-    signal_delay_s: int = 90
+    signal_delay_s: int = field(default=90, metadata=at_least(0))
     """Seconds before the time limit at which SLURM sends USR2 (checkpoint and requeue)."""
     log_folder: str = "slurm_logs"
     """Where submitit writes logs and pickles; relative paths are inside the run directory."""
-    max_requeues: int = 3
+    max_requeues: int = field(default=3, metadata=at_least(0))
     """Requeue a preempted or timed-out job at most this many times (``SLURM_RESTART_COUNT`` counts them)."""
 
 
@@ -248,12 +259,15 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         return {str(k): _convert(v, vt, f"{where}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and isinstance(value, (str, float)):
         # PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string; users mean a number.
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise fail() from None
+        if not math.isfinite(number):
+            raise fail(" (a finite number)\nHINT: .nan and .inf are not settings")
+        return number
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
             raise fail()
@@ -284,10 +298,23 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
             f"HINT: add `{missing[0]}: ...` to {where or 'the top level of the job file'}"
         )
     kwargs = {k: _convert(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
+    for k, v in kwargs.items():
+        _check_range(fields[k], v, f"{prefix}{k}", source)
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_range(f: dataclasses.Field[Any], value: Any, where: str, source: str) -> None:
+    low, strict = (f.metadata["above"], True) if "above" in f.metadata else (f.metadata.get("min"), False)
+    if low is None or value is None or isinstance(value, bool):
+        return
+    if value < low or (strict and value == low):
+        bound = f"above {low:g}" if strict else f"at least {low:g}"
+        raise ConfigError(f"{source}: {where}: must be {bound}, got {value!r}\n"
+                          f"HINT: set {where}= a value {bound} (the docstring in launcher/config.py says what it "
+                          "means)")
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -332,15 +359,15 @@ def load(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Jo
     Raises:
         ConfigError: with file, key path, expectation and a hint.
     """
+    from . import yamlfile
+
     path = Path(path)
     try:
-        text = path.read_text()
+        data = yamlfile.read(path)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the job file ({e.strerror})\nHINT: check the path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except yamlfile.JobFileError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return from_dict(data, str(path), overrides)

@@ -142,16 +142,15 @@ def _gloo_group() -> Any:
 
 
 def barrier() -> None:
-    """*Collective.* Wait for all ranks (no-op when not distributed), bounded by the collective timeout."""
+    """*Collective.* Wait for all ranks (no-op when not distributed), bounded by the collective timeout.
+
+    A plain barrier on the object group: its timeout is the group's (start-up, then ``distributed.timeout_s``).
+    Not ``monitored_barrier``: when a peer has died it logs "Rank N failed to pass monitoredBarrier" from C++
+    before the launcher can report the real cause, and its own default timeout is 30 minutes.
+    """
     if not is_initialized() or get_world_size() == 1:
         return
-    if tdist.get_backend() != "gloo":
-        tdist.barrier()
-        return
-    seconds = _state["step_timeout_s"] if _state["first_step_done"] else _state["startup_timeout_s"]
-    # monitored_barrier's own default is 30 minutes, whatever the group's timeout: pass ours.
-    timeout = datetime.timedelta(seconds=seconds) if seconds else None
-    tdist.monitored_barrier(_gloo_group(), timeout=timeout)
+    tdist.barrier(group=_gloo_group() if tdist.get_backend() == "gloo" else None)
 
 
 def all_gather_object(obj: T) -> list[T]:

@@ -28,6 +28,10 @@ class LaunchError(RuntimeError):
     """A user-facing launcher error (printed without a launcher traceback)."""
 
 
+class UsageError(LaunchError):
+    """Bad usage found before anything started (exit code 2): the message names what and how to fix it."""
+
+
 class StopForRequeue(SystemExit):
     """Raised inside a rank after its state was saved, to exit with :data:`EXIT_REQUEUE`."""
 
@@ -61,6 +65,27 @@ class Failure:
         return any(s in self.traceback or s in self.message for s in _SECONDARY)
 
 
+#: Frames of these files are the launcher's and torch elastic's plumbing around the user's code.
+_PLUMBING = ("torch/distributed/elastic/", "launcher/rank/program.py", "launcher/entry.py", "<frozen runpy>")
+
+
+def user_frames(traceback: str) -> str:
+    """``traceback`` without the frames of the plumbing that called the user's code (every line is kept when
+    that would leave no frame at all)."""
+    lines = traceback.splitlines()
+    out, skipping = [], False
+    for line in lines:
+        if line.startswith("  File "):
+            skipping = any(p in line for p in _PLUMBING)
+        elif not line.startswith("    "):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    if not any(line.startswith("  File ") for line in out):
+        return traceback
+    return "\n".join(out)
+
+
 class RankFailure(LaunchError):
     """A rank raised or died; carries the first failure (by time, root causes first) and all others."""
 
@@ -83,7 +108,7 @@ class RankFailure(LaunchError):
         how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
         lines = [f"rank {f.rank} failed first (host {f.host}, {how})"]
         if f.traceback:
-            lines += [f"[rank{f.rank}]: {line}" for line in f.traceback.rstrip().splitlines()]
+            lines += [f"[rank{f.rank}]: {line}" for line in user_frames(f.traceback).rstrip().splitlines()]
         elif f.message:
             lines.append(f"[rank{f.rank}]: {f.message}")
         if f.log_tail and not f.traceback:

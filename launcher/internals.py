@@ -22,6 +22,7 @@ REQUIRED = [
     ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._start_workers"),
     ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._pcontext"),
     ("torch.distributed.elastic.multiprocessing.api", "MultiprocessContext._pc"),
+    ("torch.multiprocessing.spawn", "ProcessContext.error_files"),
 ]
 
 
@@ -64,6 +65,13 @@ def agent_processes(agent: Any) -> tuple[dict[int, str], list[Any]]:
     error_files = dict(getattr(pcontext, "error_files", None) or {})
     processes = list(getattr(getattr(pcontext, "_pc", None), "processes", None) or [])
     return error_files, processes
+
+
+def spawn_error_files(agent: Any) -> list[str]:
+    """The ``pytorch-errorfile-*.pickle`` files torch.multiprocessing made in the temp directory for the
+    agent's last attempt (``agent._pcontext._pc.error_files``): torch never removes them."""
+    pc = getattr(getattr(agent, "_pcontext", None), "_pc", None)
+    return [f for f in (getattr(pc, "error_files", None) or []) if f]
 
 
 def torch_save_without_zip_crc() -> Any:

@@ -37,3 +37,22 @@ def test_classify_runs_writes_metrics_and_resumes(tmp_path):
     assert max(r["step"] for r in rows) == expected > 0  # every batch of both epochs, across the resume
     assert (run / "curves.png").stat().st_size > 1000
     assert (run / "checkpoints" / "best").exists()
+    # Epochs are numbered from 1 and match the steps: every validation row of epoch e sits at or before the
+    # end of epoch e, after the end of epoch e - 1; the last one is the last epoch, on the console too.
+    per_epoch = expected // 2
+    for r in val:
+        assert (r["epoch"] - 1) * per_epoch < r["step"] <= r["epoch"] * per_epoch, val
+    assert [r["epoch"] for r in val][-1] == 2
+    assert f"epoch 2 step {expected}:" in second.stdout
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all((r["epoch"] - 1) * per_epoch < r["step"] <= r["epoch"] * per_epoch for r in train), train
+
+
+def test_a_finished_classify_job_run_again_has_nothing_to_do(tmp_path):
+    data = generate(tmp_path / "shapes", train=64, val=32, size=16, per_shard=32)
+    common = ["jobs/classify.yaml", f"output_dir={tmp_path / 'runs'}", f"args.data_dir={data}", "args.width=8",
+              "args.epochs=1", "args.batch_size=16", "data.num_workers=0"]
+    assert run_cli("run", *common).returncode == 0
+    again = run_cli("run", *common)
+    assert again.returncode == 0, again.stderr
+    assert "already finished" in again.stdout and "'val_accuracy': None" in again.stdout

@@ -33,6 +33,18 @@ def test_two_rank_run_succeeds_and_every_rank_ran(run_root):
     assert (run_root / "tiny" / "job.yaml").exists()
 
 
+def test_the_tiny_job_shows_progress_and_a_finished_job_run_again_says_so(run_root):
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=20", "args.log_every=10")
+    assert r.returncode == 0, r.stderr
+    assert "[rank0]:epoch 0 step 10 loss" in r.stdout and "[rank0]:epoch 1 step 20 loss" in r.stdout
+    again = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=20")
+    assert again.returncode == 0, again.stderr
+    assert "already finished: resumed at step 20" in again.stdout and "'loss': None" in again.stdout
+    # run ids sort by start time: the second run's logs come last
+    runs = sorted(p.name for p in (run_root / "tiny" / "logs").iterdir() if p.is_dir())
+    assert len(runs) == 2 and runs[0] < runs[1] and runs[0][:8].isdigit()
+
+
 def start_long_job(run_root, *extra):
     """The tiny job until it is stopped (its own 2 epochs end after about a second: a signal sent later found
     the job finished, and rank 0's log without a stop line). Short epochs: DataLoader workers start often."""

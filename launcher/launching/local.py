@@ -42,6 +42,10 @@ from . import rankserver
 
 #: The entry point of every forked rank, by name: the launching side never imports the rank program.
 RANK_MAIN = "launcher.rank.program:forked_main"
+#: Most ranks started from the fork server: torch's process context sends every rank the result queues of
+#: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many
+#: fds"). More ranks start with the ``spawn`` method, as torchrun starts them (each imports torch itself).
+MAX_FORKED_RANKS = 100
 
 #: Seconds a rank gets to exit after SIGTERM/SIGINT before SIGKILL (graceful stop and failure alike).
 SHUTDOWN_TIMEOUT_S = 3
@@ -65,7 +69,7 @@ def spawn(
     log_dir.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()  # sorts by start time
     threads = rankserver.threads_env(nproc)
-    server_env = rankserver.start(nproc)
+    server_env = rankserver.start(nproc) if nproc <= MAX_FORKED_RANKS else None
     if server_env is not None:
         # Handed to each rank through the fork server's socket: no file holds the environment.
         spec = spec.with_process(Process(environ={**os.environ, **threads}, server_env=server_env,
@@ -116,8 +120,11 @@ def spawn(
         os.environ.update(environ)
         with contextlib.suppress(Exception):  # the run's outcome matters more than closing the store
             worker_spec.rdzv_handler.shutdown()
-    if result.is_failed():
-        raise RankFailure([_failure(r, f) for r, f in _all_failures(agent, result.failures).items()])
+    try:
+        if result.is_failed():
+            raise RankFailure([_failure(r, f) for r, f in _all_failures(agent, result.failures).items()])
+    finally:
+        agent.remove_error_files()
     return {rank: result.return_values.get(rank) for rank in range(nproc)}
 
 
@@ -149,8 +156,15 @@ class _Agent(LocalElasticAgent):
         super().__init__(*args, **kwargs)
         self.rank_pids: list[int] = []
 
+    def remove_error_files(self) -> None:
+        """torch.multiprocessing's per-rank traceback files of the last attempt, once they have been read."""
+        for path in internals.spawn_error_files(self):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     def _start_workers(self, worker_group: Any) -> dict[int, Any]:
         _kill_groups(self.rank_pids)  # a restart: what is left of the ranks stopped before it
+        self.remove_error_files()
         pids = super()._start_workers(worker_group)
         self.rank_pids.extend(pids.values())
         return pids

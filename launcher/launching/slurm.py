@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from .. import config as config_mod
 from ..entry import check_entry
-from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, RankFailure
+from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, RankFailure, UsageError
 
 #: What each SLURM task runs, by name: the submitting side never imports the rank program.
 RANK_IN_PLACE = "launcher.rank.program:run_in_place"
@@ -113,7 +113,7 @@ def make_executor(job: config_mod.Job, folder: Path) -> Any:
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **kwargs)
     except RuntimeError as e:  # submitit: 'Could not detect "srun"'
-        raise LaunchError(
+        raise UsageError(
             f"{job.source}: cannot submit: {e}\nHINT: run this on a SLURM login node, or start the local "
             'test cluster: slurm/cluster.sh up && eval "$(slurm/cluster.sh env)"'
         ) from None
@@ -124,9 +124,28 @@ def make_executor(job: config_mod.Job, folder: Path) -> Any:
     return executor
 
 
+def check_controller(job: config_mod.Job, timeout_s: float = 30.0) -> None:
+    """A SLURM controller answers ``scontrol ping``; :class:`UsageError` with how to get one otherwise."""
+    hint = ('HINT: run this on a SLURM login node, or start the local test cluster: slurm/cluster.sh up && '
+            'eval "$(slurm/cluster.sh env)"')
+    try:
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s, check=False)
+    except FileNotFoundError:
+        raise UsageError(f"{job.source}: cannot submit: no SLURM commands here (scontrol not found)\n{hint}") \
+            from None
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{job.source}: cannot submit: scontrol ping did not answer in {timeout_s:g} s\n{hint}") \
+            from None
+    said = (r.stdout.strip() or r.stderr.strip()).splitlines()
+    if r.returncode != 0 or "UP" not in r.stdout:
+        raise UsageError(f"{job.source}: cannot submit: no SLURM controller answers (scontrol ping: "
+                         f"{said[0] if said else r.returncode})\n{hint}")
+
+
 def submit(job: config_mod.Job, sweeps: list[str] | None = None) -> tuple[list[config_mod.Job], list[Any]]:
     """Submit ``job`` (or its sweep, as one array); returns the jobs submitted and submitit's handles."""
     check_entry(job)
+    check_controller(job)
     members = sweep_jobs(job, sweeps)
     folder = _log_folder(job).resolve()
     folder.mkdir(parents=True, exist_ok=True)

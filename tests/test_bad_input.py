@@ -1,0 +1,77 @@
+"""Bad input is refused before anything starts: exit 2, the key named, a HINT, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from .conftest import ROOT, launcher_cmd
+
+BOMB = "name: a\nentry: examples.tiny:main\nx:\n  a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"  {c}: &{c} [{', '.join([f'*{chr(ord(c) - 1)}'] * 9)}]\n" for c in "bcdefghi")
+
+CASES = [
+    # (job file text or None for jobs/tiny.yaml, extra arguments, what the message must name)
+    (None, ["distributed.nproc_per_node=0"], "distributed.nproc_per_node"),
+    (None, ["distributed.nproc_per_node=-1"], "distributed.nproc_per_node"),
+    (None, ["args.batch_size=0"], "args.batch_size"),
+    (None, ["args.batch_size=-4"], "args.batch_size"),
+    (None, ["data.num_workers=-1"], "data.num_workers"),
+    (None, ["distributed.timeout_s=-1"], "distributed.timeout_s"),
+    (None, ["distributed.timeout_s=0"], "distributed.timeout_s"),
+    (None, ["checkpoint.resume=/nonexistent/step_00000001.pt"], "checkpoint.resume"),
+    (None, ["entry=launcher:__version__"], "not callable"),
+    (None, ["entry=nosuch_module:main"], "no module named 'nosuch_module'"),
+    (None, ["entry=examples.tiny:nosuch"], "has no attribute 'nosuch'"),
+    (None, ["distributed.max_restarts=-1"], "distributed.max_restarts"),
+    (None, ["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (None, ["checkpoint.keep_last=-1"], "checkpoint.keep_last"),
+    (None, ["args.max_steps=-5"], "args.max_steps"),
+    (None, ["args.lr=.nan"], "args.lr"),
+    (None, ["checkpoint.every_steps=-1"], "checkpoint.every_steps"),
+    (None, ["args.epochz=1"], "unknown key 'args.epochz'"),
+    ("name: a\nentry: examples.tiny:main\ndata: {num_workers: 1}\ndata: {shuffle_buffer: 2}\n", [],
+     "key 'data' is given twice"),
+    (BOMB, [], "YAML aliases"),
+    ("name: a\nentry: examples.tiny:main\n# " + "x" * (2 << 20) + "\n", [], "larger than 1 MiB"),
+    (b"\xff\xfe" + os.urandom(4094), [], "not UTF-8"),
+]
+
+
+def _run(tmp_path, text, extra):
+    job = ROOT / "jobs" / "tiny.yaml"
+    if text is not None:
+        job = tmp_path / "job.yaml"
+        job.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return subprocess.run(launcher_cmd("run", str(job), f"output_dir={tmp_path / 'runs'}", *extra), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("text, extra, named", CASES, ids=[c[2][:40] + str(i) for i, c in enumerate(CASES)])
+def test_bad_job_is_refused_before_anything_starts(tmp_path, text, extra, named):
+    r = _run(tmp_path, text, extra)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert named in r.stderr and "HINT" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()  # no run directory, no rank started
+    assert "starting" not in r.stdout
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["nosuch.py", "1"], "does not exist"),
+    (["-m", "nosuch_pkg.train", "1"], "no module named 'nosuch_pkg.train'"),
+])
+def test_missing_script_or_module_is_refused(tmp_path, argv, named):
+    r = subprocess.run(launcher_cmd("run", "--nproc-per-node", "2", *argv), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 2 and named in r.stderr and "HINT" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_submit_without_a_controller_is_refused(tmp_path):
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "no-such-slurm.conf"), "PATH": os.environ["PATH"]}
+    r = subprocess.run(launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={tmp_path}"), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "cannot submit" in r.stderr and "HINT" in r.stderr and "Traceback" not in r.stderr
