@@ -34,9 +34,7 @@ def cmd_run(job: config_mod.Job) -> int:
     _check_entry_findable(job)
     if not env_mod.detect().spawns_here():
         entry_mod.check_entry(job)
-        program = _rank_program()
-        program.run_in_place(job)  # type: ignore[attr-defined]  # this process is one rank of the job
-        program.process.exit_now(EXIT_OK)  # type: ignore[attr-defined]  # done and saved: see exit_now
+        _rank_program().run_in_place_and_exit(job)  # type: ignore[attr-defined]  # one rank of the job
     nproc = job.distributed.nproc_per_node
     from .launching import rankserver
 

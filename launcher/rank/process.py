@@ -5,12 +5,13 @@ Linux-only effects (``prctl``) are no-ops elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import internals
 
@@ -66,7 +67,7 @@ def detach_from_server() -> None:
     multiprocessing.set_start_method(None, force=True)  # type: ignore[arg-type]
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """Leave without running C++ static destructors once the work is done and the result written.
 
     With torch 2.15, a rank (or a plain torchrun script) sometimes aborts at interpreter shutdown with
@@ -79,3 +80,15 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def kill_children() -> None:
+    """SIGKILL what multiprocessing started from this process and is still running (DataLoader workers).
+
+    A rank whose target raised must not wait for them: inside a SLURM job they ignore SIGTERM (they must
+    outlive a preemption signal), and the exception's traceback keeps the loader that would stop them alive,
+    so the interpreter's exit would join them forever and hold the allocation until its time limit.
+    """
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):
+            child.kill()

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -59,6 +59,29 @@ def run_job(job_data: dict[str, Any], source: str) -> Any:
     """Target used by ``launcher run JOB.yaml``: rebuild the resolved job and call its entry point."""
     job = config_mod.from_dict(job_data, source)
     return entry_mod.call_entry(resolve(job.entry), job)
+
+
+def run_in_place_and_exit(job: config_mod.Job) -> NoReturn:
+    """``launcher run`` under torchrun or in an srun step: run this process as one rank, then leave at once.
+
+    A failure is recorded for torchrun (its error file, as ``@record`` does) and printed; the exit code is 0,
+    the target's ``sys.exit`` code, 3 for a requeue, 130 for Ctrl-C, or 1.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    code = 0
+    try:
+        record(run_in_place)(job)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except BaseException:  # noqa: BLE001 - reported here, then the process leaves with code 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    process.exit_now(code)
 
 
 def run_in_place(job: config_mod.Job) -> Any:
@@ -130,8 +153,10 @@ def _reported(rank: int, counts_steps: bool = True) -> Iterator[None]:
         with interrupt.interruptible():
             yield
     except StopForRequeue:
+        process.kill_children()
         raise
     except BaseException as e:
+        process.kill_children()  # DataLoader workers are ended, not waited for
         if isinstance(e, SystemExit) and e.code in (0, None):
             raise
         step = dist.current_step()

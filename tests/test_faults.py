@@ -1,0 +1,61 @@
+"""Fault injection: the rank that broke is named within seconds, and nothing is left behind.
+
+Each test starts the tiny job with long epochs (DataLoader workers stay up), injects one fault, and asserts
+the time bound, the rank and cause named in the report, and that no process of the run remains.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import children_of, descendants, left_behind, wait_until
+from .test_cli import ranks_running, start_long_job
+
+LONG_EPOCHS = ("args.num_samples=200000",)  # an epoch outlasts every test: workers are not restarted
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def worker_server_and_workers(rank: int) -> tuple[int, list[int]] | None:
+    """A rank's DataLoader fork server and the workers it forked, once both workers run."""
+    for child in children_of(rank):
+        if "forkserver" in _cmdline(child):
+            workers = children_of(child)
+            return (child, workers) if len(workers) == 2 else None
+    return None
+
+
+@pytest.mark.parametrize("victim", ["worker", "worker server"])
+def test_a_dead_dataloader_worker_fails_its_rank_within_5s(run_root, victim):
+    proc = start_long_job(run_root, *LONG_EPOCHS)
+    try:
+        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
+        ranks = ranks_running(proc)
+        assert wait_until(lambda: worker_server_and_workers(ranks[1]), 30)
+        server, workers = worker_server_and_workers(ranks[1])
+        tree = descendants(proc.pid)
+        os.kill(workers[1] if victim == "worker" else server, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - killed
+        _, err = proc.communicate()
+        assert proc.returncode == 1, err
+        print(f"fault {victim}: job gone {elapsed:.2f} s after the kill")  # pytest -s shows it
+        assert elapsed < 5, (elapsed, err)
+        assert "rank 1 failed first" in err and "rank 1: DataLoader worker" in err, err
+        assert "killed by SIGKILL" in err and "HINT" in err, err
+        if victim == "worker":
+            assert f"(pid {workers[1]})" in err
+        assert wait_until(lambda: not left_behind(tree, ranks), 5), "processes left behind"
+    finally:
+        proc.kill()
