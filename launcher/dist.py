@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import time
 from typing import Any, TypeVar
 
 import torch
@@ -114,12 +115,32 @@ def note_step(step: int) -> None:
     Not collective; cheap enough to call every step.
     """
     _state["step"] = step
+    _heartbeat(step)
     if not _state["first_step_done"] and is_initialized() and _state["step_timeout_s"]:
         _state["first_step_done"] = True
         timeout = datetime.timedelta(seconds=_state["step_timeout_s"])
         tdist.set_timeout(timeout)
         if _gloo_group.cache_info().currsize:
             tdist.set_timeout(timeout, _gloo_group())
+
+
+#: Set by ``launcher run`` for the ranks it spawns: a folder where each rank leaves its last step and when.
+HEARTBEAT_ENV = "LAUNCHER_HEARTBEAT_DIR"
+_beat: dict[str, Any] = {"fd": None, "pid": None, "last": 0.0}
+
+
+def _heartbeat(step: int) -> None:
+    """At most once a second: ``"STEP TIME"`` into this rank's heartbeat file (one ``pwrite``), so that the
+    launcher can tell, when a collective times out, which rank stopped making progress."""
+    folder = os.environ.get(HEARTBEAT_ENV)
+    now = time.time()
+    if not folder or now - _beat["last"] < 1.0:
+        return
+    if _beat["pid"] != os.getpid():  # first beat of this process (a restarted rank is a new one)
+        _beat.update(pid=os.getpid(), fd=os.open(os.path.join(folder, f"rank{get_rank()}"),
+                                                  os.O_WRONLY | os.O_CREAT, 0o600))
+    _beat["last"] = now
+    os.pwrite(_beat["fd"], f"{step} {now:.3f}".ljust(40).encode(), 0)
 
 
 def current_step() -> int | None:

@@ -89,11 +89,12 @@ def user_frames(traceback: str) -> str:
 class RankFailure(LaunchError):
     """A rank raised or died; carries the first failure (by time, root causes first) and all others."""
 
-    def __init__(self, failures: list[Failure]) -> None:
+    def __init__(self, failures: list[Failure], stalled: str = "") -> None:
         # Root causes first, then by time: timestamps have one-second resolution and the agent stamps a rank
         # killed by a signal when it notices, which can be after the peers it stopped because of it.
         self.failures = sorted(failures, key=lambda f: (f.secondary, f.timestamp, f.rank))
         self.first = self.failures[0]
+        self.stalled = stalled  # "rank N stopped making progress ..." when a collective timed out waiting for it
         super().__init__(self.render())
 
     @property
@@ -106,7 +107,8 @@ class RankFailure(LaunchError):
     def render(self) -> str:
         f = self.first
         how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
-        lines = [f"rank {f.rank} failed first (host {f.host}, {how})"]
+        lines = [self.stalled, f"so rank {f.rank} failed first (host {f.host}, {how}):"] if self.stalled else \
+            [f"rank {f.rank} failed first (host {f.host}, {how})"]
         if f.traceback:
             lines += [f"[rank{f.rank}]: {line}" for line in user_frames(f.traceback).rstrip().splitlines()]
         elif f.message:

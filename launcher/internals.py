@@ -23,6 +23,8 @@ REQUIRED = [
     ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._pcontext"),
     ("torch.distributed.elastic.multiprocessing.api", "MultiprocessContext._pc"),
     ("torch.multiprocessing.spawn", "ProcessContext.error_files"),
+    ("torch.multiprocessing.spawn", "ProcessContext.join"),
+    ("torch.multiprocessing.spawn", "ProcessContext.sentinels"),
 ]
 
 
@@ -65,6 +67,26 @@ def agent_processes(agent: Any) -> tuple[dict[int, str], list[Any]]:
     error_files = dict(getattr(pcontext, "error_files", None) or {})
     processes = list(getattr(getattr(pcontext, "_pc", None), "processes", None) or [])
     return error_files, processes
+
+
+def set_failure_grace(agent: Any, seconds: float, on_exit: Any = None) -> None:
+    """When a rank of the agent's current attempt fails, torch's process context waits ``grace_period`` for the
+    others, SIGTERMs them, waits again, then SIGKILLs; its default is 30 s (``_pc.join``, called by the
+    elastic context's ``_poll`` without a grace period). Bind ours. ``on_exit(pids)`` runs when a rank has
+    ended, before torch stops the others (the moment to look at them)."""
+    import multiprocessing.connection
+
+    pc = getattr(getattr(agent, "_pcontext", None), "_pc", None)
+    join = getattr(pc, "join", None)
+    if join is None:
+        return
+
+    def join_with_grace(timeout: float | None = None, grace_period: float | None = None) -> Any:
+        if on_exit is not None and multiprocessing.connection.wait(list(pc.sentinels), timeout=0):
+            on_exit([p.pid for p in pc.processes])
+        return join(timeout, grace_period=seconds if grace_period is None else grace_period)
+
+    pc.join = join_with_grace
 
 
 def spawn_error_files(agent: Any) -> list[str]:

@@ -59,3 +59,27 @@ def test_a_dead_dataloader_worker_fails_its_rank_within_5s(run_root, victim):
         assert wait_until(lambda: not left_behind(tree, ranks), 5), "processes left behind"
     finally:
         proc.kill()
+
+
+def test_a_stopped_rank_is_named_and_the_job_ends_within_the_timeout_plus_5s(run_root):
+    timeout_s = 6
+    proc = start_long_job(run_root, *LONG_EPOCHS, f"distributed.timeout_s={timeout_s}")
+    try:
+        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
+        ranks = ranks_running(proc)
+        assert wait_until(lambda: any((run_root / "tiny" / "logs").glob("heartbeat-*/rank1")), 60)
+        time.sleep(1.5)  # past the first step: the step timeout applies
+        tree = descendants(proc.pid)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        proc.wait(timeout=timeout_s + 60)
+        elapsed = time.monotonic() - stopped
+        _, err = proc.communicate()
+        print(f"fault SIGSTOP: job gone {elapsed:.2f} s after the stop (timeout_s={timeout_s})")
+        assert proc.returncode == 1, err
+        assert "rank 1 stopped making progress (last step" in err and "process stopped" in err, err
+        assert elapsed < timeout_s + 5, (elapsed, err)
+        assert "Terminating process" not in err
+        assert wait_until(lambda: not left_behind(tree, ranks), 5), "processes left behind"
+    finally:
+        proc.kill()

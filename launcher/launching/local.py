@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -36,6 +37,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from .. import internals
+from ..dist import HEARTBEAT_ENV
 from ..errors import Failure, RankFailure
 from ..spec import Process, RankSpec
 from . import rankserver
@@ -68,7 +70,9 @@ def spawn(
     log_dir = Path(log_dir).absolute()
     log_dir.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()  # sorts by start time
-    threads = rankserver.threads_env(nproc)
+    heartbeats = log_dir / f"heartbeat-{run_id}"
+    heartbeats.mkdir()
+    threads = {**rankserver.threads_env(nproc), HEARTBEAT_ENV: str(heartbeats)}
     server_env = rankserver.start(nproc) if nproc <= MAX_FORKED_RANKS else None
     if server_env is not None:
         # Handed to each rank through the fork server's socket: no file holds the environment.
@@ -122,39 +126,45 @@ def spawn(
             worker_spec.rdzv_handler.shutdown()
     try:
         if result.is_failed():
-            raise RankFailure([_failure(r, f) for r, f in _all_failures(agent, result.failures).items()])
+            failures = [_failure(r, f) for r, f in _all_failures(agent, result.failures).items()]
+            raise RankFailure(failures, stalled=stall_report(failures, heartbeats, agent.states_at_failure))
     finally:
         agent.remove_error_files()
+        shutil.rmtree(heartbeats, ignore_errors=True)
     return {rank: result.return_values.get(rank) for rank in range(nproc)}
 
 
 @contextlib.contextmanager
 def _quiet_elastic_logs() -> Iterator[None]:
-    """While the agent runs: its ERROR lines for each failure and its "Received 2 death signal" warning are
-    not shown (the launcher reports the first failure and a stop in its own words). Restored afterwards, so
-    importing this module changes nothing for the rest of the process."""
-    logger = logging.getLogger("torch.distributed.elastic")
-    api_logger = logging.getLogger("torch.distributed.elastic.agent.server.api")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    api_logger.addFilter(_no_death_signal)
+    """While the agent runs: its ERROR lines for each failure, its "Received 2 death signal" warning and
+    torch.multiprocessing's "Terminating process ... via signal SIGTERM" are not shown (the launcher reports
+    the first failure and a stop in its own words). torch's loggers may carry levels of their own, so each is
+    set; all are restored afterwards: importing this module changes nothing for the rest of the process."""
+    names = ["torch.distributed.elastic", "torch.multiprocessing.spawn"]
+    names += [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic.")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
-        api_logger.removeFilter(_no_death_signal)
-
-
-def _no_death_signal(record: logging.LogRecord) -> bool:
-    return "death signal" not in record.getMessage()
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 class _Agent(LocalElasticAgent):
-    """torch's local agent, remembering every rank it starts (each leads its own process group)."""
+    """torch's local agent, remembering every rank it starts (each leads its own process group), noting the
+    ranks' process states when one fails, and stopping the others within :data:`SHUTDOWN_TIMEOUT_S`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank_pids: list[int] = []
+        self.states_at_failure: dict[int, str] = {}
+
+    def _note_states(self, pids: list[int]) -> None:
+        if not self.states_at_failure:
+            self.states_at_failure = {rank: _process_state(pid) for rank, pid in enumerate(pids)}
 
     def remove_error_files(self) -> None:
         """torch.multiprocessing's per-rank traceback files of the last attempt, once they have been read."""
@@ -165,7 +175,11 @@ class _Agent(LocalElasticAgent):
     def _start_workers(self, worker_group: Any) -> dict[int, Any]:
         _kill_groups(self.rank_pids)  # a restart: what is left of the ranks stopped before it
         self.remove_error_files()
+        self.states_at_failure = {}
         pids = super()._start_workers(worker_group)
+        # torch waits 30 s after SIGTERM before it SIGKILLs the other ranks of a failed attempt; ours is the
+        # documented grace: half of it for them to end on their own, half after SIGTERM.
+        internals.set_failure_grace(self, SHUTDOWN_TIMEOUT_S / 2, on_exit=self._note_states)
         self.rank_pids.extend(pids.values())
         return pids
 
@@ -223,6 +237,53 @@ def _all_failures(agent: _Agent, reported: dict[int, ProcessFailure]) -> dict[in
             failures[rank] = ProcessFailure(local_rank=rank, pid=proc.pid, exitcode=proc.exitcode,
                                             error_file=error_files.get(rank, ""))
     return failures
+
+
+def _process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (R running, S sleeping, D disk wait, T stopped, Z zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger", "D": "in uninterruptible I/O "
+           "(a hung file system?)", "Z": "already dead"}
+_TIMEOUT = ("Timed out", "timed out", "Timeout", "timeout")
+
+
+def stall_report(failures: list[Failure], heartbeats: Path, states: dict[int, str]) -> str:
+    """When a collective timed out: which rank stopped making progress, its last step and what it was doing.
+
+    The rank whose wait expired is the one reporting the timeout; the one behind is the rank with the oldest
+    heartbeat (``launcher.note_step`` writes one a second), or a rank the kernel shows stopped.
+    """
+    timed_out = {f.rank for f in failures if any(t in f.traceback + f.message for t in _TIMEOUT)}
+    if not timed_out:
+        return ""
+    beats: dict[int, tuple[int, float]] = {}
+    for path in heartbeats.glob("rank*"):
+        with contextlib.suppress(ValueError, OSError):
+            step, at = path.read_text().split()
+            beats[int(path.name[4:])] = (int(step), float(at))
+    ranks = sorted(set(states) | set(beats))
+    candidates = [r for r in ranks if r not in timed_out] or ranks
+    stopped = [r for r in candidates if states.get(r) in _STATES]
+    if stopped:
+        behind = stopped[0]
+    elif any(r in beats for r in candidates):
+        behind = min(candidates, key=lambda r: beats.get(r, (-1, 0.0)))
+    else:
+        return ""
+    what = []
+    if behind in beats:
+        step, at = beats[behind]
+        what.append(f"last step {step}, {time.time() - at:.0f} s before this report")
+    else:
+        what.append("before its first step")
+    if states.get(behind) in _STATES:
+        what.append(f"process {_STATES[states[behind]]}")
+    return f"rank {behind} stopped making progress ({'; '.join(what)}), and its peers' collectives timed out"
 
 
 def _failure(rank: int, pf: ProcessFailure) -> Failure:
