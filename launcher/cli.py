@@ -18,6 +18,7 @@ from pathlib import Path
 from . import config as config_mod
 from . import entry as entry_mod
 from . import env as env_mod
+from . import rundir
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure, UsageError
 
 # torch is imported only once the ranks' fork server is importing it too (see launcher.launching.rankserver).
@@ -40,12 +41,14 @@ def cmd_run(job: config_mod.Job) -> int:
 
     rankserver.start(nproc)  # the ranks' server imports torch while this process does
     entry_mod.check_entry(job)
+    _check_resumable(job)
     from torch.distributed.elastic.multiprocessing import SignalException
 
     from .launching.local import spawn
     from .spec import RankSpec
 
     spec = RankSpec.for_job(job)
+    rundir.lock(job.run_dir, job.source)  # one running job per run directory
     config_mod.write_resolved(job)
     what = f"{job.script} {' '.join(job.script_args)}".strip() if job.script else job.entry
     print(f"[launcher] {job.name}: starting {nproc} rank(s) of {what}; logs in {job.run_dir / 'logs'}",
@@ -89,6 +92,20 @@ def _check_entry_findable(job: config_mod.Job) -> None:
     module = job.entry.partition(":")[0]
     if _find_spec(module) is None:
         entry_mod.resolve_entry(job)  # raises with the import path and a hint
+
+
+def _check_resumable(job: config_mod.Job) -> None:
+    """``resume: auto`` with checkpoints present of which none verifies: refuse rather than start over."""
+    if job.script is not None or job.checkpoint.resume != "auto":
+        return
+    from .checkpoint.files import refusals
+
+    refused = refusals(job.checkpoint_dir)
+    if refused:
+        why = "\n  ".join(f"{p.name}: {reason.removeprefix(str(p) + ': ')}" for p, reason in refused)
+        raise config_mod.ConfigError(
+            f"{job.source}: {job.checkpoint_dir} holds checkpoints but none is valid:\n  {why}\nHINT: "
+            "checkpoint.resume=never starts over (the files stay), checkpoint.resume=PATH picks one")
 
 
 def _find_spec(module: str) -> object | None:

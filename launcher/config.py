@@ -313,8 +313,7 @@ def _check_range(f: dataclasses.Field[Any], value: Any, where: str, source: str)
     if value < low or (strict and value == low):
         bound = f"above {low:g}" if strict else f"at least {low:g}"
         raise ConfigError(f"{source}: {where}: must be {bound}, got {value!r}\n"
-                          f"HINT: set {where}= a value {bound} (the docstring in launcher/config.py says what it "
-                          "means)")
+                          f"HINT: set {where}= a value {bound} (its docstring says what it means)")
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:

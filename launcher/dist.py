@@ -165,7 +165,8 @@ def _gloo_group() -> Any:
 def barrier() -> None:
     """*Collective.* Wait for all ranks (no-op when not distributed), bounded by the collective timeout.
 
-    A plain barrier on the object group: its timeout is the group's (start-up, then ``distributed.timeout_s``).
+    A plain barrier on the object group: its timeout is the group's (start-up, then
+    ``distributed.timeout_s``).
     Not ``monitored_barrier``: when a peer has died it logs "Rank N failed to pass monitoredBarrier" from C++
     before the launcher can report the real cause, and its own default timeout is 30 minutes.
     """

@@ -94,7 +94,7 @@ class RankFailure(LaunchError):
         # killed by a signal when it notices, which can be after the peers it stopped because of it.
         self.failures = sorted(failures, key=lambda f: (f.secondary, f.timestamp, f.rank))
         self.first = self.failures[0]
-        self.stalled = stalled  # "rank N stopped making progress ..." when a collective timed out waiting for it
+        self.stalled = stalled  # "rank N stopped making progress ...": a collective timed out waiting for it
         super().__init__(self.render())
 
     @property
@@ -107,8 +107,9 @@ class RankFailure(LaunchError):
     def render(self) -> str:
         f = self.first
         how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
-        lines = [self.stalled, f"so rank {f.rank} failed first (host {f.host}, {how}):"] if self.stalled else \
-            [f"rank {f.rank} failed first (host {f.host}, {how})"]
+        lines = [f"rank {f.rank} failed first (host {f.host}, {how})"]
+        if self.stalled:
+            lines = [self.stalled, f"so rank {f.rank} failed first (host {f.host}, {how}):"]
         if f.traceback:
             lines += [f"[rank{f.rank}]: {line}" for line in user_frames(f.traceback).rstrip().splitlines()]
         elif f.message:

@@ -25,6 +25,8 @@ REQUIRED = [
     ("torch.multiprocessing.spawn", "ProcessContext.error_files"),
     ("torch.multiprocessing.spawn", "ProcessContext.join"),
     ("torch.multiprocessing.spawn", "ProcessContext.sentinels"),
+    ("torch.utils.data.dataloader", "_MultiProcessingDataLoaderIter._workers"),
+    ("torch.utils.data.dataloader", "DataLoader._iterator"),
 ]
 
 
@@ -70,13 +72,13 @@ def agent_processes(agent: Any) -> tuple[dict[int, str], list[Any]]:
 
 
 def set_failure_grace(agent: Any, seconds: float, on_exit: Any = None) -> None:
-    """When a rank of the agent's current attempt fails, torch's process context waits ``grace_period`` for the
-    others, SIGTERMs them, waits again, then SIGKILLs; its default is 30 s (``_pc.join``, called by the
+    """When a rank of the agent's current attempt fails, torch's process context waits ``grace_period`` for
+    the others, SIGTERMs them, waits again, then SIGKILLs; its default is 30 s (``_pc.join``, called by the
     elastic context's ``_poll`` without a grace period). Bind ours. ``on_exit(pids)`` runs when a rank has
     ended, before torch stops the others (the moment to look at them)."""
     import multiprocessing.connection
 
-    pc = getattr(getattr(agent, "_pcontext", None), "_pc", None)
+    pc: Any = getattr(getattr(agent, "_pcontext", None), "_pc", None)
     join = getattr(pc, "join", None)
     if join is None:
         return
@@ -94,6 +96,16 @@ def spawn_error_files(agent: Any) -> list[str]:
     agent's last attempt (``agent._pcontext._pc.error_files``): torch never removes them."""
     pc = getattr(getattr(agent, "_pcontext", None), "_pc", None)
     return [f for f in (getattr(pc, "error_files", None) or []) if f]
+
+
+def dataloader_workers(iterator: Any) -> list[Any]:
+    """The worker processes of a multi-process DataLoader iterator (``_workers``), to say which one died."""
+    return list(getattr(iterator, "_workers", None) or [])
+
+
+def dataloader_iterator(loader: Any) -> Any:
+    """The iterator a DataLoader keeps for itself (``_iterator``; None before the first epoch)."""
+    return getattr(loader, "_iterator", None)
 
 
 def torch_save_without_zip_crc() -> Any:

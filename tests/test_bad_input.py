@@ -1,4 +1,5 @@
-"""Bad input is refused before anything starts: exit 2, the key named, a HINT, no traceback, nothing written."""
+"""Bad input is refused before anything starts: exit 2, the key named, a HINT, no traceback, nothing
+written."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def test_classify_runs_writes_metrics_and_resumes(tmp_path):
 
 def test_a_finished_classify_job_run_again_has_nothing_to_do(tmp_path):
     data = generate(tmp_path / "shapes", train=64, val=32, size=16, per_shard=32)
-    common = ["jobs/classify.yaml", f"output_dir={tmp_path / 'runs'}", f"args.data_dir={data}", "args.width=8",
+    common = ["jobs/classify.yaml", f"output_dir={tmp_path / 'runs'}", f"args.data_dir={data}",
+              "args.width=8",
               "args.epochs=1", "args.batch_size=16", "data.num_workers=0"]
     assert run_cli("run", *common).returncode == 0
     again = run_cli("run", *common)

@@ -140,3 +140,30 @@ def ddp_over_uneven_shards():
 def test_two_rank_ddp_over_uneven_shards_finishes():
     out = run_distributed(ddp_over_uneven_shards, world_size=2, timeout_s=30)
     assert out[0] == out[1] > 0
+
+
+def _slow_first_shard(shard):
+    """Shard 0 takes ``shard_delay`` seconds to open (slow storage, a stuck worker)."""
+    import os
+    import time
+
+    if shard == 0:
+        time.sleep(float(os.environ.get("SHARD_DELAY", "0")))
+    return [(torch.zeros(2), 0) for _ in range(8)]
+
+
+@pytest.mark.parametrize("delay, wait, fails", [(3.0, 60.0, False), (30.0, 3.0, True)])
+def test_a_slow_first_batch_is_allowed_and_a_stuck_worker_is_not(monkeypatch, delay, wait, fails):
+    import time
+
+    monkeypatch.setenv("SHARD_DELAY", str(delay))
+    ds = ShardedIterableDataset([0, 1, 2, 3], _slow_first_shard, sizes=[8] * 4, batch_size=4, rank=0,
+                                world_size=1, shuffle=False)
+    loader = make_loader(ds, num_workers=2, timeout=wait)  # the wait bound is ours; torch polls every 2 s
+    start = time.monotonic()
+    if fails:
+        with pytest.raises(RuntimeError, match=r"no batch from its DataLoader workers for 3 s"):
+            list(loader)
+        assert time.monotonic() - start < wait + 3
+    else:
+        assert len(list(loader)) == 8 and time.monotonic() - start >= delay

@@ -79,6 +79,19 @@ def test_every_readme_command_is_covered():
     assert not stale, f"tested commands no longer in the README: {stale}"
 
 
+def test_the_readme_lists_exactly_what_import_launcher_gives():
+    import launcher
+
+    text = (ROOT / "README.md").read_text()
+    listed = text.split("`import launcher` gives everything a loop needs", 1)[1].split("\n\n", 1)[0]
+    names = set(re.findall(r"`([A-Za-z_]+)`", listed)) - {"__all__"}
+    assert names == set(launcher.__all__)
+    used = set(re.findall(r"\blauncher\.([A-Za-z_]+)\(", text))  # every launcher.name(...) the README calls
+    assert used <= set(launcher.__all__), used - set(launcher.__all__)
+    for name in launcher.__all__:
+        getattr(launcher, name)
+
+
 def test_slurm_commands_name_an_existing_test():
     for how in COMMANDS.values():
         if isinstance(how, str):

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import examples.tiny  # noqa: F401  (the annotation of raise_mid_training)
-
+import examples.tiny
 import launcher
 from launcher import config as config_mod
 from launcher.checkpoint import load_checkpoint
@@ -307,29 +306,33 @@ def test_failing_job_shows_its_traceback_and_is_not_requeued(job_env, run_root):
     assert time.monotonic() - started < 120
 
 
-def raise_mid_training(job: config_mod.Job, args: "examples.tiny.TinyArgs") -> object:
-    """The tiny job, where rank 1 raises after step 3 with its DataLoader workers running."""
+def raise_mid_training(job: config_mod.Job, args: examples.tiny.TinyArgs) -> object:
+    """The tiny job, where rank 1 raises after step ``RAISE_AT`` (environment) with its DataLoader workers
+    running."""
     import examples.tiny
 
+    at = int(os.environ.get("RAISE_AT", "3"))
     if launcher.get_rank() == 1:
         real_step = launcher.Checkpointer.step
 
         def step(self, state, metric=None):
             real_step(self, state, metric)
-            if state.step == 3:
-                raise RuntimeError("boom on rank 1 after step 3")
+            if state.step == at:
+                raise RuntimeError(f"boom on rank 1 after step {at}")
 
         launcher.Checkpointer.step = step  # type: ignore[method-assign]
     return examples.tiny.main(job, args)
 
 
-def test_a_rank_raising_mid_epoch_with_workers_ends_the_slurm_job_within_seconds(job_env, run_root):
+@pytest.mark.parametrize("at, samples", [(3, 20000), (14, 512)], ids=["mid-epoch", "epoch-boundary"])
+def test_a_rank_raising_with_workers_ends_the_slurm_job_within_seconds(job_env, run_root, at, samples):
     started = time.monotonic()
-    r = submit(job_env, run_root, "entry=tests.test_slurm:raise_mid_training", "data.num_workers=2",
-               "args.max_steps=1000", "args.num_samples=20000", "--wait")
+    r = submit({**job_env, "RAISE_AT": str(at)}, run_root, "entry=tests.test_slurm:raise_mid_training",
+               "data.num_workers=2", "args.max_steps=1000", "args.epochs=3", f"args.num_samples={samples}",
+               "--wait")
     took = time.monotonic() - started
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "rank 1 failed first" in r.stderr and "boom on rank 1 after step 3" in r.stderr, r.stderr
+    assert "rank 1 failed first" in r.stderr and f"boom on rank 1 after step {at}" in r.stderr, r.stderr
     job_id = job_id_of(r.stdout)
     assert wait_until(lambda: sacct(job_env, job_id) == ["FAILED|1:0"], 30), sacct(job_env, job_id)
     queue = subprocess.run(["squeue", "-h", "-j", job_id], env=job_env, capture_output=True, text=True,

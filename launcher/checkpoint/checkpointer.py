@@ -24,10 +24,12 @@ from .files import (
     FORMAT,
     CheckpointError,
     atomic_write_bytes,
-    find_latest,
     fsync_thread,
     list_checkpoints,
     load_file,
+    move_aside,
+    remove_stale_temp_files,
+    scan,
 )
 from .staging import Staging
 
@@ -100,8 +102,11 @@ class Checkpointer:
         self._stage = Staging(copy=async_save)
         self.last_saved: Path | None = None
         self._last_counters: tuple[int, int] | None = None  # (step, epoch) of the newest checkpoint
+        self._hyper = _hyperparameters(self.objects)  # what the optimizers were built with, this run
         if dist.is_main_process():
             self.directory.mkdir(parents=True, exist_ok=True)
+            for p in remove_stale_temp_files(self.directory):
+                _log(f"[launcher] removed {p.name}, left by a save that was killed half-way")
 
     # ----------------------------------------------------------------------------------------- saving
 
@@ -158,6 +163,7 @@ class Checkpointer:
                 "world_size": dist.get_world_size(),
                 "ranks": ranks,
                 "job": _job_dict(self.job),
+                "hyperparameters": self._hyper,
                 "versions": {"torch": str(torch.__version__), "python": platform.python_version(),
                              "launcher": _launcher_version()},
                 "time": time.time(),
@@ -181,13 +187,15 @@ class Checkpointer:
         atomic_write_bytes(self.directory / "latest", path.name.encode())
         if is_best:
             atomic_write_bytes(self.directory / "best", path.name.encode())
-        self._prune()
+        self._prune(path)
         return path
 
-    def _prune(self) -> None:
+    def _prune(self, written: Path) -> None:
+        """Keep the newest ``keep_last`` checkpoints and the best one; never the one just written. Files that
+        did not verify were moved to ``refused/`` at resume, so they take no place here."""
         best = (self.directory / "best").read_text().strip() if (self.directory / "best").exists() else None
         for _, p in list_checkpoints(self.directory)[self.keep_last :]:
-            if p.name != best:
+            if p.name != best and p != written:
                 # The manifest first: never a manifest without its file.
                 p.with_suffix(".json").unlink(missing_ok=True)
                 p.unlink(missing_ok=True)
@@ -228,16 +236,29 @@ class Checkpointer:
         if resume is None:
             resume = self.job.checkpoint.resume if self.job is not None else "auto"
         found: tuple[Path, dict[str, Any]] | None = None
-        if resume == "never":
-            found = None
-        elif resume == "auto":
-            found = find_latest(self.directory, log=_log)
-        else:
+        refused: list[tuple[Path, str]] = []
+        if resume == "auto":
+            found, refused = scan(self.directory, log=_log)
+        elif resume != "never":
             found = (Path(resume), load_file(resume))
         # Every rank looked at the same files; make sure they agree before anyone restores anything.
         names = dist.all_gather_object(str(found[0]) if found else None)
         if len(set(names)) != 1:
             raise CheckpointError(f"ranks disagree on the checkpoint to resume from: {names}")
+        if found is None and refused:
+            why = "\n  ".join(f"{p.name}: {reason.removeprefix(str(p) + ': ')}" for p, reason in refused)
+            raise CheckpointError(
+                f"{self.directory}: checkpoints are there but none is valid; not starting from scratch "
+                f"silently:\n  {why}\nHINT: checkpoint.resume=never starts over (the files stay), or "
+                "checkpoint.resume=PATH picks one")
+        dist.barrier()  # every rank has read what it needed before rank 0 moves refused files aside
+        if dist.is_main_process():
+            for p, reason in refused:
+                move_aside(p, reason)
+                _log(f"[launcher] moved {p.name} to {p.parent.name}/refused/ ({reason})")
+            best = self.directory / "best"
+            if best.exists() and not (self.directory / best.read_text().strip()).exists():
+                best.unlink()  # it named a refused file
         if found is None:
             return TrainState()
         path, data = found
@@ -248,6 +269,7 @@ class Checkpointer:
                     f"{path}: has no '{k}' state\nHINT: register the same objects as when saving"
                 )
             obj.load_state_dict(data[k])
+        self._apply_changed_hyperparameters(data.get("hyperparameters") or {})
         rank = dist.get_rank()
         mine = data["ranks"][rank] if rank < len(data["ranks"]) else None
         if mine is not None and restore_data:
@@ -261,6 +283,31 @@ class Checkpointer:
         self.last_saved, self._last_counters = path, (state.step, state.epoch)
         _log(f"[launcher] resumed from {path} (step {state.step}, epoch {state.epoch})")
         return state
+
+    def _apply_changed_hyperparameters(self, saved: dict[str, Any]) -> None:
+        """An optimizer built with other hyperparameters than the checkpoint's run (``lr`` 0.01 -> 0.2 in the
+        job) gets the new ones, scaled onto the restored values so a schedule goes on from where it was;
+        restoring the optimizer's state would otherwise silently keep the old ones."""
+        for name, groups in self._hyper.items():
+            obj: Any = self.objects.get(name)
+            old_groups = saved.get(name)
+            if obj is None or not isinstance(old_groups, list) or len(old_groups) != len(groups):
+                continue
+            for i, (new, old) in enumerate(zip(groups, old_groups)):
+                for key, value in new.items():
+                    before = old.get(key)
+                    if before == value or not isinstance(value, (int, float)) or isinstance(value, bool):
+                        continue
+                    group = obj.param_groups[i]
+                    scale = value / before if isinstance(before, (int, float)) and before else None
+                    group[key] = group[key] * scale if scale is not None else value
+                    if key == "lr" and "initial_lr" in group:
+                        group["initial_lr"] = value
+                        for other in self.objects.values():  # schedulers compute lr from base_lrs
+                            sched: Any = other
+                            if getattr(sched, "optimizer", None) is obj and hasattr(sched, "base_lrs"):
+                                sched.base_lrs[i] = value
+                    _log(f"[launcher] applied on resume: {name} group {i} {key} {before} -> {value}")
 
     def _check_compatible(self, path: Path, data: dict[str, Any]) -> bool:
         """Compare the saved run with this one; raise on changes that break exact resume unless allowed.
@@ -287,6 +334,19 @@ class Checkpointer:
                 )
             return False
         return True
+
+
+def _hyperparameters(objects: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each optimizer's param-group settings as built (numbers only; ``initial_lr`` where a scheduler set
+    it stands for the built ``lr``)."""
+    out = {}
+    for name, obj in objects.items():
+        groups = getattr(obj, "param_groups", None)
+        if isinstance(groups, list) and hasattr(obj, "step"):
+            out[name] = [{k: g.get("initial_lr", v) if k == "lr" else v for k, v in g.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "initial_lr"}
+                         for g in groups]
+    return out
 
 
 def _resume_keys(job: Any) -> tuple[set[str], set[str]]:

@@ -124,11 +124,44 @@ def atomic_write_bytes(path: Path, data: bytes | None = None, obj: Any = None) -
             crc = _crc32_of(f)
             synced.result()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # a failed save (disk full, unpicklable state) leaves nothing behind
+        full = _disk_full(path, e, len(data) if data is not None else _payload_bytes(obj))
+        if full:
+            raise CheckpointError(full) from e
         raise
     _fsync_dir(path.parent)
     return crc
+
+
+def _payload_bytes(obj: Any) -> int:
+    """About the bytes ``torch.save(obj)`` writes: its tensors' sizes (the rest is small)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj)
+    return 0
+
+
+def _disk_full(path: Path, error: BaseException, needed: int) -> str:
+    """A message when ``error`` (an ``OSError`` ENOSPC, or torch's C++ writer's ``iostream error`` /
+    ``unexpected pos``) came from a full disk; empty otherwise."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    enospc = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not enospc and not (isinstance(error, RuntimeError) and free < needed + (1 << 20)):
+        return ""
+    mb = 1 << 20
+    return (f"{path}: no space left on the device: the checkpoint needs about {needed / mb:.1f} MB, "
+            f"{free / mb:.1f} MB are free; the previous checkpoints are untouched\nHINT: free space, lower "
+            "checkpoint.keep_last, or point checkpoint.dir at a larger file system")
 
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -151,6 +184,9 @@ def verify(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: no readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("crc32"), str) \
+            or not isinstance(manifest.get("bytes"), int):
+        raise CheckpointError(f"{path}: the manifest is not a launcher manifest (corrupt)")
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -184,12 +220,82 @@ def load_file(path: str | os.PathLike[str], verify_checksum: bool = True) -> dic
 
 def find_latest(directory: str | os.PathLike[str], log: Any = print) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``directory`` that verifies and loads; corrupt ones are reported, skipped."""
-    for _, path in list_checkpoints(directory):
+    return scan(directory, log)[0]
+
+
+def scan(directory: str | os.PathLike[str],
+         log: Any = print) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
+    """``(newest valid checkpoint and its data, or None; [(newer file, why it was refused)])``.
+
+    Every ``step_*.pt`` counts, with or without a manifest: a file that looks like a checkpoint and does not
+    verify is reported, never silently passed over.
+    """
+    refused: list[tuple[Path, str]] = []
+    for _, path in candidates(directory):
         try:
-            return path, load_file(path)
+            return (path, load_file(path)), refused
         except CheckpointError as e:
             log(f"[launcher] skipping checkpoint: {e}")
-    return None
+            refused.append((path, str(e)))
+    return None, refused
+
+
+def candidates(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every file named like a checkpoint, newest first (manifest or not)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def refusals(directory: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """When ``directory`` holds files named like checkpoints and none of them verifies (manifest, size,
+    CRC32): each with the reason; an empty list otherwise. Reads files, loads none."""
+    refused = []
+    for _, path in candidates(directory):
+        try:
+            verify(path)
+        except CheckpointError as e:
+            refused.append((path, str(e)))
+        else:
+            return []
+    return refused
+
+
+REFUSED = "refused"
+
+
+def move_aside(path: Path, reason: str) -> Path:
+    """Move a refused checkpoint (and its manifest) into ``refused/`` beside it, with the reason."""
+    folder = path.parent / REFUSED
+    folder.mkdir(exist_ok=True)
+    for p in (path, path.with_suffix(".json")):
+        if p.exists():
+            os.replace(p, folder / p.name)
+    (folder / f"{path.stem}.why.txt").write_text(reason + "\n")
+    return folder / path.name
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Temp files of saves whose process is gone (a save killed half-way): ``.NAME.PID.tmp``."""
+    removed = []
+    for p in directory.glob(".*.tmp") if directory.is_dir() else []:
+        pid = p.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -247,8 +247,8 @@ def _process_state(pid: int) -> str:
         return "?"
 
 
-_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger", "D": "in uninterruptible I/O "
-           "(a hung file system?)", "Z": "already dead"}
+_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger",
+           "D": "in uninterruptible I/O (a hung file system?)", "Z": "already dead"}
 _TIMEOUT = ("Timed out", "timed out", "Timeout", "timeout")
 
 
@@ -264,8 +264,8 @@ def stall_report(failures: list[Failure], heartbeats: Path, states: dict[int, st
     beats: dict[int, tuple[int, float]] = {}
     for path in heartbeats.glob("rank*"):
         with contextlib.suppress(ValueError, OSError):
-            step, at = path.read_text().split()
-            beats[int(path.name[4:])] = (int(step), float(at))
+            words = path.read_text().split()
+            beats[int(path.name[4:])] = (int(words[0]), float(words[1]))
     ranks = sorted(set(states) | set(beats))
     candidates = [r for r in ranks if r not in timed_out] or ranks
     stopped = [r for r in candidates if states.get(r) in _STATES]

@@ -129,13 +129,14 @@ def check_controller(job: config_mod.Job, timeout_s: float = 30.0) -> None:
     hint = ('HINT: run this on a SLURM login node, or start the local test cluster: slurm/cluster.sh up && '
             'eval "$(slurm/cluster.sh env)"')
     try:
-        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s, check=False)
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s,
+                           check=False)
     except FileNotFoundError:
-        raise UsageError(f"{job.source}: cannot submit: no SLURM commands here (scontrol not found)\n{hint}") \
-            from None
+        raise UsageError(f"{job.source}: cannot submit: no SLURM commands here (scontrol not found)\n"
+                         f"{hint}") from None
     except subprocess.TimeoutExpired:
-        raise UsageError(f"{job.source}: cannot submit: scontrol ping did not answer in {timeout_s:g} s\n{hint}") \
-            from None
+        raise UsageError(f"{job.source}: cannot submit: scontrol ping did not answer in {timeout_s:g} s\n"
+                         f"{hint}") from None
     said = (r.stdout.strip() or r.stderr.strip()).splitlines()
     if r.returncode != 0 or "UP" not in r.stdout:
         raise UsageError(f"{job.source}: cannot submit: no SLURM controller answers (scontrol ping: "

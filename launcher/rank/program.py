@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from .. import config as config_mod
-from .. import dist
+from .. import dist, rundir
 from .. import entry as entry_mod
 from .. import env as env_mod
 from ..errors import StopForRequeue
@@ -90,6 +90,7 @@ def run_in_place(job: config_mod.Job) -> Any:
     if isinstance(environment, env_mod.TorchElasticEnvironment):
         process.die_with_parent()  # torchrun SIGKILLed: its ranks go too instead of training on as orphans
     if environment.rank() == 0:
+        rundir.lock(job.run_dir, job.source)
         config_mod.write_resolved(job)
     return execute(RankSpec.for_job(job))
 
