@@ -233,7 +233,8 @@ def scan(directory: str | os.PathLike[str],
     refused: list[tuple[Path, str]] = []
     for _, path in candidates(directory):
         try:
-            return (path, load_file(path)), refused
+            verify(path)  # a file without its manifest was never finished: refused too
+            return (path, load_file(path, verify_checksum=False)), refused
         except CheckpointError as e:
             log(f"[launcher] skipping checkpoint: {e}")
             refused.append((path, str(e)))
