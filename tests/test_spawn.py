@@ -160,3 +160,17 @@ def exit_zero():
 
 def test_a_target_that_exits_with_0_counts_as_done_without_a_result():
     assert launcher.launch(exit_zero, nproc=2, backend="gloo") == {0: None, 1: None}
+
+
+def test_more_ranks_than_the_fork_server_can_pass_start_with_spawn(monkeypatch):
+    """Above MAX_FORKED_RANKS (torch's process context sends every rank all result queues, and the fork
+    server passes at most 256 file descriptors: 126 ranks failed with "too many fds") ranks start with the
+    spawn method, as under torchrun. Lowered to 1 here so that 2 ranks take that path."""
+    from launcher.launching import local
+
+    monkeypatch.setattr(local, "MAX_FORKED_RANKS", 1)
+    started = []
+    real = local.rankserver.start
+    monkeypatch.setattr(local.rankserver, "start", lambda n: started.append(n) or real(n))
+    assert launcher.launch(rank_info, nproc=2, backend="gloo", args=(1.0,))[1]["sum"] == 3.0
+    assert started == []  # the fork server was not used

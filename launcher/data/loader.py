@@ -1,0 +1,164 @@
+"""``make_loader``: torchdata's StatefulDataLoader set up for a rank (worker start-up, signals, timeouts)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import dist, internals
+from ..rank import stop
+from . import workerserver
+from .dataset import ShardedIterableDataset
+
+
+def make_loader(
+    dataset: ShardedIterableDataset, num_workers: int = 0, pin_memory: bool = False, **kw: Any
+) -> Any:
+    """A torchdata ``StatefulDataLoader`` over ``dataset`` (batches come from the dataset; state per worker).
+
+    Inside a SLURM job the workers ignore SIGTERM and USR2: SLURM signals every process of the step on a
+    preemption or requeue, and torch's workers would die of it and crash the rank before it reaches the step
+    boundary where it saves (:mod:`launcher.rank.stop`). The rank stops its workers itself when it exits.
+
+    A worker that dies (the OOM killer, a crash, its fork server killed) fails the rank within
+    :data:`POLL_S` seconds plus torch's check, naming the rank, the worker's pid and how it died; a worker that
+    is alive but sends nothing for ``timeout`` seconds (default: the job's ``distributed.startup_timeout_s``,
+    600 s outside the launcher) fails it too: a long first batch is allowed, a stuck worker is not.
+
+    In a rank, workers start from a fork server of the rank's own when the dataset can be sent to one
+    (:func:`launcher.data.workerserver.for_workers`: forking a rank that runs Gloo collectives can deadlock the new
+    worker); otherwise, or with ``multiprocessing_context`` given, as the DataLoader starts them.
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    wait_s = float(kw.pop("timeout", 0) or dist.data_timeout_s())
+    if num_workers > 0 and stop.installed():
+        kw["worker_init_fn"] = functools.partial(_ignore_stop_signals, kw.get("worker_init_fn"))
+    if num_workers > 0 and "multiprocessing_context" not in kw:
+        kw["multiprocessing_context"] = workerserver.for_workers(dataset, kw.get("worker_init_fn"))
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, deprecated in newer torch: noise, not a user problem.
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        loader = _watched_class(StatefulDataLoader)(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+            persistent_workers=False,
+            # torch checks whether its workers are alive only when a wait for data times out: poll often,
+            # and let _Watched stretch the wait to the real bound.
+            timeout=min(POLL_S, wait_s) if num_workers > 0 else 0,
+            **kw,
+        )
+    loader.wait_s = wait_s
+    return loader
+
+
+#: How often a rank waiting for a batch checks that its DataLoader workers are alive (seconds).
+POLL_S = 2.0
+
+
+@functools.cache
+def _watched_class(base: type) -> type:
+    """``base`` (torchdata's StatefulDataLoader) whose iterators are :class:`_Watched`."""
+
+    class WatchedLoader(base):  # type: ignore[misc, valid-type]
+        wait_s: float = 600.0
+
+        def __iter__(self) -> Any:
+            if self.num_workers == 0:
+                return super().__iter__()
+            try:
+                it = super().__iter__()  # starting the workers waits for them too
+            except RuntimeError as e:
+                iterator = internals.dataloader_iterator(self)
+                raise RuntimeError(_Watched(iterator, self.wait_s).explain(str(e))) from e
+            return _Watched(it, self.wait_s)
+
+    return WatchedLoader
+
+
+class _Watched:
+    """A DataLoader iterator whose wait for a batch polls the workers' health, up to ``wait_s`` in all."""
+
+    def __init__(self, it: Any, wait_s: float) -> None:
+        self.it, self.wait_s = it, wait_s
+
+    def __iter__(self) -> _Watched:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.it, name)
+
+    def __next__(self) -> Any:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return next(self.it)
+            except RuntimeError as e:
+                text = str(e)
+                if text.startswith("DataLoader timed out") and time.monotonic() < deadline:
+                    continue  # nothing yet, every worker alive: wait on (the iterator's state is unchanged)
+                raise RuntimeError(self.explain(text)) from e
+
+    def explain(self, text: str) -> str:
+        """The rank's own words for a DataLoader error: which worker died and how, or how long it waited."""
+        rank = dist.get_rank()
+        if text.startswith("DataLoader timed out"):
+            return (f"rank {rank}: no batch from its DataLoader workers for {self.wait_s:g} s (workers alive but "
+                    "stuck)\nHINT: a slow first batch needs distributed.startup_timeout_s; otherwise look for "
+                    "a worker blocked on storage or a lock (py-spy dump --pid WORKER)")
+        if "exited unexpectedly" not in text:
+            return f"rank {rank}: {text}"
+        dead = []
+        server = _dead_worker_server()
+        if server:
+            dead.append(server)
+        for worker_id, w in enumerate(internals.dataloader_workers(self.it)):
+            code = w.exitcode
+            if code is None or code == 0:
+                continue
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+            if server and code == 255:  # the server can no longer report how its workers ended
+                how = "ended with it"
+            dead.append(f"worker {worker_id} (pid {w.pid}) {how}")
+        hint = ("HINT: SIGKILL is what the kernel's OOM killer sends: check `dmesg`, lower data.num_workers or "
+                "the memory each worker holds")
+        return f"rank {rank}: DataLoader {'; '.join(dead) or text}\n{hint}"
+
+
+def _dead_worker_server() -> str:
+    """How this rank's DataLoader fork server died, if it did (it is the rank's child: reap it to know)."""
+    pid = internals.forkserver_pid()
+    if pid is None:
+        return ""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return ""
+    if not done:
+        return ""
+    how = f"killed by {_signal_name(os.WTERMSIG(status))}" if os.WIFSIGNALED(status) else \
+        f"exit code {os.WEXITSTATUS(status)}"
+    return f"workers' fork server (pid {pid}) {how}, and its workers with it"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _ignore_stop_signals(user_init: Callable[[int], None] | None, worker_id: int) -> None:
+    for sig in stop.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if user_init is not None:
+        user_init(worker_id)
