@@ -68,7 +68,7 @@ def readme_commands() -> list[str]:
                     out.append(cmd)
         prose = re.sub(r"```.*?```", "", section, flags=re.DOTALL)
         out += [c for c in re.findall(r"`((?:launcher|torchrun) [^`]+)`", prose.replace("\n   ", " "))
-                if len(c.split()) > 2]
+                if len(c.split()) > 2 and (".yaml" in c or ".py" in c)]
     return list(dict.fromkeys(" ".join(c.split()) for c in out))
 
 

@@ -174,3 +174,15 @@ def test_more_ranks_than_the_fork_server_can_pass_start_with_spawn(monkeypatch):
     monkeypatch.setattr(local.rankserver, "start", lambda n: started.append(n) or real(n))
     assert launcher.launch(rank_info, nproc=2, backend="gloo", args=(1.0,))[1]["sum"] == 3.0
     assert started == []  # the fork server was not used
+
+
+def torch_seed():
+    return torch.initial_seed()
+
+
+def test_forked_ranks_do_not_share_torchs_random_stream():
+    """Each rank is a fork of one server: without a reseed all would draw the same numbers (a fresh process,
+    as under torchrun, starts from a random seed)."""
+    first = launcher.launch(torch_seed, nproc=2, backend="gloo")
+    second = launcher.launch(torch_seed, nproc=2, backend="gloo")
+    assert first[0] != first[1] and len({*first.values(), *second.values()}) == 4

@@ -28,13 +28,14 @@ def make_loader(
     boundary where it saves (:mod:`launcher.rank.stop`). The rank stops its workers itself when it exits.
 
     A worker that dies (the OOM killer, a crash, its fork server killed) fails the rank within
-    :data:`POLL_S` seconds plus torch's check, naming the rank, the worker's pid and how it died; a worker that
-    is alive but sends nothing for ``timeout`` seconds (default: the job's ``distributed.startup_timeout_s``,
-    600 s outside the launcher) fails it too: a long first batch is allowed, a stuck worker is not.
+    :data:`POLL_S` seconds plus torch's check, naming the rank, the worker's pid and how it died; a worker
+    that is alive but sends nothing for ``timeout`` seconds (default: the job's
+    ``distributed.startup_timeout_s``, 600 s outside the launcher) fails it too: a long first batch is
+    allowed, a stuck worker is not.
 
     In a rank, workers start from a fork server of the rank's own when the dataset can be sent to one
-    (:func:`launcher.data.workerserver.for_workers`: forking a rank that runs Gloo collectives can deadlock the new
-    worker); otherwise, or with ``multiprocessing_context`` given, as the DataLoader starts them.
+    (:func:`launcher.data.workerserver.for_workers`: forking a rank that runs Gloo collectives can deadlock
+    the new worker); otherwise, or with ``multiprocessing_context`` given, as the DataLoader starts them.
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -112,9 +113,9 @@ class _Watched:
         """The rank's own words for a DataLoader error: which worker died and how, or how long it waited."""
         rank = dist.get_rank()
         if text.startswith("DataLoader timed out"):
-            return (f"rank {rank}: no batch from its DataLoader workers for {self.wait_s:g} s (workers alive but "
-                    "stuck)\nHINT: a slow first batch needs distributed.startup_timeout_s; otherwise look for "
-                    "a worker blocked on storage or a lock (py-spy dump --pid WORKER)")
+            return (f"rank {rank}: no batch from its DataLoader workers for {self.wait_s:g} s (workers "
+                    "alive but stuck)\nHINT: a slow first batch needs distributed.startup_timeout_s; "
+                    "otherwise look for a worker blocked on storage or a lock (py-spy dump --pid WORKER)")
         if "exited unexpectedly" not in text:
             return f"rank {rank}: {text}"
         dead = []
@@ -129,8 +130,8 @@ class _Watched:
             if server and code == 255:  # the server can no longer report how its workers ended
                 how = "ended with it"
             dead.append(f"worker {worker_id} (pid {w.pid}) {how}")
-        hint = ("HINT: SIGKILL is what the kernel's OOM killer sends: check `dmesg`, lower data.num_workers or "
-                "the memory each worker holds")
+        hint = ("HINT: SIGKILL is what the kernel's OOM killer sends: check `dmesg`, lower data.num_workers "
+                "or the memory each worker holds")
         return f"rank {rank}: DataLoader {'; '.join(dead) or text}\n{hint}"
 
 

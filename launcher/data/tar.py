@@ -24,7 +24,8 @@ def open_shards(directory: str | os.PathLike[str]) -> tuple[list[str], list[int]
         index = json.loads((d / INDEX).read_text())
     except OSError:
         raise FileNotFoundError(
-            f"{d / INDEX}: no shard index\nHINT: write shards first (python -m launcher.tools.tarshards SRC {d})"
+            f"{d / INDEX}: no shard index\n"
+            f"HINT: write shards first (python -m launcher.tools.tarshards SRC {d})"
         ) from None
     paths = [str(d / s["file"]) for s in index["shards"]]
     return paths, [int(s["samples"]) for s in index["shards"]], list(index.get("classes", []))

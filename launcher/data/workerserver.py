@@ -33,7 +33,8 @@ def for_workers(*objects: Any) -> BaseContext | None:
     in a fresh interpreter (nothing from ``__main__`` or a script target) and are small (at most
     :data:`WORKER_PICKLE_LIMIT` bytes besides tensors: the server sends them to every worker of every epoch,
     where a fork shares them). The server starts at once, importing torch beside the rank's own set-up, and
-    dies with the thread that calls this (:mod:`launcher.data.workerpreload`): call it from the rank's main thread.
+    dies with the thread that calls this (:mod:`launcher.data.workerpreload`): call it from the rank's main
+    thread.
     """
     import torch.distributed as tdist
 

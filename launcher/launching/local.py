@@ -163,8 +163,11 @@ class _Agent(LocalElasticAgent):
         self.states_at_failure: dict[int, str] = {}
 
     def _note_states(self, pids: list[int]) -> None:
+        """A rank has ended: note every rank's process state; one the kernel shows stopped cannot act on
+        SIGTERM, so it is killed at once instead of after the grace."""
         if not self.states_at_failure:
             self.states_at_failure = {rank: _process_state(pid) for rank, pid in enumerate(pids)}
+            _kill_groups([pid for rank, pid in enumerate(pids) if self.states_at_failure[rank] in ("T", "t")])
 
     def remove_error_files(self) -> None:
         """torch.multiprocessing's per-rank traceback files of the last attempt, once they have been read."""

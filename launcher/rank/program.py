@@ -211,7 +211,11 @@ def forked_main(spec: RankSpec) -> Any:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         os.chdir(p.cwd)
         sys.path[:] = p.sys_path
-    if "numpy" in sys.modules:  # its global stream, like Python's random (which the stdlib reseeds at fork)
+    # Fresh generators, as a fresh process has (Python's random is reseeded at fork by the stdlib): forks of
+    # one server would otherwise share torch's and numpy's streams (the same dropout masks on every rank of a
+    # script that seeds nothing). Entry functions are then seeded with seed + rank.
+    torch.seed()
+    if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     process.detach_from_server()  # DataLoader workers start as in a fresh process
     # Rank logs go to files and are tailed to the console: line buffering keeps them in step.
