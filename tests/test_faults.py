@@ -83,3 +83,21 @@ def test_a_stopped_rank_is_named_and_the_job_ends_within_the_timeout_plus_5s(run
         assert wait_until(lambda: not left_behind(tree, ranks), 5), "processes left behind"
     finally:
         proc.kill()
+
+
+def test_the_stall_report_reads_exception_messages_not_code_lines(tmp_path):
+    from launcher.errors import Failure
+    from launcher.launching.local import stall_report
+
+    (tmp_path / "rank0").write_text("12 0.0")
+    (tmp_path / "rank1").write_text("40 0.0")
+    worker_death = Failure(rank=1, host="h", exitcode=1, signal=None, timestamp=0, message="", traceback=(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+        "    self._try_get_data(self._timeout)\n"
+        "RuntimeError: rank 1: DataLoader worker 1 (pid 7) killed by SIGKILL"))
+    assert stall_report([worker_death], tmp_path, {0: "S", 1: "Z"}) == ""
+    gloo = Failure(rank=1, host="h", exitcode=1, signal=None, timestamp=0, message="", traceback=(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    work.wait()\n"
+        "RuntimeError: [../unbound_buffer.cc:129] Timed out waiting 6000ms for send operation to complete"))
+    report = stall_report([gloo], tmp_path, {0: "S", 1: "S"})
+    assert report.startswith("rank 0 stopped making progress (last step 12")

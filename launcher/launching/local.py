@@ -251,8 +251,16 @@ def _process_state(pid: int) -> str:
 
 
 _STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger",
-           "D": "in uninterruptible I/O (a hung file system?)", "Z": "already dead"}
-_TIMEOUT = ("Timed out", "timed out", "Timeout", "timeout")
+           "D": "in uninterruptible I/O (a hung file system?)"}
+#: How a collective's timeout reads in an exception message (Gloo, NCCL's watchdog, the c10d store).
+_TIMEOUT = ("Timed out waiting", "collective operation timeout", "Socket Timeout", "timed out after")
+
+
+def _timed_out(f: Failure) -> bool:
+    """The rank's exception says one of its collectives timed out (code lines of the traceback, which are
+    indented, do not count; nor does a DataLoader's own wait)."""
+    said = [line for line in f.traceback.splitlines() if line and not line[0].isspace()] + [f.message]
+    return any(t in line and "DataLoader" not in line for line in said for t in _TIMEOUT)
 
 
 def stall_report(failures: list[Failure], heartbeats: Path, states: dict[int, str]) -> str:
@@ -261,7 +269,7 @@ def stall_report(failures: list[Failure], heartbeats: Path, states: dict[int, st
     The rank whose wait expired is the one reporting the timeout; the one behind is the rank with the oldest
     heartbeat (``launcher.note_step`` writes one a second), or a rank the kernel shows stopped.
     """
-    timed_out = {f.rank for f in failures if any(t in f.traceback + f.message for t in _TIMEOUT)}
+    timed_out = {f.rank for f in failures if _timed_out(f)}
     if not timed_out:
         return ""
     beats: dict[int, tuple[int, float]] = {}
