@@ -23,19 +23,13 @@ from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure,
 
 # torch is imported only once the ranks' fork server is importing it too (see launcher.launching.rankserver).
 
-#: This process as one rank (torchrun, srun), by name: the launching side never imports the rank program.
-RANK_IN_PLACE = "launcher.rank.program"
-
-
-def _rank_program() -> object:
-    return importlib.import_module(RANK_IN_PLACE)
-
-
 def cmd_run(job: config_mod.Job) -> int:
     _check_entry_findable(job)
     if not env_mod.detect().spawns_here():
         entry_mod.check_entry(job)
-        _rank_program().run_in_place_and_exit(job)  # type: ignore[attr-defined]  # one rank of the job
+        from .spec import rank_function
+
+        rank_function("run_in_place_and_exit")(job)  # this process is one rank of the job
     nproc = job.distributed.nproc_per_node
     from .launching import rankserver
 
@@ -98,13 +92,13 @@ def _check_resumable(job: config_mod.Job) -> None:
     """``resume: auto`` with checkpoints present of which none verifies: refuse rather than start over."""
     if job.script is not None or job.checkpoint.resume != "auto":
         return
-    from .checkpoint.files import refusals
+    from .checkpoint.files import describe_refusals, refusals
 
     refused = refusals(job.checkpoint_dir)
     if refused:
-        why = "\n  ".join(f"{p.name}: {reason.removeprefix(str(p) + ': ')}" for p, reason in refused)
         raise config_mod.ConfigError(
-            f"{job.source}: {job.checkpoint_dir} holds checkpoints but none is valid:\n  {why}\nHINT: "
+            f"{job.source}: {job.checkpoint_dir} holds checkpoints but none is valid:\n  "
+            f"{describe_refusals(refused)}\nHINT: "
             "checkpoint.resume=never starts over (the files stay), checkpoint.resume=PATH picks one")
 
 

@@ -62,12 +62,17 @@ def batchnorm_base() -> type:
     return _BatchNorm
 
 
+def _process_context(agent: Any) -> Any:
+    """torch.multiprocessing's context of the agent's last attempt (``agent._pcontext._pc``), or None."""
+    return getattr(getattr(agent, "_pcontext", None), "_pc", None)
+
+
 def agent_processes(agent: Any) -> tuple[dict[int, str], list[Any]]:
     """``(error files by local rank, processes)`` of the elastic agent's last attempt (``agent._pcontext``,
     and ``_pc.processes`` of a multiprocessing context): the only handle on ranks that died by a signal."""
     pcontext = getattr(agent, "_pcontext", None)
     error_files = dict(getattr(pcontext, "error_files", None) or {})
-    processes = list(getattr(getattr(pcontext, "_pc", None), "processes", None) or [])
+    processes = list(getattr(_process_context(agent), "processes", None) or [])
     return error_files, processes
 
 
@@ -78,7 +83,7 @@ def set_failure_grace(agent: Any, seconds: float, on_exit: Any = None) -> None:
     ended, before torch stops the others (the moment to look at them)."""
     import multiprocessing.connection
 
-    pc: Any = getattr(getattr(agent, "_pcontext", None), "_pc", None)
+    pc = _process_context(agent)
     join = getattr(pc, "join", None)
     if join is None:
         return
@@ -94,8 +99,7 @@ def set_failure_grace(agent: Any, seconds: float, on_exit: Any = None) -> None:
 def spawn_error_files(agent: Any) -> list[str]:
     """The ``pytorch-errorfile-*.pickle`` files torch.multiprocessing made in the temp directory for the
     agent's last attempt (``agent._pcontext._pc.error_files``): torch never removes them."""
-    pc = getattr(getattr(agent, "_pcontext", None), "_pc", None)
-    return [f for f in (getattr(pc, "error_files", None) or []) if f]
+    return [f for f in (getattr(_process_context(agent), "error_files", None) or []) if f]
 
 
 def dataloader_workers(iterator: Any) -> list[Any]:

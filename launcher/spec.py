@@ -19,8 +19,17 @@ if TYPE_CHECKING:
 #: Module name under which a target defined in a script's ``__main__`` is imported in the ranks.
 MAIN_ALIAS = "__launcher_main__"  # not __mp_main__: torch aliases that to the real __main__
 
+#: The module of the rank program. The launching side reaches it only by this name (:func:`rank_function`).
+RANK_PROGRAM = "launcher.rank.program"
 #: The target ``launcher run JOB.yaml`` runs in every rank: rebuild the job, call its entry point.
-JOB_TARGET = "launcher.rank.program:run_job"
+JOB_TARGET = f"{RANK_PROGRAM}:run_job"
+
+
+def rank_function(name: str) -> Callable[..., Any]:
+    """A function of the rank program, imported by name (``forked_main``, ``run_in_place``, ...)."""
+    import importlib
+
+    return getattr(importlib.import_module(RANK_PROGRAM), name)
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
             f"output_dir={run_root}",
             "args.max_steps=4",
             # With the job's 2 DataLoader workers per rank. One full-suite run once hung here silently: most
-            # likely a worker forked from the rank deadlocked (see launcher.forkserver.for_workers). Tight
+            # likely a worker forked from the rank deadlocked (see launcher.data.workerserver). Tight
             # timeouts turn any stuck wait (rendezvous, collective, batch from a worker) into the launcher's
             # own error, with its traceback, well before this test's timeout.
             "distributed.startup_timeout_s=60",
@@ -177,8 +177,8 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
     # In place: no "starting 2 rank(s)" from a nested spawner, and the run directory was written once.
     assert "starting" not in r.stdout
     assert (run_root / "tiny" / "job.yaml").exists()
-    # A rank in place leaves at once when done (worker.exit_now): what multiprocessing made is gone first, the
-    # socket folder of the workers' fork server included.
+    # A rank in place leaves at once when done (launcher.rank.process.exit_now): what multiprocessing made is
+    # gone first, the socket folder of the workers' fork server included.
     assert not list((run_root.parent / "tmp").glob("pymp-*"))
 
 

@@ -22,14 +22,16 @@ def _targets(base: str, names: list[ast.alias]) -> set[str]:
     return out
 
 
-def _imports() -> dict[str, set[str]]:
-    """``{module: launcher modules it imports}``, top-level and function-level imports alike."""
+def _imports(top_level_only: bool = False) -> dict[str, set[str]]:
+    """``{module: launcher modules it imports}``; with ``top_level_only``, only the imports that run when the
+    module is imported (not those inside functions)."""
     graph: dict[str, set[str]] = {}
     for path in PKG.rglob("*.py"):
         name = _module_name(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in tree.body if top_level_only else ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -41,31 +43,11 @@ def _imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names if a.name.startswith("launcher"))
         graph[name] = deps
-    known = set(graph)
-    return {m: {d for d in ds if d in known and d != m} for m, ds in graph.items()}
-
-
-def _top_level_imports() -> dict[str, set[str]]:
-    """Like :func:`_imports`, but only imports executed when the module is imported (not in functions)."""
-    graph = {}
-    for path in PKG.rglob("*.py"):
-        name = _module_name(path)
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        deps = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and (node.level or str(node.module).startswith("launcher")):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*anchor, base] if base else anchor)
-                deps.update(_targets(base, node.names))
-        graph[name] = deps
-    known = set(graph)
-    return {m: {d for d in ds if d in known and d != m} for m, ds in graph.items()}
+    return {m: {d for d in ds if d in MODULES and d != m} for m, ds in graph.items()}
 
 
 def test_no_import_cycle():
-    graph = _top_level_imports()
+    graph = _imports(top_level_only=True)
     state: dict[str, int] = {}
 
     def visit(m, path):

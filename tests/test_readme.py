@@ -147,7 +147,9 @@ def test_readme_command_runs_as_written(command, tmp_path, shapes, monkeypatch):
     if command.startswith("python -m launcher.tools.tarshards ~/data/cifar10"):
         pytest.importorskip("torchvision")
     overrides, where = COMMANDS[command]  # type: ignore[misc]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    (tmp_path / "tmp").mkdir()  # torchrun's log folders, multiprocessing's sockets: in the test's folder
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "TMPDIR": str(tmp_path / "tmp")}
     cwd = ROOT
     if where == "home":
         cwd = env["HOME"] = str(_home(tmp_path))

@@ -36,7 +36,8 @@ def test_the_script_runs_unchanged_and_trains_as_under_torchrun(tmp_path):
     plain_dir.mkdir()
     ours_dir.mkdir()
     plain = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(SCRIPT), "3", "1"],
-                           cwd=plain_dir, capture_output=True, text=True, timeout=300, check=False)
+                           cwd=plain_dir, capture_output=True, text=True, timeout=300, check=False,
+                           env=_env(tmp_path))  # torchrun's own log folders land in the test's folder
     assert plain.returncode == 0, plain.stderr[-3000:]
     ours = subprocess.run(launcher_cmd("run", "--nproc-per-node", "2", str(SCRIPT), "3", "1"), cwd=ours_dir,
                           capture_output=True, text=True, timeout=300, check=False, env=_env(tmp_path))

@@ -24,6 +24,7 @@ from .files import (
     FORMAT,
     CheckpointError,
     atomic_write_bytes,
+    describe_refusals,
     fsync_thread,
     list_checkpoints,
     load_file,
@@ -246,11 +247,10 @@ class Checkpointer:
         if len(set(names)) != 1:
             raise CheckpointError(f"ranks disagree on the checkpoint to resume from: {names}")
         if found is None and refused:
-            why = "\n  ".join(f"{p.name}: {reason.removeprefix(str(p) + ': ')}" for p, reason in refused)
             raise CheckpointError(
                 f"{self.directory}: checkpoints are there but none is valid; not starting from scratch "
-                f"silently:\n  {why}\nHINT: checkpoint.resume=never starts over (the files stay), or "
-                "checkpoint.resume=PATH picks one")
+                f"silently:\n  {describe_refusals(refused)}\nHINT: checkpoint.resume=never starts over (the "
+                "files stay), or checkpoint.resume=PATH picks one")
         dist.barrier()  # every rank has read what it needed before rank 0 moves refused files aside
         if dist.is_main_process():
             for p, reason in refused:

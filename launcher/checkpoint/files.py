@@ -166,15 +166,7 @@ def _disk_full(path: Path, error: BaseException, needed: int) -> str:
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """``(step, path)`` of every checkpoint file with a manifest, newest first (validity not checked)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.with_suffix(".json").exists():
-            found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
+    return [(step, p) for step, p in candidates(directory) if p.with_suffix(".json").exists()]
 
 
 def verify(path: Path) -> dict[str, Any]:
@@ -262,6 +254,11 @@ def refusals(directory: str | os.PathLike[str]) -> list[tuple[Path, str]]:
         else:
             return []
     return refused
+
+
+def describe_refusals(refused: list[tuple[Path, str]]) -> str:
+    """One indented line per refused file: its name and why."""
+    return "\n  ".join(f"{p.name}: {reason.removeprefix(str(p) + ': ')}" for p, reason in refused)
 
 
 REFUSED = "refused"

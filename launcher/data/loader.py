@@ -79,8 +79,7 @@ def _watched_class(base: type) -> type:
             try:
                 it = super().__iter__()  # starting the workers waits for them too
             except RuntimeError as e:
-                iterator = internals.dataloader_iterator(self)
-                raise RuntimeError(_Watched(iterator, self.wait_s).explain(str(e))) from e
+                raise RuntimeError(_explain(internals.dataloader_iterator(self), self.wait_s, str(e))) from e
             return _Watched(it, self.wait_s)
 
     return WatchedLoader
@@ -107,32 +106,35 @@ class _Watched:
                 text = str(e)
                 if text.startswith("DataLoader timed out") and time.monotonic() < deadline:
                     continue  # nothing yet, every worker alive: wait on (the iterator's state is unchanged)
-                raise RuntimeError(self.explain(text)) from e
+                raise RuntimeError(_explain(self.it, self.wait_s, text)) from e
 
-    def explain(self, text: str) -> str:
-        """The rank's own words for a DataLoader error: which worker died and how, or how long it waited."""
-        rank = dist.get_rank()
-        if text.startswith("DataLoader timed out"):
-            return (f"rank {rank}: no batch from its DataLoader workers for {self.wait_s:g} s (workers "
-                    "alive but stuck)\nHINT: a slow first batch needs distributed.startup_timeout_s; "
-                    "otherwise look for a worker blocked on storage or a lock (py-spy dump --pid WORKER)")
-        if "exited unexpectedly" not in text:
-            return f"rank {rank}: {text}"
-        dead = []
-        server = _dead_worker_server()
-        if server:
-            dead.append(server)
-        for worker_id, w in enumerate(internals.dataloader_workers(self.it)):
-            code = w.exitcode
-            if code is None or code == 0:
-                continue
-            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-            if server and code == 255:  # the server can no longer report how its workers ended
-                how = "ended with it"
-            dead.append(f"worker {worker_id} (pid {w.pid}) {how}")
-        hint = ("HINT: SIGKILL is what the kernel's OOM killer sends: check `dmesg`, lower data.num_workers "
-                "or the memory each worker holds")
-        return f"rank {rank}: DataLoader {'; '.join(dead) or text}\n{hint}"
+
+def _explain(iterator: Any, wait_s: float, text: str) -> str:
+    """The rank's own words for a DataLoader error: which worker died and how, or how long it waited."""
+    rank = dist.get_rank()
+    if text.startswith("DataLoader timed out"):
+        return (f"rank {rank}: no batch from its DataLoader workers for {wait_s:g} s (workers "
+                "alive but stuck)\nHINT: a slow first batch needs distributed.startup_timeout_s; "
+                "otherwise look for a worker blocked on storage or a lock (py-spy dump --pid WORKER)")
+    if "exited unexpectedly" not in text:
+        return f"rank {rank}: {text}"
+    dead = []
+    server = _dead_worker_server()
+    if server:
+        dead.append(server)
+    for worker_id, w in enumerate(internals.dataloader_workers(iterator)):
+        code = w.exitcode
+        if code is None or code == 0:
+            continue
+        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+        if server and code == 255:  # the server can no longer report how its workers ended
+            how = "ended with it"
+        dead.append(f"worker {worker_id} (pid {w.pid}) {how}")
+    hint = ("HINT: SIGKILL is what the kernel's OOM killer sends: check `dmesg`, lower data.num_workers "
+            "or the memory each worker holds")
+    return f"rank {rank}: DataLoader {'; '.join(dead) or text}\n{hint}"
+
+
 
 
 def _dead_worker_server() -> str:

@@ -16,7 +16,6 @@ What we add on top of the agent (and why we build it ourselves instead of callin
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import shutil
@@ -39,11 +38,9 @@ from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 from .. import internals
 from ..dist import HEARTBEAT_ENV
 from ..errors import Failure, RankFailure
-from ..spec import Process, RankSpec
+from ..spec import Process, RankSpec, rank_function
 from . import rankserver
 
-#: The entry point of every forked rank, by name: the launching side never imports the rank program.
-RANK_MAIN = "launcher.rank.program:forked_main"
 #: Most ranks started from the fork server: torch's process context sends every rank the result queues of
 #: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many
 #: fds"). More ranks start with the ``spawn`` method, as torchrun starts them (each imports torch itself).
@@ -78,8 +75,7 @@ def spawn(
         # Handed to each rank through the fork server's socket: no file holds the environment.
         spec = spec.with_process(Process(environ={**os.environ, **threads}, server_env=server_env,
                                          cwd=os.getcwd(), sys_path=list(sys.path)))
-    module, _, name = RANK_MAIN.partition(":")
-    entrypoint = getattr(importlib.import_module(module), name)
+    entrypoint = rank_function("forked_main")  # by name: the launching side never imports the rank program
     rdzv = RendezvousParameters(
         backend="c10d",
         endpoint="127.0.0.1:0",

@@ -23,9 +23,6 @@ from .. import config as config_mod
 from ..entry import check_entry
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, RankFailure, UsageError
 
-#: What each SLURM task runs, by name: the submitting side never imports the rank program.
-RANK_IN_PLACE = "launcher.rank.program:run_in_place"
-
 
 def tasks_per_node(job: config_mod.Job) -> int:
     """Tasks (ranks) per node: ``slurm.tasks_per_node``, else GPUs per node, else ``nproc_per_node``."""
@@ -96,11 +93,9 @@ class SlurmTask:
     source: str
 
     def __call__(self) -> Any:
-        import importlib
+        from ..spec import rank_function  # by name: the submitting side never imports the rank program
 
-        module, _, name = RANK_IN_PLACE.partition(":")
-        run_in_place = getattr(importlib.import_module(module), name)
-        return run_in_place(config_mod.from_dict(self.job_data, self.source))
+        return rank_function("run_in_place")(config_mod.from_dict(self.job_data, self.source))
 
 
 def make_executor(job: config_mod.Job, folder: Path) -> Any:
