@@ -8,13 +8,14 @@ import sys
 
 from launcher.checkpoint import load_checkpoint
 
-from .conftest import ROOT
+from .conftest import ROOT, killable_env
 
 SCRIPT = str(ROOT / "examples" / "byo_loop.py")
 
 
-def run(cmd, timeout=180):
-    return subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=180, env=None):
+    return subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def test_spawns_its_own_ranks_trains_and_resumes(tmp_path):
@@ -33,7 +34,7 @@ def test_same_script_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "ck"
     r = run([torchrun, "--standalone", "--nproc-per-node", "2", SCRIPT, "--steps", "20", "--workers", "0",
-             "--out", str(out)])
+             "--out", str(out)], env=killable_env(tmp_path))  # torchrun's log folders: in the test's folder
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("20 steps on 2 rank(s)") == 1  # printed by rank 0 only
     assert load_checkpoint(out)["world_size"] == 2
