@@ -100,7 +100,9 @@ class CheckpointConfig:
     async_save: bool = True
     """Write files in a background thread; the step loop only pays for a copy to CPU memory."""
     allow_changes: bool = field(default=False, metadata=IGNORED)
-    """Resume even when world size, DataLoader workers or batch size changed (the order will differ)."""
+    """Resume even when world size, DataLoader workers or batch size changed: a sharded dataset's epoch goes
+    on with exactly the samples not yet yielded, split over the new ranks and workers; ranks that existed take
+    their RNG state back, new ones start from seed + rank."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ REQUIRED = [
     ("torch.multiprocessing.spawn", "ProcessContext.sentinels"),
     ("torch.utils.data.dataloader", "_MultiProcessingDataLoaderIter._workers"),
     ("torch.utils.data.dataloader", "DataLoader._iterator"),
+    ("tarfile", "TarFile.members"),
 ]
 
 
@@ -121,3 +122,9 @@ def torch_save_without_zip_crc() -> Any:
         return None
     patch = getattr(config, "patch", None)  # added when torch installs its config module
     return patch({"save.compute_crc32": False}) if patch is not None else None
+
+
+def tar_forget_members(tar: Any) -> None:
+    """Drop the headers a ``tarfile.TarFile`` keeps of every member it has read (``TarFile.members``): a
+    reader that streams a shard of millions of members would otherwise hold all their headers."""
+    tar.members.clear()

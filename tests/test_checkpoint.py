@@ -296,3 +296,17 @@ def test_breaking_job_change_is_refused_unless_allowed(tmp_path):
     r = run_cli("run", *base, "args.max_steps=12", "args.batch_size=8", "checkpoint.allow_changes=true")
     assert r.returncode == 0, r.stderr
     assert "args.batch_size: 16 -> 8" in r.stdout
+
+
+def test_resume_on_fewer_ranks_and_workers_goes_on_with_the_samples_not_yet_seen(tmp_path):
+    out = tmp_path / "runs"
+    base = ["jobs/tiny.yaml", f"output_dir={out}", "checkpoint.every_steps=3", "args.log_every=1"]
+    assert run_cli("run", *base, "args.max_steps=6").returncode == 0  # 6 of 16 steps of epoch 0, 2 ranks
+    r = run_cli("run", *base, "args.max_steps=30", "distributed.nproc_per_node=1", "data.num_workers=1",
+                "checkpoint.allow_changes=true")
+    assert r.returncode == 0, r.stderr
+    # 2 ranks x 6 batches x 16 samples seen; the other 317 of 509 make 19 batches of the one rank left
+    console = r.stdout + r.stderr
+    assert ("data position carried over from 2 ranks x 2 workers: epoch 0 goes on with the 317 of its 509 "
+            "samples not yet yielded") in console
+    assert "epoch 0 step 25 " in console and "epoch 1 step 26 " in console, console

@@ -3,7 +3,7 @@
 import json
 
 from examples.shapes import generate
-from launcher.data import plan_epoch
+from launcher.data import EpochPlan
 from launcher.data.tar import open_shards
 
 from .conftest import run_cli
@@ -32,7 +32,7 @@ def test_classify_runs_writes_metrics_and_resumes(tmp_path):
     assert val and all(0.0 <= r["accuracy"] <= 1.0 and len(r["precision"]) == 4 for r in val)
     assert val[-1]["samples"] == 64  # every validation sample counted exactly once over both ranks
     _, sizes, _ = open_shards(data / "train")
-    expected = sum(sum(p.batches for p in plan_epoch(sizes, 2, 1, 16, seed=0, epoch=e, shuffle_buffer=64)[0])
+    expected = sum(EpochPlan(sizes, 2, 1, 16, seed=0, epoch=e, shuffle_buffer=64).batches_per_rank()
                    for e in range(2))
     assert max(r["step"] for r in rows) == expected > 0  # every batch of both epochs, across the resume
     assert (run / "curves.png").stat().st_size > 1000

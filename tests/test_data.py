@@ -1,72 +1,17 @@
-"""Sharded IterableDataset: exactly-once per epoch, equal batches per rank, resume, no DDP hang."""
+"""Sharded IterableDataset through the DataLoader: exactly once, equal batches, resume, streaming, no hang.
+
+The plan's own guarantees (balance, exactly-once, resume onto another topology) are tested in test_plan.py.
+"""
 
 import collections
+import os
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import launcher
-from launcher.data import ShardedIterableDataset, make_loader, plan_epoch, slot_streams
+from launcher.data import ShardedIterableDataset, make_loader
 from launcher.testing import run_distributed
-
-
-def all_refs(sizes):
-    return {(s, i) for s, n in enumerate(sizes) for i in range(n)}
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    sizes=st.lists(st.integers(0, 15), min_size=1, max_size=20),
-    world=st.integers(1, 4),
-    workers=st.integers(0, 3),
-    batch=st.integers(1, 5),
-    uneven=st.sampled_from(["drop", "pad"]),
-    buffer=st.sampled_from([0, 4]),
-    epoch=st.integers(0, 3),
-)
-def test_plan_every_sample_once_and_equal_batches(sizes, world, workers, batch, uneven, buffer, epoch):
-    if uneven == "pad" and sum(sizes) == 0:
-        return
-    plans = plan_epoch(
-        sizes, world, workers, batch, seed=7, epoch=epoch, uneven=uneven, shuffle_buffer=buffer
-    )
-    per_rank = [sum(p.batches for p in row) for row in plans]
-    assert len(set(per_rank)) == 1, per_rank  # equal batch count on every rank: no DDP hang
-    for row in plans:
-        for p in row:
-            assert len(p.order) == p.batches * batch
-    everything = all_refs(sizes)
-    if uneven == "drop":
-        kept = [r for row in plans for p in row for r in p.order]
-        assert len(kept) == len(set(kept)) and set(kept) <= everything
-        assert sum(p.num_padded for row in plans for p in row) == 0
-        # the documented rule: every rank keeps the smallest rank's number of full batches
-        streams = slot_streams(sizes, world, workers, seed=7, epoch=epoch, shuffle_buffer=buffer)
-        assert sorted(r for row in streams for st_ in row for r in st_) == sorted(everything)
-        assert per_rank[0] == min(sum(len(st_) // batch for st_ in row) for row in streams)
-    else:
-        real = [r for row in plans for p in row for r in p.order[: len(p.order) - p.num_padded]]
-        assert sorted(real) == sorted(everything)  # exactly once, padding aside
-        pad = sum(p.num_padded for row in plans for p in row)
-        assert pad == per_rank[0] * batch * world - len(everything)
-
-
-@settings(max_examples=100, deadline=None)
-@given(sizes=st.lists(st.integers(1, 10), min_size=2, max_size=12), world=st.integers(1, 3),
-       workers=st.integers(0, 2))
-def test_order_depends_on_seed_and_epoch_only(sizes, world, workers):
-    a = plan_epoch(sizes, world, workers, 1, seed=3, epoch=1, uneven="pad")
-    b = plan_epoch(sizes, world, workers, 1, seed=3, epoch=1, uneven="pad")
-    assert a == b
-    if sum(sizes) >= 8:
-        # with a shuffle buffer the order within every slot changes with the epoch (shard order alone can
-        # legitimately repeat when there are only two shards)
-        orders = {tuple(r for row in plan_epoch(sizes, world, workers, 1, seed=3, epoch=e, uneven="pad",
-                                                shuffle_buffer=4)
-                        for p in row for r in p.order) for e in range(8)}
-        assert len(orders) > 1  # different order across epochs
 
 
 def read_range(shard):
@@ -167,3 +112,133 @@ def test_a_slow_first_batch_is_allowed_and_a_stuck_worker_is_not(monkeypatch, de
         assert time.monotonic() - start < wait + 3
     else:
         assert len(list(loader)) == 8 and time.monotonic() - start >= delay
+
+
+def _big_samples(shard):
+    """A shard of 400 samples of 256 KiB each (100 MiB), made one at a time as they are read."""
+    for i in range(400):
+        yield bytes([i % 256]) * (256 << 10)
+
+
+def test_a_worker_holds_one_window_and_one_batch_never_a_whole_shard():
+    import tracemalloc
+
+    buffer, batch = 8, 4
+    ds = ShardedIterableDataset([0, 1], _big_samples, sizes=[400, 400], batch_size=batch, rank=0,
+                                world_size=1, shuffle_buffer=buffer, collate=lambda xs: len(xs))
+    tracemalloc.start()
+    try:
+        n = sum(ds)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 800
+    limit = (buffer + 2 * batch) * (256 << 10) + (4 << 20)  # a window, two batches, 4 MiB of the rest
+    assert peak < limit, f"{peak / 2**20:.1f} MiB held (limit {limit / 2**20:.1f}); a shard is 100 MiB"
+
+
+def _write_tar_shards(directory, shards=4, per_shard=64, size=10_000):
+    from launcher.tools.tarshards import write_shards
+
+    rng = __import__("random").Random(0)
+    samples = ((f"s{i:05d}", rng.randbytes(size), "bin", i % 3) for i in range(shards * per_shard))
+    write_shards(samples, directory, per_shard=per_shard)
+
+
+def test_fewer_shards_than_slots_reads_each_byte_about_once(tmp_path, monkeypatch):
+    from launcher.data import tar
+
+    _write_tar_shards(tmp_path)  # 4 shards, 8 slots: every slot reads half a shard
+    paths, sizes, _ = tar.open_shards(tmp_path)
+    read = collections.Counter()
+    real_open = tar.open_file
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read["bytes"] += len(data)
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(tar, "open_file", lambda url: Counting(real_open(url)))
+    keys = []
+    for rank in range(8):
+        ds = ShardedIterableDataset(paths, tar.read_tar, sizes=sizes, batch_size=4, rank=rank, world_size=8,
+                                    shuffle_buffer=16, collate=lambda xs: [x["key"] for x in xs])
+        keys += [k for b in ds for k in b]
+    assert sorted(keys) == sorted(f"s{i:05d}" for i in range(256))
+    total = sum(os.path.getsize(p) for p in paths)
+    assert read["bytes"] <= 1.1 * total, f"read {read['bytes'] / total:.2f}x the shards' bytes"
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_shards_at_an_fsspec_url_are_read_by_streaming(tmp_path, scheme):
+    import fsspec
+
+    from launcher.data import tar
+
+    _write_tar_shards(tmp_path / "local", shards=3, per_shard=10, size=100)
+    if scheme == "memory":
+        root = f"memory://shards-{os.getpid()}"
+        fs = fsspec.filesystem("memory")
+        for p in (tmp_path / "local").iterdir():
+            fs.pipe(f"{root}/{p.name}", p.read_bytes())
+    else:
+        root = f"file://{tmp_path / 'local'}"
+    try:
+        paths, sizes, _ = tar.open_shards(root)
+        assert all(p.startswith(root) for p in paths) and sizes == [10, 10, 10]
+        ds = ShardedIterableDataset(paths, tar.read_tar, sizes=sizes, batch_size=5, rank=0, world_size=1,
+                                    collate=lambda xs: [x["label"] for x in xs])
+        assert sum(len(b) for b in ds) == 30
+        assert [s["key"] for s in tar.read_tar(paths[1], 7)] == ["s00017", "s00018", "s00019"]
+    finally:
+        if scheme == "memory":
+            fs.rm(root, recursive=True)
+
+
+def _loader_yields(ds, workers, stop_after=None):
+    loader = make_loader(ds, num_workers=workers)
+    out = []
+    for k, b in enumerate(loader):
+        out += b["id"].tolist()
+        if stop_after is not None and k + 1 == stop_after:
+            return out, loader.state_dict()
+    return out, None
+
+
+@pytest.mark.parametrize("before, after", [((2, 2), (3, 1)), ((3, 0), (1, 2))])
+def test_resume_on_another_world_size_and_worker_count_through_the_loader(before, after):
+    sizes = (7, 3, 9, 1, 5, 12, 4, 2)
+    (world, workers), (world2, workers2) = before, after
+    first, states = [], []
+    for rank in range(world):
+        ds = make_ds(rank, world, sizes=sizes, shuffle_buffer=3)
+        ds.set_epoch(1)
+        got, state = _loader_yields(ds, workers, stop_after=2 + rank)  # ranks stopped at different batches
+        first += got
+        states.append(state)
+    rest, counts = [], []
+    for rank in range(world2):
+        ds = make_ds(rank, world2, sizes=sizes, shuffle_buffer=5)
+        ds.set_epoch(1)
+        loader = make_loader(ds, num_workers=workers2)
+        assert "not yet yielded" in loader.load_state_dict_from_ranks(states)
+        batches = [b["id"].tolist() for b in loader]
+        counts.append(len(batches))
+        rest += [i for b in batches for i in b]
+    assert len(set(counts)) == 1  # equal batches on the new ranks too
+    seen = collections.Counter(first + rest)
+    assert max(seen.values()) == 1 and len(first) > 0  # none twice
+    assert sum(sizes) - len(seen) < world2 * 2  # fewer than one batch per new rank left out

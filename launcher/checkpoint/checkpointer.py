@@ -272,11 +272,18 @@ class Checkpointer:
         self._apply_changed_hyperparameters(data.get("hyperparameters") or {})
         rank = dist.get_rank()
         mine = data["ranks"][rank] if rank < len(data["ranks"]) else None
-        if mine is not None and restore_data:
+        if mine is not None:
+            # A rank that existed in the saved run takes its generators back, even on another topology; a new
+            # rank keeps the fresh seeding a new run gives it (seed + rank).
             set_rng_state(mine["rng"])
-            for k, obj in self.per_rank.items():
-                if k in mine:
+        for k, obj in self.per_rank.items():
+            if restore_data:
+                if mine is not None and k in mine:
                     obj.load_state_dict(mine[k])
+            elif hasattr(obj, "load_state_dict_from_ranks"):  # the sharded loader: the epoch goes on
+                how = obj.load_state_dict_from_ranks([r.get(k) for r in data["ranks"]])
+                if how and dist.is_main_process():
+                    _log(f"[launcher] {k}: {how}")
         state = TrainState(
             step=int(data["step"]), epoch=int(data["epoch"]), best_metric=data.get("best_metric")
         )
@@ -330,7 +337,8 @@ class Checkpointer:
                 raise CheckpointError(
                     f"{path}: these changes break exact resume: {'; '.join(breaking)}\n"
                     "HINT: undo them, start a new run (checkpoint.resume=never or a new name), or pass "
-                    "checkpoint.allow_changes=true to resume anyway (data order and RNG streams will differ)"
+                    "checkpoint.allow_changes=true to resume anyway (a sharded dataset's epoch goes on with "
+                    "the samples not yet seen; other data order and RNG streams will differ)"
                 )
             return False
         return True

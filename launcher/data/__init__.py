@@ -2,6 +2,6 @@
 
 from .dataset import ShardedIterableDataset
 from .loader import make_loader
-from .plan import SlotPlan, epoch_stream, plan_epoch, slot_streams
+from .plan import EmptyEpoch, EpochPlan, SlotPlan
 
-__all__ = ["ShardedIterableDataset", "SlotPlan", "epoch_stream", "make_loader", "plan_epoch", "slot_streams"]
+__all__ = ["EmptyEpoch", "EpochPlan", "ShardedIterableDataset", "SlotPlan", "make_loader"]

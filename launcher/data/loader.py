@@ -15,7 +15,7 @@ import torch
 from .. import dist, internals
 from ..rank import stop
 from . import workerserver
-from .dataset import ShardedIterableDataset
+from .dataset import ShardedIterableDataset, positions
 
 
 def make_loader(
@@ -64,6 +64,8 @@ def make_loader(
 
 #: How often a rank waiting for a batch checks that its DataLoader workers are alive (seconds).
 POLL_S = 2.0
+#: Key of the sharded dataset's plan record in the loader's state (beside torchdata's own keys).
+PLAN = "launcher.data.plan"
 
 
 @functools.cache
@@ -72,6 +74,30 @@ def _watched_class(base: type) -> type:
 
     class WatchedLoader(base):  # type: ignore[misc, valid-type]
         wait_s: float = 600.0
+
+        def state_dict(self) -> dict[str, Any]:
+            state = dict(super().state_dict())
+            if isinstance(self.dataset, ShardedIterableDataset):
+                state[PLAN] = self.dataset.plan_record(self.num_workers)
+            return state
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            state = dict(state)
+            record = state.pop(PLAN, None)
+            if record is not None and isinstance(self.dataset, ShardedIterableDataset):
+                self.dataset.restore_phase(record)
+            super().load_state_dict(state)
+
+        def load_state_dict_from_ranks(self, states: list[dict[str, Any] | None]) -> str:
+            """Continue the epoch of every rank's state of a run with another topology (world size, workers,
+            batch size): what is left of it is split anew over this run's ranks and workers. Returns how, in
+            words ("" when the states hold no position, e.g. a checkpoint written at the end of a run)."""
+            known = [s for s in states if s]
+            record = next((s[PLAN] for s in known if PLAN in s), None)
+            if record is None or not isinstance(self.dataset, ShardedIterableDataset):
+                return ""
+            return self.dataset.continue_from(record, [p for s in known for p in positions(s)])
+
 
         def __iter__(self) -> Any:
             if self.num_workers == 0:

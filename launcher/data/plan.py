@@ -1,174 +1,220 @@
 """The epoch plan: which samples each (rank, DataLoader worker) slot yields. Pure: no torch, no I/O.
 
-Everything follows from one pure function, :func:`plan_epoch`: given the shard sizes, the number of ranks and
-DataLoader workers, the batch size, the seed and the epoch, it says which samples each (rank, worker) slot
-yields, in which order and in how many batches. Every worker computes the same plan and reads only its part:
+The epoch's *stream* is every sample once: the shards in an order drawn from ``(seed, epoch)``, each shard's
+samples in their stored order. A *phase* is the part of the stream still to yield, as sorted ranges of stream
+positions: the whole stream when an epoch starts; what no rank has yielded yet when a run resumes mid-epoch
+with another world size, worker count or batch size (:meth:`EpochPlan.unseen`). The phase's samples, in
+stream order, are cut into one contiguous range per slot (rank-major, then worker):
 
-* ``split="auto"``: whole shards per slot when there are at least as many shards as slots (shards balanced
-  greedily by size, ranks first), else an interleaved split of the samples (slot ``s`` takes every
-  ``S``-th sample of the epoch's stream, reading all shards but decoding only its own samples);
-* batches are formed inside the dataset (use ``DataLoader(ds, batch_size=None)``), so the plan controls the
-  exact batch count: ``uneven="drop"`` gives every rank the smallest rank's count of full batches (the tail
-  is dropped: each sample at most once), ``uneven="pad"`` gives every rank the largest count, filling
-  partial and missing batches with samples repeated cyclically from the epoch's stream (each sample at least
-  once; :meth:`ShardedIterableDataset.plan` lists the padding). Equal counts mean DDP never hangs.
-  ``uneven="none"`` (evaluation without collectives) yields every sample once with a partial last batch
-  per worker and counts that may differ between ranks;
-* shard order (and the optional bounded shuffle buffer) are drawn from ``(seed, epoch)``;
-* the state of a worker is ``(epoch, batches yielded)``; torchdata's ``StatefulDataLoader`` collects it per
-  worker, and a resumed worker skips exactly what it had yielded (whole shards are not even opened).
+* balance: every rank gets the same number of batches ``b``, its workers ``b // W`` or one more, each slot a
+  whole number of batches. ``uneven="drop"`` leaves out the last ``L - R*b*B < R*B`` samples of the phase
+  (``L`` samples, ``R`` ranks, batch ``B``), ``uneven="pad"`` repeats its first ``R*b*B - L < R*B``;
+  ``uneven="none"`` (evaluation) yields every sample once, partial last batches, counts that may differ.
+  An epoch that would yield no batch at all is an error (:class:`EmptyEpoch`), never a silent no-op.
+* cost: a worker draws the shard order and sums the sizes (O(shards)) and finds its own range (O(1)); it never
+  lists another slot's samples. Its samples come as runs ``(shard, first, stop)`` of consecutive samples.
+* bytes: each slot reads one contiguous range, at most one partial shard at each end, so an epoch reads about
+  the dataset's bytes once, whatever the number of shards and slots.
+* shuffling: shard order per epoch, and within a slot, windows of ``shuffle_buffer`` consecutive samples
+  emitted in a permutation drawn from ``(seed, epoch, phase, slot, window)``. Unlike a reservoir buffer, the
+  window in progress and what it has emitted follow from the count of samples yielded, so a worker's position
+  is one integer, and another topology can tell exactly which samples a stopped run has not yielded.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+Run = tuple[int, int, int]  # (shard index, first sample, stop sample): consecutive samples of one shard
 Ref = tuple[int, int]  # (shard index, sample index within the shard)
+Uneven = Literal["drop", "pad", "none"]
 
 
-@dataclass
+class EmptyEpoch(ValueError):
+    """The epoch would yield no batch on any rank."""
+
+
+@dataclass(frozen=True)
 class SlotPlan:
-    """What one (rank, worker) slot yields in one epoch."""
+    """What one (rank, worker) slot yields in one phase of an epoch."""
 
-    order: list[Ref]
-    """Sample references in yield order, ``batches x batch_size`` long (padding included)."""
-    num_padded: int
-    """How many references at the end of full use are padding (repeats)."""
+    start: int
+    """Offset of the slot's first sample in the phase (offsets past the phase's length: padding repeats)."""
+    count: int
+    """Samples the slot yields, padding included."""
     batches: int
-    """Number of batches this slot yields."""
+    """Batches the slot yields."""
+    num_padded: int
+    """How many of the slot's samples are repeats (``uneven="pad"``)."""
 
 
-def _rng(seed: int, epoch: int, salt: int = 0) -> random.Random:
+class EpochPlan:
+    """The plan of one epoch (or of what is left of it) for ``world_size`` ranks of ``num_workers`` workers.
+
+    Every process builds the same plan from the same arguments; a worker then reads only :meth:`slot` of its
+    own. ``remaining`` (sorted, disjoint stream ranges) and ``phase`` describe a resumed epoch's rest.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        world_size: int,
+        num_workers: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 0,
+        uneven: Uneven = "drop",
+        remaining: Sequence[tuple[int, int]] | None = None,
+        phase: int = 0,
+    ) -> None:
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) and world_size ({world_size}) must be at least 1")
+        if uneven not in ("drop", "pad", "none"):
+            raise ValueError(f"uneven={uneven!r}: expected 'drop', 'pad' or 'none'")
+        self.sizes = sizes
+        self.world_size, self.workers, self.batch_size = world_size, max(1, num_workers), batch_size
+        self.seed, self.epoch, self.shuffle, self.uneven, self.phase = seed, epoch, shuffle, uneven, phase
+        self.window = shuffle_buffer if shuffle and shuffle_buffer > 1 else 1
+        self.order = list(range(len(sizes)))
+        if shuffle:
+            _rng(seed, epoch).shuffle(self.order)
+        # stream position of the k-th shard in the order (one entry more: the total)
+        self.shard_start = list(itertools.accumulate((sizes[s] for s in self.order), initial=0))
+        self.total = self.shard_start[-1]
+        segments = [(0, self.total)] if remaining is None else [(a, b) for a, b in remaining if b > a]
+        self.seg_lo = [a for a, _ in segments]
+        self.seg_at = list(itertools.accumulate((b - a for a, b in segments), initial=0))  # phase offsets
+        self.length = self.seg_at[-1]
+        slots = self.world_size * self.workers
+        per_rank = self.world_size * batch_size
+        if uneven == "none":
+            self.batches = 0  # per slot, see slot()
+        elif self.length == 0:
+            self.batches = 0
+        else:
+            self.batches = self.length // per_rank if uneven == "drop" else -(-self.length // per_rank)
+        if remaining is None and self.total == 0:
+            raise EmptyEpoch(f"the epoch has no samples: {len(sizes)} shards, all empty\n"
+                             "HINT: check the shard list and its sizes")
+        if remaining is None and self.batches == 0 and uneven == "drop":
+            raise EmptyEpoch(
+                f"the epoch has {self.total} samples in {len(sizes)} shards, fewer than one batch for every "
+                f"rank ({world_size} ranks x batch_size {batch_size} = {per_rank}): it would train on nothing"
+                "\nHINT: lower the batch size, use fewer ranks, or uneven='pad' (repeats samples to give "
+                "every rank a batch)")
+        self._slots = slots
+
+    # ---------------------------------------------------------------------------------------------- slots
+
+    def slot(self, rank: int, worker: int) -> SlotPlan:
+        """The range, sample count and batch count of slot ``(rank, worker)``."""
+        w, b, bs = self.workers, self.batches, self.batch_size
+        if self.uneven == "none":
+            k = rank * w + worker
+            q, extra = divmod(self.length, self._slots)
+            count = q + (k < extra)
+            return SlotPlan(start=k * q + min(k, extra), count=count, batches=-(-count // bs), num_padded=0)
+        mine = b // w + (worker < b % w)
+        start = (rank * b + worker * (b // w) + min(worker, b % w)) * bs
+        count = mine * bs
+        padded = max(0, min(count, start + count - self.length))
+        return SlotPlan(start=start, count=count, batches=mine, num_padded=padded)
+
+    def batches_per_rank(self, rank: int = 0) -> int:
+        """Batches rank ``rank`` yields (the same on every rank unless ``uneven="none"``)."""
+        return sum(self.slot(rank, w).batches for w in range(self.workers))
+
+    def dropped(self) -> int:
+        """Samples of the phase no slot yields (``uneven="drop"``)."""
+        return self.length - self.world_size * self.batches * self.batch_size if self.uneven == "drop" else 0
+
+    # ------------------------------------------------------------------------------------- positions
+
+    def runs(self, first: int, stop: int) -> Iterator[Run]:
+        """Phase offsets ``[first, stop)`` as runs of consecutive samples of one shard, in order (offsets past
+        the phase's length wrap around to its start: padding)."""
+        while first < stop:
+            if self.length == 0:
+                raise EmptyEpoch("padding needs at least one sample")
+            at = first % self.length
+            n = min(stop - first, self.length - at)
+            for a, b in self._stream_ranges(at, at + n):
+                yield from self._shard_runs(a, b)
+            first += n
+
+    def _stream_ranges(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
+        """Phase offsets ``[first, stop)`` (inside the phase) as stream ranges."""
+        i = bisect.bisect_right(self.seg_at, first) - 1
+        while first < stop:
+            end = min(stop, self.seg_at[i + 1])
+            lo = self.seg_lo[i] + first - self.seg_at[i]
+            yield lo, lo + end - first
+            first, i = end, i + 1
+
+    def _shard_runs(self, first: int, stop: int) -> Iterator[Run]:
+        k = bisect.bisect_right(self.shard_start, first) - 1
+        while first < stop:
+            end = min(stop, self.shard_start[k + 1])
+            yield self.order[k], first - self.shard_start[k], end - self.shard_start[k]
+            first, k = end, k + 1
+
+    def permutation(self, rank: int, worker: int, window: int, n: int) -> list[int]:
+        """The order slot ``(rank, worker)`` emits the ``n`` samples of its ``window``-th window in."""
+        perm = list(range(n))
+        if self.window > 1:
+            _rng(self.seed, self.epoch, f"{self.phase}:{rank * self.workers + worker}:{window}").shuffle(perm)
+        return perm
+
+    def refs(self, rank: int, worker: int) -> Iterator[Ref]:
+        """Every sample slot ``(rank, worker)`` yields, in yield order (for tests and small data)."""
+        sp = self.slot(rank, worker)
+        for j, lo in enumerate(range(0, sp.count, self.window)):
+            hi = min(sp.count, lo + self.window)
+            block = [(s, i) for s, a, b in self.runs(sp.start + lo, sp.start + hi) for i in range(a, b)]
+            yield from (block[p] for p in self.permutation(rank, worker, j, hi - lo))
+
+    # ----------------------------------------------------------------------------------------- resume
+
+    def unseen(self, yielded: Mapping[tuple[int, int], int]) -> list[tuple[int, int]]:
+        """Stream ranges of the samples no slot has yielded, given the batches each ``(rank, worker)`` slot
+        yielded (absent: none). Samples a window had read but not emitted are among them; so is the tail
+        ``uneven="drop"`` would have left out. Cost: O(slots x shuffle_buffer + phase ranges)."""
+        left: list[tuple[int, int]] = []  # phase offsets
+        if self.uneven == "drop":
+            left.append((self.length - self.dropped(), self.length))
+        for rank in range(self.world_size):
+            for worker in range(self.workers):
+                sp = self.slot(rank, worker)
+                done = min(sp.count, yielded.get((rank, worker), 0) * self.batch_size)
+                j, into = divmod(done, self.window)
+                lo, hi = j * self.window, min(sp.count, (j + 1) * self.window)
+                if into:
+                    perm = self.permutation(rank, worker, j, hi - lo)
+                    left += [(sp.start + lo + p, sp.start + lo + p + 1) for p in perm[into:]]
+                    lo = hi
+                left.append((sp.start + lo, sp.start + sp.count))
+        # offsets past the phase's length are padding: repeats of samples that have an offset of their own
+        clipped = sorted((a, min(b, self.length)) for a, b in left if a < min(b, self.length))
+        return _merge(r for a, b in clipped for r in self._stream_ranges(a, b))
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _rng(seed: int, epoch: int, salt: object = 0) -> random.Random:
     return random.Random(f"launcher-data:{seed}:{epoch}:{salt}")  # str seeds are hashed stably (sha512)
-
-
-def _shuffle_buffer(stream: list[Ref], size: int, rng: random.Random) -> list[Ref]:
-    """The order a bounded shuffle buffer of ``size`` items emits ``stream`` in (0 or 1: unchanged)."""
-    if size <= 1:
-        return list(stream)
-    out, buf = [], []
-    for ref in stream:
-        buf.append(ref)
-        if len(buf) >= size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            out.append(buf.pop())
-    rng.shuffle(buf)
-    return out + buf
-
-
-def epoch_stream(sizes: Sequence[int], seed: int, epoch: int, shuffle: bool) -> list[Ref]:
-    """All samples of the epoch in shard order (shards permuted by ``(seed, epoch)`` when shuffling)."""
-    return [(s, i) for s in _shard_order(sizes, seed, epoch, shuffle) for i in range(sizes[s])]
-
-
-def _shard_order(sizes: Sequence[int], seed: int, epoch: int, shuffle: bool) -> list[int]:
-    order = list(range(len(sizes)))
-    if shuffle:
-        _rng(seed, epoch).shuffle(order)
-    return order
-
-
-def slot_streams(
-    sizes: Sequence[int],
-    world_size: int,
-    num_workers: int,
-    *,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    shuffle_buffer: int = 0,
-    split: Literal["auto", "shards", "samples"] = "auto",
-) -> list[list[list[Ref]]]:
-    """``streams[rank][worker]``: every sample of the epoch exactly once, before batching and balancing."""
-    workers = max(1, num_workers)
-    slots = world_size * workers
-    shard_order = _shard_order(sizes, seed, epoch, shuffle)
-    stream = [(s, i) for s in shard_order for i in range(sizes[s])]
-    streams: list[list[list[Ref]]] = [[[] for _ in range(workers)] for _ in range(world_size)]
-    if split == "shards" or (split == "auto" and len(sizes) >= slots):
-        # Greedy balance, largest shards first (ties in the epoch's shard order): ranks, then their workers.
-        by_size = sorted(shard_order, key=lambda s: -sizes[s])
-        per_rank: list[list[int]] = [[] for _ in range(world_size)]
-        loads = [0] * world_size
-        for s in by_size:
-            r = min(range(world_size), key=lambda k: (loads[k], k))
-            per_rank[r].append(s)
-            loads[r] += sizes[s]
-        for r, shards in enumerate(per_rank):
-            wl = [0] * workers
-            mine: list[list[int]] = [[] for _ in range(workers)]
-            for s in shards:
-                w = min(range(workers), key=lambda k: (wl[k], k))
-                wl[w] += sizes[s]
-                mine[w].append(s)
-            for w in range(workers):
-                streams[r][w] = [
-                    (s, i) for s in sorted(mine[w], key=shard_order.index) for i in range(sizes[s])
-                ]
-    else:
-        for k, ref in enumerate(stream):
-            slot = k % slots
-            streams[slot // workers][slot % workers].append(ref)
-    for r in range(world_size):
-        for w in range(workers):
-            streams[r][w] = _shuffle_buffer(streams[r][w], shuffle_buffer if shuffle else 0,
-                                            _rng(seed, epoch, 1 + r * workers + w))
-    return streams
-
-
-def plan_epoch(
-    sizes: Sequence[int],
-    world_size: int,
-    num_workers: int,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    shuffle_buffer: int = 0,
-    uneven: Literal["drop", "pad", "none"] = "drop",
-    split: Literal["auto", "shards", "samples"] = "auto",
-) -> list[list[SlotPlan]]:
-    """``plan[rank][worker]`` for one epoch (a pure function: same inputs, same plan, on every process)."""
-    if batch_size < 1 or world_size < 1:
-        raise ValueError("batch_size and world_size must be at least 1")
-    workers = max(1, num_workers)
-    streams = slot_streams(sizes, world_size, num_workers, seed=seed, epoch=epoch, shuffle=shuffle,
-                           shuffle_buffer=shuffle_buffer, split=split)
-    stream = epoch_stream(sizes, seed, epoch, shuffle)
-    counts = [[len(streams[r][w]) for w in range(workers)] for r in range(world_size)]
-    if uneven == "none":  # evaluation: every sample once, last batches partial, counts may differ per rank
-        return [[SlotPlan(order=streams[r][w], num_padded=0, batches=-(-counts[r][w] // batch_size))
-                 for w in range(workers)] for r in range(world_size)]
-    if uneven == "drop":
-        per_worker = [[c // batch_size for c in row] for row in counts]
-        target = min(sum(row) for row in per_worker)
-        for row in per_worker:
-            while sum(row) > target:  # trim the worker with the most batches (lowest index on ties)
-                row[row.index(max(row))] -= 1
-    else:
-        per_worker = [[-(-c // batch_size) for c in row] for row in counts]
-        target = max(sum(row) for row in per_worker)
-        for row in per_worker:
-            while sum(row) < target:  # extra batches go to the worker with the fewest (lowest index on ties)
-                row[row.index(min(row))] += 1
-    plans: list[list[SlotPlan]] = []
-    pad_cursor = 0
-    for r in range(world_size):
-        slots_of_rank = []
-        for w in range(workers):
-            n = per_worker[r][w] * batch_size
-            order = streams[r][w][:n]
-            missing = n - len(order)
-            if missing > 0:
-                if not stream:
-                    raise ValueError("uneven='pad' needs at least one sample")
-                order += [stream[(pad_cursor + j) % len(stream)] for j in range(missing)]
-                pad_cursor += missing
-            slots_of_rank.append(SlotPlan(order=order, num_padded=max(0, missing), batches=per_worker[r][w]))
-        plans.append(slots_of_rank)
-    return plans

@@ -2,6 +2,8 @@
 
 ``index.json`` lists every shard with its sample count (what the sharded dataset needs to plan an epoch
 without reading anything) and the class names. Shards are written by ``python -m launcher.tools.tarshards``.
+A shard folder and its shards may be local paths or any fsspec URL (``s3://``, ``gs://``, ``https://``,
+``memory://``...); remote files are read by streaming (fsspec's read-ahead buffer), never downloaded whole.
 """
 
 from __future__ import annotations
@@ -11,47 +13,68 @@ import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from .. import internals
 
 INDEX = "index.json"
 
 
+def open_file(url: str | os.PathLike[str]) -> IO[bytes]:
+    """A seekable binary file for a local path or an fsspec URL (``PROTOCOL://...``)."""
+    text = os.fspath(url)
+    if "://" not in text or text.startswith("file://"):
+        return open(text.removeprefix("file://"), "rb")
+    import fsspec
+
+    return fsspec.open(text, "rb").open()  # type: ignore[no-any-return]
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory.rstrip('/')}/{name}"
+
+
 def open_shards(directory: str | os.PathLike[str]) -> tuple[list[str], list[int], list[str]]:
     """``(shard paths, samples per shard, class names)`` from a folder written by :func:`write_shards`."""
-    d = Path(directory)
+    d = os.fspath(directory)
     try:
-        index = json.loads((d / INDEX).read_text())
+        with open_file(_join(d, INDEX)) as f:
+            index = json.loads(f.read())
     except OSError:
         raise FileNotFoundError(
-            f"{d / INDEX}: no shard index\n"
+            f"{_join(d, INDEX)}: no shard index\n"
             f"HINT: write shards first (python -m launcher.tools.tarshards SRC {d})"
         ) from None
-    paths = [str(d / s["file"]) for s in index["shards"]]
+    paths = [_join(d, s["file"]) for s in index["shards"]]
     return paths, [int(s["samples"]) for s in index["shards"]], list(index.get("classes", []))
 
 
-def read_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard in order: ``{"key", "image": bytes, "label": int}`` (nothing decoded)."""
-    current: dict[str, Any] = {}
-    with tarfile.open(path, "r|") as tar:  # streaming: one sequential read
-        for member in tar:
+def read_tar(path: str, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard in order from sample ``start``: ``{"key", "image": bytes, "label": int}``
+    (nothing decoded). Samples before ``start`` are skipped by their headers: their data is never read."""
+    with open_file(path) as f:
+        tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f); seekable: skip = one header
+        index, key = -1, None
+        current: dict[str, Any] = {}
+        while (member := tar.next()) is not None:
+            internals.tar_forget_members(tar)  # memory stays flat whatever the shard's length
             if not member.isfile():
                 continue
-            key, _, ext = member.name.rpartition(".")
-            if current and current["key"] != key:
-                yield current
-                current = {}
-            f = tar.extractfile(member)
-            assert f is not None
-            data = f.read()
-            current["key"] = key
+            name, _, ext = member.name.rpartition(".")
+            if name != key:
+                if current:
+                    yield current
+                key, current, index = name, {}, index + 1
+            if index < start:
+                continue
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            current["key"] = name
             if ext == "cls":
                 current["label"] = int(data.decode())
             else:
                 current["image"] = data
-    if current:
-        yield current
+        if current:
+            yield current
 
 
 class DecodeImage:
