@@ -1,4 +1,5 @@
-"""Sharded tar reading: W DataLoader workers vs one worker (target >= 0.9 x W up to the core count).
+"""Sharded tar reading: W DataLoader workers vs one worker (target >= 0.9 x W up to the core count), then the
+rows of :mod:`benchmarks.data_scale` (plan cost, memory, bytes read, WebDataset side by side).
 
 Rates are steady-state samples/s: the clock starts when the first batch arrives, so worker start-up (paid once
 per epoch) does not count. One worker against a plain loop in the main process is reported as well.
@@ -20,6 +21,7 @@ from examples.shapes import generate
 from launcher.data import ShardedIterableDataset, make_loader
 from launcher.data.tar import DecodeImage, open_shards, read_tar
 
+from . import data_scale
 from .common import alternate
 
 SAMPLES = 12000
@@ -67,4 +69,4 @@ def _run(tmp: Path) -> list[dict[str, object]]:
                     "value": r["ratio"], "target": f">= {expected:.2f} (0.9 x min(W, {cores} cores))",
                     "ok": r["ratio"] >= expected,
                     "detail": f"1 worker {r['a']:.0f}/s, {w} workers {r['b']:.0f}/s"})
-    return out
+    return out + data_scale.run(tmp / "train", dec, BATCH)

@@ -91,5 +91,7 @@ def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
         else:
             state.epoch += 1
     ckpt.finish(state)
+    # the model's checksum: every rank's must be the same (DDP), on every machine
+    weights = float(sum(p.detach().double().sum() for p in launcher.unwrap(model).parameters()))
     return {"rank": launcher.get_rank(), "world_size": launcher.get_world_size(), "step": state.step,
-            "epoch": state.epoch, "loss": loss.item()}
+            "epoch": state.epoch, "loss": loss.item(), "weights": round(weights, 9)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -42,23 +43,34 @@ def cmd_run(job: config_mod.Job) -> int:
     from .spec import RankSpec
 
     spec = RankSpec.for_job(job)
-    rundir.lock(job.run_dir, job.source)  # one running job per run directory
+    d = job.distributed
+    nodes = d.node_range()
+    rundir.lock(job.run_dir, job.source, per_machine=nodes != (1, 1))  # one running job per run directory
     config_mod.write_resolved(job)
     what = f"{job.script} {' '.join(job.script_args)}".strip() if job.script else job.entry
-    print(f"[launcher] {job.name}: starting {nproc} rank(s) of {what}; logs in {job.run_dir / 'logs'}",
+    where = "" if nodes == (1, 1) else f" on this machine, meeting {d.nnodes} machine(s) at {d.rdzv_endpoint}"
+    print(f"[launcher] {job.name}: starting {nproc} rank(s) of {what}{where}; logs in {job.run_dir / 'logs'}",
           flush=True)
     try:
-        results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=job.distributed.max_restarts)
+        results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=d.max_restarts, nodes=nodes,
+                        rdzv_endpoint=d.rdzv_endpoint, rdzv_id=d.rdzv_id or job.name)
     except SignalException as e:
         print(f"launcher: stopped by {e.sigval.name}; all ranks were stopped", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ranks are gone, the outcome known: see console()
+    ranks = f"rank(s) {_span(results)}" if nodes != (1, 1) else "rank(s)"
     if job.script:
-        print(f"[launcher] {job.name}: finished on {len(results)} rank(s)")
+        print(f"[launcher] {job.name}: finished on {len(results)} {ranks}")
     else:
-        print(f"[launcher] {job.name}: finished on {len(results)} rank(s); rank 0 returned {results[0]!r}")
+        first = min(results)
+        print(f"[launcher] {job.name}: finished on {len(results)} {ranks}; rank {first} returned "
+              f"{results[first]!r}")
     return EXIT_OK
+
+
+def _span(ranks: dict[int, object]) -> str:
+    return f"{min(ranks)}-{max(ranks)}" if len(ranks) > 1 else str(min(ranks))
 
 
 def _check_entry_findable(job: config_mod.Job) -> None:
@@ -132,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ranks on this machine (distributed.nproc_per_node)")
     run.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int,
                      help="restart all ranks this many times after a failure (distributed.max_restarts)")
+    run.add_argument("--nnodes", help="machines: N or MIN:MAX (distributed.nnodes)")
+    run.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint",
+                     help="HOST:PORT where the machines meet (distributed.rdzv_endpoint)")
+    run.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id",
+                     help="the run's name at the rendezvous, the same on every machine (distributed.rdzv_id)")
     run.add_argument("-m", "--module", action="store_true", help="the target is a module, run as __main__")
     run.add_argument("target", help="job file (YAML), script (.py) or, with -m, a module")
     run.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (job file) or the script's arguments")
@@ -155,6 +172,9 @@ def load_run_job(args: argparse.Namespace) -> config_mod.Job:
         options.append(f"distributed.nproc_per_node={args.nproc}")
     if args.max_restarts is not None:
         options.append(f"distributed.max_restarts={args.max_restarts}")
+    for key in ("nnodes", "rdzv_endpoint", "rdzv_id"):
+        if getattr(args, key) is not None:
+            options.append(f"distributed.{key}={json.dumps(str(getattr(args, key)))}")  # a string, as given
     if args.module or args.target.endswith(".py"):
         script = f"-m {args.target}" if args.module else args.target
         name = args.target.rsplit(".", 1)[-1] if args.module else Path(args.target).stem

@@ -22,6 +22,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from . import yamlfile
+
 
 class ConfigError(ValueError):
     """A job file or override is invalid; the message names file, key and fix."""
@@ -50,6 +52,14 @@ class DistributedConfig:
 
     nproc_per_node: int = field(default=1, metadata=at_least(1, **EXACT))
     """Ranks to start on this machine (``launcher run``); one per GPU is typical."""
+    nnodes: int | str = 1
+    """Machines ``launcher run`` spans: ``N``, or ``MIN:MAX`` for an elastic job. Every machine runs the same
+    command and they meet at ``rdzv_endpoint`` (torch elastic's c10d rendezvous, as ``torchrun --nnodes``)."""
+    rdzv_endpoint: str | None = None
+    """``HOST:PORT`` where the machines meet when ``nnodes`` is not 1: one of them, which hosts the rendezvous
+    store (torchrun's ``--rdzv-endpoint``)."""
+    rdzv_id: str | None = None
+    """Names the run at the rendezvous, the same on every machine; defaults to the job's name."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: NCCL when every rank has its own CUDA device, Gloo otherwise."""
     sync_batchnorm: bool = True
@@ -71,6 +81,31 @@ class DistributedConfig:
     of resident memory staying near its peak."""
 
 
+    def __post_init__(self) -> None:
+        _, hi = self.node_range()
+        if hi > 1 and not self.rdzv_endpoint:
+            raise ConfigError(
+                f"distributed.nnodes: {self.nnodes} machines need a place to meet\nHINT: set "
+                "distributed.rdzv_endpoint=HOST:PORT, the address of one of the machines (the same on all)")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"distributed.rdzv_endpoint: expected HOST:PORT, got {self.rdzv_endpoint!r}"
+                                  "\nHINT: e.g. node01:29400 or 10.0.0.1:29400")
+
+    def node_range(self) -> tuple[int, int]:
+        """``(min, max)`` machines from ``nnodes`` (``N`` or ``MIN:MAX``)."""
+        text = str(self.nnodes)
+        lo, _, hi = text.partition(":")
+        try:
+            low, high = int(lo), int(hi or lo)
+        except ValueError:
+            low, high = 0, 0
+        if not 1 <= low <= high:
+            raise ConfigError(f"distributed.nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}"
+                              "\nHINT: nnodes: 2 (two machines), or nnodes: 1:4 (elastic, 1 to 4)")
+        return low, high
+
 @dataclass
 class DataConfig:
     """Data-loading settings the entry passes to :func:`launcher.make_loader` (the launcher applies them)."""
@@ -78,9 +113,12 @@ class DataConfig:
     num_workers: int = field(default=0, metadata=at_least(0, **EXACT))
     """DataLoader worker processes per rank."""
     uneven: Literal["drop", "pad"] = field(default="drop", metadata=EXACT)
-    """Equal batches on every rank (no DDP hang): drop the uneven tail, or pad by repeating samples."""
+    """Equal batches on every rank (no DDP hang): drop fewer than one batch per rank, or pad by repeating
+    fewer than that many samples."""
     shuffle_buffer: int = field(default=0, metadata=at_least(0, **EXACT))
-    """Bounded sample shuffle buffer per worker; 0 shuffles shard order only."""
+    """Samples shuffled together per worker: each window of this many samples, drawn from 8 evenly spaced
+    parts of the worker's range, is emitted in a random order (the worker holds this many raw samples); 0
+    shuffles shard order only."""
     pin_memory: bool = True
     """Pin host memory on GPU runs (ignored on CPU)."""
 
@@ -337,7 +375,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value\nHINT: e.g. train.max_steps=20")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yamlfile.parse_value(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
         pairs.append((key.strip(), value))
@@ -360,7 +398,6 @@ def load(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Jo
     Raises:
         ConfigError: with file, key path, expectation and a hint.
     """
-    from . import yamlfile
 
     path = Path(path)
     try:

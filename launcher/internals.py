@@ -28,6 +28,7 @@ REQUIRED = [
     ("torch.utils.data.dataloader", "_MultiProcessingDataLoaderIter._workers"),
     ("torch.utils.data.dataloader", "DataLoader._iterator"),
     ("tarfile", "TarFile.members"),
+    ("tarfile", "TarInfo.offset"),
 ]
 
 
@@ -128,3 +129,8 @@ def tar_forget_members(tar: Any) -> None:
     """Drop the headers a ``tarfile.TarFile`` keeps of every member it has read (``TarFile.members``): a
     reader that streams a shard of millions of members would otherwise hold all their headers."""
     tar.members.clear()
+
+
+def tar_member_offset(member: Any) -> int:
+    """Where a tar member's header starts in the archive (``TarInfo.offset``)."""
+    return int(member.offset)

@@ -18,13 +18,17 @@ from .errors import UsageError
 _held: dict[str, int] = {}  # run directory -> the open lock file, kept for the life of the process
 
 
-def lock(run_dir: Path, source: str = "") -> None:
-    """Take the run directory for this process; :class:`UsageError` naming the holder if a job has it."""
+def lock(run_dir: Path, source: str = "", *, per_machine: bool = False) -> None:
+    """Take the run directory for this process; :class:`UsageError` naming the holder if a job has it.
+
+    ``per_machine``: a job spanning machines that share the run directory holds one lock per machine
+    (``.lock-HOSTNAME``): one launcher per machine and run directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    key = str(run_dir.resolve())
+    name = f".lock-{socket.gethostname()}" if per_machine else ".lock"
+    key = str((run_dir / name).resolve())
     if key in _held:
         return
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -2,11 +2,13 @@
 
 PyYAML alone accepts a repeated key (the last one silently wins, replacing a whole section) and expands
 aliases without bound when the result is copied (a 565-byte alias bomb grew the launcher to 6 GiB). Job files
-are small hand-written documents, so the bounds here are far above any real one.
+are small hand-written documents, so the bounds here are far above any real one. Numbers follow YAML 1.2:
+PyYAML's YAML 1.1 reads ``nnodes: 1:4`` as the base-60 number 64; here it stays the string ``"1:4"``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,30 @@ class _StrictLoader(yaml.SafeLoader):
                                    "HINT: merge the two into one")
             seen.setdefault(key, line)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1's int and float patterns without their base-60 branches (``1:4`` is not 64).
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """One YAML value (an override's right-hand side), read like the job file's values."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 def _count_values(root: yaml.Node) -> int:

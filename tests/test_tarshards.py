@@ -104,3 +104,22 @@ def test_cifar10_on_disk_becomes_train_and_val_shards(tmp_path, monkeypatch, cap
 def test_missing_cifar10_says_what_to_point_at(tmp_path, capsys):
     assert main([str(tmp_path), str(tmp_path / "out"), "--format", "cifar10"]) == 2
     assert "cifar-10-batches-py/data_batch_1" in capsys.readouterr().err
+
+
+def test_any_sample_is_reached_through_the_offsets_and_foreign_shards_can_be_indexed(tmp_path, capsys):
+    samples = [(f"{i:03d}", png((i, 0, 0)) * (1 + i % 4), "png", i % 3) for i in range(25)]
+    write_shards(iter(samples), tmp_path, per_shard=10)
+    paths, sizes, _ = open_shards(tmp_path)
+    walked = {p: list(read_tar(p)) for p in paths}
+    for p in paths:
+        assert Path(f"{p}.offsets").stat().st_size == 8 * len(walked[p])
+        for start in range(len(walked[p]) + 1):
+            assert list(read_tar(p, start)) == walked[p][start:]
+    # shards from elsewhere: no index, no offsets; --index writes both
+    for f in [*tmp_path.glob("*.offsets"), tmp_path / "index.json"]:
+        f.unlink()
+    assert list(read_tar(paths[1], 3)) == walked[paths[1]][3:]  # without offsets: the headers are walked
+    assert main([str(tmp_path), "--index"]) == 0
+    assert "indexed 25 samples in 3 shards" in capsys.readouterr().out
+    assert open_shards(tmp_path)[1] == sizes and all(Path(f"{p}.offsets").exists() for p in paths)
+    assert main([str(tmp_path / "empty"), "--index"]) == 2

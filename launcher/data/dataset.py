@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -193,20 +193,26 @@ class ShardedIterableDataset(IterableDataset):
         return by_value(out) if in_worker else out
 
     def _emitted(self, plan: EpochPlan, worker: int, done: int) -> Iterator[Any]:
-        """The slot's raw samples in emission order from the ``done``-th on: one window read at a time."""
-        sp, k = plan.slot(self.rank, worker), plan.window
-        first = min(done, sp.count) // k
-        samples = self._read(plan, sp.start + first * k, sp.start + sp.count)
-        if k == 1:
-            yield from samples
+        """The slot's raw samples in emission order from the ``done``-th on: one window read at a time, each
+        lane by its own sequential reader."""
+        sp = plan.slot(self.rank, worker)
+        j, into = plan.window_at(sp, min(done, sp.count))
+        spans, chunk = plan.lanes(sp)
+        if plan.window == 1:
+            yield from self._read(plan, sp.start + done, sp.start + sp.count)
             return
-        for j in range(first, -(-sp.count // k)):
-            n = min(k, sp.count - j * k)
-            window = list(itertools.islice(samples, n))
-            for p in plan.permutation(self.rank, worker, j, n)[done - j * k if j == first else 0 :]:
-                yield window[p]
+        readers = [self._read(plan, a + j * chunk, a + n) for a, n in spans if n > j * chunk]  # generators
+        try:
+            while pieces := plan.window_pieces(sp, j):
+                window = [raw for (lo, hi), r in zip(pieces, readers) for raw in itertools.islice(r, hi - lo)]
+                for p in plan.permutation(self.rank, worker, j, len(window))[into:]:
+                    yield window[p]
+                j, into = j + 1, 0
+        finally:
+            for r in readers:
+                r.close()
 
-    def _read(self, plan: EpochPlan, first: int, stop: int) -> Iterator[Any]:
+    def _read(self, plan: EpochPlan, first: int, stop: int) -> Generator[Any, None, None]:
         """Raw samples of phase offsets ``[first, stop)``, streaming each shard's run once."""
         for shard, a, b in plan.runs(first, stop):
             it = iter(self._open(self.shards[shard], a))

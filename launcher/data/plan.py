@@ -15,10 +15,13 @@ stream order, are cut into one contiguous range per slot (rank-major, then worke
   lists another slot's samples. Its samples come as runs ``(shard, first, stop)`` of consecutive samples.
 * bytes: each slot reads one contiguous range, at most one partial shard at each end, so an epoch reads about
   the dataset's bytes once, whatever the number of shards and slots.
-* shuffling: shard order per epoch, and within a slot, windows of ``shuffle_buffer`` consecutive samples
-  emitted in a permutation drawn from ``(seed, epoch, phase, slot, window)``. Unlike a reservoir buffer, the
-  window in progress and what it has emitted follow from the count of samples yielded, so a worker's position
-  is one integer, and another topology can tell exactly which samples a stopped run has not yielded.
+* shuffling: shard order per epoch; within a slot, a window of ``shuffle_buffer`` samples is emitted in a
+  permutation drawn from ``(seed, epoch, phase, slot, window)``. A window takes ``shuffle_buffer / LANES``
+  consecutive samples from each of :data:`LANES` lanes, evenly spaced parts of the slot's range read side by
+  side, so a batch mixes samples from far apart in the stream (class-sorted shards included) while every
+  lane is still read sequentially. Unlike a reservoir buffer, the window in progress and what it has emitted
+  follow from the count of samples yielded, so a worker's position is one integer, and another topology can
+  tell exactly which samples a stopped run has not yielded.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+#: Evenly spaced parts of a slot's range that a shuffle window draws from (when shuffle_buffer allows).
+LANES = 8
 
 Run = tuple[int, int, int]  # (shard index, first sample, stop sample): consecutive samples of one shard
 Ref = tuple[int, int]  # (shard index, sample index within the shard)
@@ -173,13 +179,38 @@ class EpochPlan:
             _rng(self.seed, self.epoch, f"{self.phase}:{rank * self.workers + worker}:{window}").shuffle(perm)
         return perm
 
+    def lanes(self, sp: SlotPlan) -> tuple[list[tuple[int, int]], int]:
+        """The slot's lanes as ``(first offset, length)`` and how many samples a window takes from each."""
+        n = min(LANES, self.window) if self.window > 1 else 1
+        q, extra = divmod(sp.count, n)
+        spans = [(sp.start + p * q + min(p, extra), q + (p < extra)) for p in range(n)]
+        return spans, self.window // n
+
+    def window_pieces(self, sp: SlotPlan, j: int) -> list[tuple[int, int]]:
+        """Window ``j`` of slot ``sp`` as phase offset ranges, one per lane, in reading order."""
+        spans, chunk = self.lanes(sp)
+        return [(a + j * chunk, a + min(n, (j + 1) * chunk)) for a, n in spans if n > j * chunk]
+
+    def window_at(self, sp: SlotPlan, done: int) -> tuple[int, int]:
+        """``(window, emitted inside it)`` once the slot has emitted ``done`` samples."""
+        spans, chunk = self.lanes(sp)
+        per = chunk * len(spans)
+        j = min(done // per, (sp.count // len(spans)) // chunk)  # windows before j are whole: skip them
+        done -= j * per
+        while True:
+            size = sum(b - a for a, b in self.window_pieces(sp, j))
+            if done < size or size == 0:
+                return j, done
+            j, done = j + 1, done - size
+
     def refs(self, rank: int, worker: int) -> Iterator[Ref]:
         """Every sample slot ``(rank, worker)`` yields, in yield order (for tests and small data)."""
         sp = self.slot(rank, worker)
-        for j, lo in enumerate(range(0, sp.count, self.window)):
-            hi = min(sp.count, lo + self.window)
-            block = [(s, i) for s, a, b in self.runs(sp.start + lo, sp.start + hi) for i in range(a, b)]
-            yield from (block[p] for p in self.permutation(rank, worker, j, hi - lo))
+        j = 0
+        while pieces := self.window_pieces(sp, j):
+            block = [(s, i) for lo, hi in pieces for s, a, b in self.runs(lo, hi) for i in range(a, b)]
+            yield from (block[p] for p in self.permutation(rank, worker, j, len(block)))
+            j += 1
 
     # ----------------------------------------------------------------------------------------- resume
 
@@ -193,14 +224,14 @@ class EpochPlan:
         for rank in range(self.world_size):
             for worker in range(self.workers):
                 sp = self.slot(rank, worker)
-                done = min(sp.count, yielded.get((rank, worker), 0) * self.batch_size)
-                j, into = divmod(done, self.window)
-                lo, hi = j * self.window, min(sp.count, (j + 1) * self.window)
+                j, into = self.window_at(sp, min(sp.count, yielded.get((rank, worker), 0) * self.batch_size))
                 if into:
-                    perm = self.permutation(rank, worker, j, hi - lo)
-                    left += [(sp.start + lo + p, sp.start + lo + p + 1) for p in perm[into:]]
-                    lo = hi
-                left.append((sp.start + lo, sp.start + sp.count))
+                    offsets = [o for a, b in self.window_pieces(sp, j) for o in range(a, b)]
+                    left += [(offsets[p], offsets[p] + 1)
+                             for p in self.permutation(rank, worker, j, len(offsets))[into:]]
+                    j += 1
+                spans, chunk = self.lanes(sp)
+                left += [(a + j * chunk, a + n) for a, n in spans if n > j * chunk]
         # offsets past the phase's length are padding: repeats of samples that have an offset of their own
         clipped = sorted((a, min(b, self.length)) for a, b in left if a < min(b, self.length))
         return _merge(r for a, b in clipped for r in self._stream_ranges(a, b))

@@ -18,6 +18,9 @@ from typing import IO, Any
 from .. import internals
 
 INDEX = "index.json"
+#: Beside a shard, ``SHARD.offsets``: the byte offset of each sample's first header, little-endian uint64
+#: (written by ``python -m launcher.tools.tarshards``): a reader starts at any sample with one small read.
+OFFSETS = ".offsets"
 
 
 def open_file(url: str | os.PathLike[str]) -> IO[bytes]:
@@ -51,8 +54,13 @@ def open_shards(directory: str | os.PathLike[str]) -> tuple[list[str], list[int]
 
 def read_tar(path: str, start: int = 0) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard in order from sample ``start``: ``{"key", "image": bytes, "label": int}``
-    (nothing decoded). Samples before ``start`` are skipped by their headers: their data is never read."""
+    (nothing decoded). The reader seeks to sample ``start`` through the shard's :data:`OFFSETS` file; without
+    one, it walks the earlier members' headers (their data is never read)."""
     with open_file(path) as f:
+        at = _sample_offset(path, start)
+        if at is not None:
+            f.seek(at)  # a TarFile starts reading where its file is
+            start = 0
         tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f); seekable: skip = one header
         index, key = -1, None
         current: dict[str, Any] = {}
@@ -75,6 +83,32 @@ def read_tar(path: str, start: int = 0) -> Iterator[dict[str, Any]]:
                 current["image"] = data
         if current:
             yield current
+
+
+def _sample_offset(path: str, start: int) -> int | None:
+    if start == 0:
+        return None
+    try:
+        with open_file(f"{path}{OFFSETS}") as f:
+            f.seek(8 * start)
+            raw = f.read(8)
+    except OSError:
+        return None
+    return int.from_bytes(raw, "little") if len(raw) == 8 else None
+
+
+def sample_offsets(path: str) -> list[int]:
+    """The byte offset of each sample's first header in a shard (what :data:`OFFSETS` files hold)."""
+    offsets, key = [], None
+    with open_file(path) as f:
+        tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f)
+        while (member := tar.next()) is not None:
+            internals.tar_forget_members(tar)
+            name = member.name.rpartition(".")[0]
+            if member.isfile() and name != key:
+                key = name
+                offsets.append(internals.tar_member_offset(member))
+    return offsets
 
 
 class DecodeImage:

@@ -16,6 +16,8 @@ What we add on top of the agent (and why we build it ourselves instead of callin
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import logging
 import os
 import shutil
@@ -28,18 +30,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
-from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from .. import internals
 from ..dist import HEARTBEAT_ENV
-from ..errors import Failure, RankFailure
+from ..errors import Failure, LaunchError, RankFailure, UsageError
 from ..spec import Process, RankSpec, rank_function
-from . import rankserver
+from . import machines, rankserver
 
 #: Most ranks started from the fork server: torch's process context sends every rank the result queues of
 #: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many
@@ -57,8 +59,15 @@ def spawn(
     *,
     max_restarts: int = 0,
     console_ranks: set[int] | None = frozenset({0}),  # type: ignore[assignment]
+    nodes: tuple[int, int] = (1, 1),
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
 ) -> dict[int, Any]:
-    """Run ``spec`` in ``nproc`` local ranks; return ``{rank: result}`` (torch elastic's ``RunResult``).
+    """Run ``spec`` in ``nproc`` local ranks; return ``{global rank: result}`` (torch elastic's result).
+
+    With ``nodes`` other than ``(1, 1)``, this machine's ranks join those of the other machines that meet at
+    ``rdzv_endpoint`` under ``rdzv_id`` (torch elastic's c10d rendezvous, as torchrun's): the machine whose
+    address the endpoint names hosts the store.
 
     Raises:
         RankFailure: a rank raised or died (after ``max_restarts`` restarts of all ranks).
@@ -69,22 +78,28 @@ def spawn(
     run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()  # sorts by start time
     heartbeats = log_dir / f"heartbeat-{run_id}"
     heartbeats.mkdir()
-    threads = {**rankserver.threads_env(nproc), HEARTBEAT_ENV: str(heartbeats)}
+    multi = nodes != (1, 1)
+    meet = _Meeting(rdzv_endpoint or "") if multi else None
+    threads = {**rankserver.threads_env(nproc), HEARTBEAT_ENV: str(heartbeats), **(meet.env if meet else {})}
     server_env = rankserver.start(nproc) if nproc <= MAX_FORKED_RANKS else None
     if server_env is not None:
         # Handed to each rank through the fork server's socket: no file holds the environment.
         spec = spec.with_process(Process(environ={**os.environ, **threads}, server_env=server_env,
                                          cwd=os.getcwd(), sys_path=list(sys.path)))
     entrypoint = rank_function("forked_main")  # by name: the launching side never imports the rank program
+    local_addr = meet.local_addr if meet else "127.0.0.1"
     rdzv = RendezvousParameters(
         backend="c10d",
-        endpoint="127.0.0.1:0",
-        run_id=run_id,
-        min_nodes=1,
-        max_nodes=1,
-        local_addr="127.0.0.1",
-        is_host=True,
-        timeout=int(spec.startup_timeout_s),
+        endpoint=meet.endpoint if meet else "127.0.0.1:0",
+        run_id=rdzv_id if meet and rdzv_id else run_id,
+        min_nodes=nodes[0],
+        max_nodes=nodes[1],
+        local_addr=local_addr,
+        # decided here: torch's own test resolves this machine's hostname, which need not resolve
+        is_host=meet.is_host if meet else True,
+        join_timeout=int(spec.startup_timeout_s),
+        # a store operation that gets no answer (the host machine is gone, its link cut) fails after this
+        read_timeout=max(1, int(spec.timeout_s)),
     )
     worker_spec = WorkerSpec(
         role="rank",
@@ -94,7 +109,7 @@ def spawn(
         rdzv_handler=rdzv_registry.get_rendezvous_handler(rdzv),
         max_restarts=max_restarts,
         monitor_interval=0.1,
-        local_addr="127.0.0.1",
+        local_addr=local_addr,
     )
     logs = DefaultLogsSpecs(
         log_dir=str(log_dir), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter=set(console_ranks or ())
@@ -105,29 +120,97 @@ def spawn(
         start_method="forkserver" if server_env is not None else "spawn",
         log_line_prefix_template="[rank${rank}]:",
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        exit_barrier_timeout=spec.startup_timeout_s,  # waiting for the other machines to finish
     )
+    def cleanup() -> None:
+        _kill_groups(agent.rank_pids)
+        agent.remove_error_files()
+        shutil.rmtree(heartbeats, ignore_errors=True)
+
+    disarm = None
+    if meet is not None:
+        agent.roster = machines.Roster(meet.host_ip, meet.port, rdzv.run_id, meet.local_addr)
+        disarm = machines.watchdog(agent.ranks_gone, functools.partial(_wait_bound, agent, spec),
+                                   agent.roster.lost, cleanup)
     # The agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs.
     environ = dict(os.environ)
     restore = _install_signal_handlers(agent)
     try:
         os.environ.update(threads)  # the agent passes OMP_NUM_THREADS on from here ("spawn" ranks inherit it)
         with _quiet_elastic_logs():
-            result = agent.run()
-    finally:
-        restore()
-        _kill_groups(agent.rank_pids)  # a rank's DataLoader workers, left when the agent stopped the rank
-        os.environ.clear()
-        os.environ.update(environ)
-        with contextlib.suppress(Exception):  # the run's outcome matters more than closing the store
-            worker_spec.rdzv_handler.shutdown()
-    try:
+            try:
+                result = agent.run()
+            except RendezvousError as e:  # the machine hosting the store is gone (or unreachable)
+                why = agent.roster.lost() if agent.roster else ""
+                raise LaunchError(f"the rendezvous at {rdzv.endpoint} failed: {why or e}") from None
+            finally:
+                restore()
+                _kill_groups(agent.rank_pids)  # a rank's DataLoader workers, left when the agent stopped it
+                with contextlib.suppress(Exception):  # the run's outcome matters more than closing the store
+                    worker_spec.rdzv_handler.shutdown()
         if result.is_failed():
             failures = [_failure(r, f) for r, f in _all_failures(agent, result.failures).items()]
-            raise RankFailure(failures, stalled=stall_report(failures, heartbeats, agent.states_at_failure))
+            why = agent.roster.lost() if agent.roster else ""
+            stalled = why or stall_report(failures, heartbeats, agent.states_at_failure)
+            raise RankFailure(failures, stalled=stalled)
     finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        if agent.roster is not None:
+            agent.roster.stop()
+        if disarm is not None:
+            disarm.set()
         agent.remove_error_files()
         shutil.rmtree(heartbeats, ignore_errors=True)
-    return {rank: result.return_values.get(rank) for rank in range(nproc)}
+    return dict(sorted(result.return_values.items()))
+
+
+class _Meeting:
+    """Where this machine meets the others: the endpoint by address, whether this machine hosts the store,
+    and this machine's own address on the route there.
+
+    Machines are named by address throughout: a hostname that does not resolve on every machine (a common
+    cluster set-up) would otherwise make torch's host test fail, put an unreachable name into MASTER_ADDR, and
+    make Gloo fall back to loopback. The interface carrying that address goes to Gloo and NCCL
+    (``GLOO_SOCKET_IFNAME``, ``NCCL_SOCKET_IFNAME``) unless the user set them.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        host, _, port = endpoint.rpartition(":")
+        try:
+            info = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise UsageError(f"distributed.rdzv_endpoint: {host} does not resolve here ({e})\n"
+                             "HINT: give the address of the machine that hosts the rendezvous") from None
+        family, _, _, _, address = info[0]
+        self.host_ip, self.port = str(address[0]), int(port)
+        self.endpoint = f"[{self.host_ip}]:{port}" if family == socket.AF_INET6 else f"{self.host_ip}:{port}"
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(address)  # a UDP connect only picks the route: nothing is sent
+            self.local_addr = str(s.getsockname()[0])
+        self.is_host = self.local_addr == self.host_ip or ipaddress.ip_address(self.host_ip).is_loopback
+        self.env: dict[str, str] = {}
+        interface = _interface_with(self.local_addr)
+        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if interface and key not in os.environ:
+                self.env[key] = interface
+
+
+def _interface_with(address: str) -> str | None:
+    """The network interface whose (IPv4) address is ``address``, if any."""
+    import fcntl
+    import struct
+
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+        if socket.inet_ntoa(packed[20:24]) == address:
+            return name
+    return None
 
 
 @contextlib.contextmanager
@@ -149,6 +232,16 @@ def _quiet_elastic_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _wait_bound(agent: _Agent, spec: RankSpec) -> float:
+    """How long the agent may take once this machine's ranks are gone: a moment while it watches them (it is
+    then stuck in a store call to a machine that no longer answers), the start-up bound while it meets the
+    others again (a restart) or waits for them to finish."""
+    state = agent.get_worker_group().state
+    if state in (WorkerState.HEALTHY, WorkerState.UNHEALTHY, WorkerState.FAILED):
+        return machines.STUCK_S
+    return spec.startup_timeout_s + 10
+
+
 class _Agent(LocalElasticAgent):
     """torch's local agent, remembering every rank it starts (each leads its own process group), noting the
     ranks' process states when one fails, and stopping the others within :data:`SHUTDOWN_TIMEOUT_S`."""
@@ -156,7 +249,14 @@ class _Agent(LocalElasticAgent):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank_pids: list[int] = []
+        self.current_pids: list[int] = []
         self.states_at_failure: dict[int, str] = {}
+        self.roster: machines.Roster | None = None
+
+    def ranks_gone(self) -> bool:
+        """This attempt's ranks have all ended (for the watchdog of a multi-machine run)."""
+        pids = self.current_pids
+        return bool(pids) and all(_process_state(pid) in ("Z", "X", "?") for pid in pids)
 
     def _note_states(self, pids: list[int]) -> None:
         """A rank has ended: note every rank's process state; one the kernel shows stopped cannot act on
@@ -180,6 +280,10 @@ class _Agent(LocalElasticAgent):
         # documented grace: half of it for them to end on their own, half after SIGTERM.
         internals.set_failure_grace(self, SHUTDOWN_TIMEOUT_S / 2, on_exit=self._note_states)
         self.rank_pids.extend(pids.values())
+        self.current_pids = list(pids.values())
+        if self.roster is not None:
+            self.roster.publish(worker_group.group_rank, worker_group.group_world_size,
+                                [w.global_rank for w in worker_group.workers])
         return pids
 
 
@@ -224,17 +328,21 @@ def _all_failures(agent: _Agent, reported: dict[int, ProcessFailure]) -> dict[in
     later (a closed connection), that may be the peer. Each rank that raised wrote its traceback and time, so
     :class:`RankFailure` can still name the root cause.
     """
-    failures = dict(reported)
-    error_files, processes = internals.agent_processes(agent)
-    for rank, path in error_files.items():
+    failures = dict(reported)  # by global rank
+    error_files, processes = internals.agent_processes(agent)  # by local rank
+    to_global = {w.local_rank: w.global_rank for w in agent.get_worker_group().workers}
+    for local, path in error_files.items():
+        rank = to_global.get(local, local)
         if rank not in failures and os.path.isfile(path):
-            failures[rank] = ProcessFailure(local_rank=rank, pid=-1, exitcode=1, error_file=path)  # it raised
+            # it raised
+            failures[rank] = ProcessFailure(local_rank=local, pid=-1, exitcode=1, error_file=path)
     # Forked ranks (multiprocessing's process context) report one failure: a rank killed by a signal (OOM
     # killer, kill -9) wrote no error file, and its peer's "connection reset" may be the one reported.
-    for rank, proc in enumerate(processes):
+    for local, proc in enumerate(processes):
+        rank = to_global.get(local, local)
         if rank not in failures and (proc.exitcode or 0) < 0:
-            failures[rank] = ProcessFailure(local_rank=rank, pid=proc.pid, exitcode=proc.exitcode,
-                                            error_file=error_files.get(rank, ""))
+            failures[rank] = ProcessFailure(local_rank=local, pid=proc.pid, exitcode=proc.exitcode,
+                                            error_file=error_files.get(local, ""))
     return failures
 
 

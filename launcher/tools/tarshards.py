@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..data.tar import INDEX, open_shards
+from ..data.tar import INDEX, OFFSETS, open_shards, sample_offsets
 
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -63,6 +63,7 @@ def write_shards(
             tar.close()
             final = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".tmp"))
             os.replace(tmp, final)
+            write_offsets(final)
             shards.append({"file": final.name, "samples": count})
         tar = None
 
@@ -87,6 +88,29 @@ def write_shards(
     tmp_index.write_text(json.dumps({"shards": shards, "classes": classes or []}, indent=1))
     os.replace(tmp_index, index)
     return index
+
+
+def write_offsets(shard: str | os.PathLike[str]) -> int:
+    """Write ``SHARD.offsets`` (:data:`launcher.data.tar.OFFSETS`) atomically; returns the sample count."""
+    offsets = sample_offsets(os.fspath(shard))
+    final = Path(f"{os.fspath(shard)}{OFFSETS}")
+    tmp = final.with_name(f".{final.name}.tmp")
+    tmp.write_bytes(b"".join(o.to_bytes(8, "little") for o in offsets))
+    os.replace(tmp, final)
+    return len(offsets)
+
+
+def index_folder(folder: str | os.PathLike[str]) -> Path:
+    """Index tar shards written elsewhere (WebDataset's, say): ``SHARD.offsets`` for each ``*.tar`` and an
+    ``index.json`` with their sample counts (no class names). Returns the index path."""
+    out = Path(folder)
+    shards = [{"file": p.name, "samples": write_offsets(p)} for p in sorted(out.glob("*.tar"))]
+    if not shards:
+        raise FileNotFoundError(f"{out}: no *.tar shards to index")
+    tmp_index = out / f".{INDEX}.tmp"
+    tmp_index.write_text(json.dumps({"shards": shards, "classes": []}, indent=1))
+    os.replace(tmp_index, out / INDEX)
+    return out / INDEX
 
 
 def image_folder_samples(
@@ -170,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "src",
         help="an ImageFolder tree (SRC/CLASS/IMAGE.jpg, or SRC/train/... and SRC/val/...), "
-        "or a CIFAR-10 copy with --format cifar10",
+        "or a CIFAR-10 copy with --format cifar10; with --index, a folder of tar shards",
     )
     parser.add_argument(
-        "out", help="output folder for the shards and index.json (OUT/train and OUT/val for splits)"
+        "out", nargs="?",
+        help="output folder for the shards and index.json (OUT/train and OUT/val for splits)"
     )
+    parser.add_argument(
+        "--index", action="store_true",
+        help="index the tar shards in SRC (written by WebDataset's tools, say): sample counts in "
+        "SRC/index.json and SHARD.offsets beside each shard, so readers start at any sample")
     parser.add_argument("--format", choices=("imagefolder", "cifar10"), default="imagefolder",
                         help="layout of SRC (default imagefolder)")
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
@@ -182,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of each class held out as OUT/val when SRC has no train/ and val/ "
                         "(default 0.1; 0 writes everything to OUT/train)")
     args = parser.parse_args(argv)
+    if args.index:
+        try:
+            index = index_folder(args.src)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        paths, sizes, _ = open_shards(index.parent)
+        print(f"indexed {sum(sizes)} samples in {len(paths)} shards: {index}")
+        return 0
+    if args.out is None:
+        parser.error("OUT is required (or --index SRC)")
     if not 0 <= args.val_fraction < 1:
         parser.error("--val-fraction must be at least 0 and below 1")
     try:

@@ -1,0 +1,131 @@
+"""A job spanning machines: who holds which ranks, which machine was lost, and a bound on every wait.
+
+Runs in the ``launcher`` process of each machine (multi-machine ``launcher run`` only). Each machine writes
+its record (hostname, address, global ranks) into the rendezvous store and bumps a counter there every
+second; after a failure, a machine whose counter stands still, or the store itself not answering, names the
+machine that was lost. The watchdog bounds what torch elastic leaves unbounded: a machine cut off from the
+rendezvous host waits forever in a store call while its ranks have long ended (their collectives time out);
+once this machine's ranks are gone and the agent has not returned within the grace, the launcher reports
+and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+#: Seconds between a machine's liveness bumps in the store.
+BEAT_S = 1.0
+#: How long a store read may take when judging which machine was lost.
+PROBE_TIMEOUT_S = 3.0
+#: How long the agent may stay in a store call once this machine's ranks have ended (it returns in well
+#: under a second when the store answers).
+STUCK_S = 4.0
+
+
+class Roster:
+    """This machine's record in the rendezvous store, its liveness counter, and the others' records."""
+
+    def __init__(self, host_ip: str, port: int, run_id: str, local_addr: str) -> None:
+        self.host_ip, self.port, self.local_addr = host_ip, port, local_addr
+        self.prefix = f"launcher/{run_id}"
+        self.machine = -1
+        self.machines = 0
+        self._stop = threading.Event()
+        self._client_store: Any = None
+        self._thread: threading.Thread | None = None
+
+    def _client(self) -> Any:
+        from torch.distributed import TCPStore
+
+        return TCPStore(self.host_ip, self.port, is_master=False, timeout=timedelta(seconds=PROBE_TIMEOUT_S),
+                        wait_for_workers=False)
+
+    def publish(self, machine: int, machines: int, ranks: list[int]) -> None:
+        """After each rendezvous: this machine is number ``machine`` of ``machines`` and holds ``ranks``."""
+        self.machine, self.machines = machine, machines
+        record = {"host": socket.gethostname(), "addr": self.local_addr, "ranks": [min(ranks), max(ranks)]}
+        with contextlib.suppress(Exception):  # the record only improves a report; never fail a run for it
+            self._store().set(f"{self.prefix}/machine/{machine}", json.dumps(record))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="launcher-liveness", daemon=True)
+            self._thread.start()
+
+    def _store(self) -> Any:
+        if self._client_store is None:
+            self._client_store = self._client()
+        return self._client_store
+
+    def _beat(self) -> None:
+        while not self._stop.wait(BEAT_S):
+            try:
+                self._store().add(f"{self.prefix}/alive/{self.machine}", 1)
+            except Exception:  # noqa: BLE001  (the store host may be gone: a report says so, not this thread)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def lost(self) -> str:
+        """Which machines stopped answering, in words ("" when all answer or nothing is known)."""
+        if self.machines <= 1:
+            return ""
+        try:
+            # a plain connect first: torch's store client logs a C++ stack trace when it cannot connect
+            socket.create_connection((self.host_ip, self.port), timeout=PROBE_TIMEOUT_S).close()
+            store = self._client()
+            keys = [f"{self.prefix}/alive/{m}" for m in range(self.machines) if m != self.machine]
+            before = [store.add(k, 0) for k in keys]
+            time.sleep(2.5 * BEAT_S)
+            after = [store.add(k, 0) for k in keys]
+        except Exception:  # noqa: BLE001
+            return (f"the machine hosting the rendezvous ({self.host_ip}:{self.port}) does not answer: it, "
+                    "or this machine's link to it, was lost")
+        lost = []
+        for k, a, b in zip(keys, before, after):
+            if a == b:
+                m = int(k.rsplit("/", 1)[1])
+                try:
+                    r = json.loads(store.get(f"{self.prefix}/machine/{m}"))
+                    first, last = r["ranks"]
+                    lost.append(f"machine {m} ({r['host']}, {r['addr']}, ranks {first}-{last})")
+                except Exception:  # noqa: BLE001
+                    lost.append(f"machine {m}")
+        if not lost:
+            return ""
+        return f"lost {', '.join(lost)}: it stopped answering, so the ranks here failed"
+
+
+def watchdog(ranks_gone: Callable[[], bool], limit_s: Callable[[], float], why: Callable[[], str],
+             cleanup: Callable[[], None]) -> threading.Event:
+    """Exit the launcher when this machine's ranks are all gone and the agent has not moved on within
+    ``limit_s()`` seconds (it depends on what the agent is waiting for). Returns the event that disarms it
+    (set it once the agent has returned and let go of the rendezvous)."""
+    done = threading.Event()
+
+    def run() -> None:
+        since = None
+        while not done.wait(0.5):
+            if not ranks_gone():
+                since = None
+                continue
+            since = since or time.monotonic()
+            limit = limit_s()
+            if time.monotonic() - since > limit and not done.is_set():
+                print(f"launcher: this machine's ranks ended {limit:.0f} s ago and torch elastic's agent is "
+                      f"still waiting on the rendezvous: {why() or 'the other machines do not answer'}; "
+                      "exiting", file=sys.stderr, flush=True)
+                with contextlib.suppress(Exception):
+                    cleanup()
+                os._exit(1)
+
+    threading.Thread(target=run, name="launcher-watchdog", daemon=True).start()
+    return done

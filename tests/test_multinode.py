@@ -1,0 +1,95 @@
+"""`launcher run` across machines: network namespaces with their own addresses and hostnames stand for nodes.
+
+Every machine runs the same command; they meet at the first one's address (torch elastic's c10d rendezvous).
+"""
+
+import ast
+import re
+
+import pytest
+
+from tests import nodes
+from tests.conftest import ROOT, killable_env, launcher_cmd
+
+pytestmark = pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok")
+
+
+def returned(out: str) -> tuple[str, dict]:
+    """``(ranks, value)`` from the launcher's "finished on ... rank(s) A-B; rank A returned {...}" line."""
+    m = re.search(r"finished on 2 rank\(s\) (\d-\d); rank \d returned (\{.*\})", out)
+    assert m, out
+    return m.group(1), ast.literal_eval(m.group(2))
+
+
+def test_two_machines_of_two_ranks_train_one_model(tmp_path):
+    with nodes.Nodes(2) as machines:
+        endpoint = f"{machines.addresses[0]}:29400"
+        argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.max_steps=8",
+                            "distributed.nnodes=2", f"distributed.rdzv_endpoint={endpoint}")
+        procs = [machines.popen(i, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    spans = dict(returned(o) for o in outs)
+    assert set(spans) == {"0-1", "2-3"}, outs  # global ranks split over the machines
+    a, b = spans["0-1"], spans["2-3"]
+    assert a["world_size"] == b["world_size"] == 4 and a["step"] == b["step"] == 8
+    assert a["weights"] == b["weights"]  # one model on all four ranks
+
+
+def _pids_in(machines, node):
+    out = __import__("subprocess").run(["ip", "netns", "pids", machines.names[node]], capture_output=True,
+                                       text=True, check=False).stdout.split()
+    return [int(p) for p in out]
+
+
+def _start_long_job(machines, tmp_path, timeout_s):
+    import threading
+    import time
+
+    endpoint = f"{machines.addresses[0]}:29400"
+    argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.max_steps=100000",
+                        "args.epochs=100000", "args.log_every=1", "args.step_sleep=0.05",
+                        "checkpoint.every_steps=0", "distributed.nnodes=2",
+                        f"distributed.rdzv_endpoint={endpoint}", f"distributed.timeout_s={timeout_s}")
+    procs = [machines.popen(i, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
+             for i in range(2)]
+    outs = [[], []]
+    for i, p in enumerate(procs):
+        threading.Thread(target=lambda i=i, p=p: outs[i].extend(p.stdout), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not any("step 10 " in line for line in outs[0]):
+        assert time.monotonic() < deadline and procs[0].poll() is None, "".join(outs[0])
+        time.sleep(0.1)
+    return procs, outs
+
+
+@pytest.mark.parametrize("how", ["killed", "cut off"])
+def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, how):
+    import os
+    import signal
+    import time
+
+    timeout_s = 10
+    with nodes.Nodes(2) as machines:
+        procs, outs = _start_long_job(machines, tmp_path, timeout_s)
+        lost_at = time.monotonic()
+        if how == "killed":
+            for pid in _pids_in(machines, 1):
+                os.kill(pid, signal.SIGKILL)
+        else:
+            machines.cut(1)
+        ended = {}
+        for i, p in enumerate(procs):
+            p.wait(timeout=timeout_s + 60)
+            ended[i] = time.monotonic() - lost_at
+        time.sleep(1)
+        left = {i: _pids_in(machines, i) for i in range(2)}
+    survivor = "".join(outs[0])
+    assert procs[0].returncode == 1 and ended[0] < timeout_s + 10, (ended, survivor)
+    assert "lost machine 1 (" in survivor and "ranks 2-3)" in survivor, survivor
+    if how == "cut off":  # the cut-off machine's launcher gives up too, instead of waiting forever
+        cut_off = "".join(outs[1])
+        assert procs[1].returncode == 1 and ended[1] < timeout_s + 10, (ended, cut_off)
+        assert "rendezvous (" in cut_off and "does not answer" in cut_off, cut_off
+    assert left == {0: [], 1: []}  # no process of ours left on either machine
