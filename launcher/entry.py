@@ -16,7 +16,8 @@ import sys
 import typing
 from typing import Any
 
-from .config import ConfigError, Job, _build
+from .config import ConfigError, Job
+from .typed import build
 
 
 def resolve_entry(job: Job) -> Any:
@@ -69,7 +70,7 @@ def entry_args(fn: Any, job: Job) -> Any:
     cls = args_class(fn)
     if cls is None:
         return dict(job.args)
-    return _build(cls, dict(job.args), "args", job.source)
+    return build(cls, dict(job.args), "args", job.source)
 
 
 def call_entry(fn: Any, job: Job) -> Any:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Self
 
 
@@ -66,13 +67,22 @@ class Nodes:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         time.sleep(0.1)
 
-    def command(self, node: int, argv: list[str]) -> list[str]:
-        """``argv`` as run on ``node``: its network namespace and a hostname of its own."""
-        return ["nsenter", f"--net=/run/netns/{self.names[node]}", "unshare", "--uts", "sh", "-c",
-                f'hostname {self.names[node]} && exec "$@"', "sh", *argv]
+    def command(self, node: int, argv: list[str], hosts: str | None = None) -> list[str]:
+        """``argv`` as run on ``node``: its network namespace and a hostname of its own; with ``hosts`` (a
+        file listing every node, see :meth:`hosts_file`) mounted over /etc/hosts in a mount namespace of its
+        own, so that the nodes' names resolve (without it they do not, as on some clusters)."""
+        mount = f"mount --bind {hosts} /etc/hosts && " if hosts else ""
+        return ["nsenter", f"--net=/run/netns/{self.names[node]}", "unshare", "--uts", "--mount", "sh", "-c",
+                f'hostname {self.names[node]} && {mount}exec "$@"', "sh", *argv]
 
-    def popen(self, node: int, argv: list[str], **kw: Any) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.command(node, argv), text=True, start_new_session=True, **kw)
+    def hosts_file(self, folder: Path) -> str:
+        path = folder / "hosts"
+        path.write_text("127.0.0.1 localhost\n" + "".join(
+            f"{addr} {name}\n" for name, addr in zip(self.names, self.addresses)))
+        return str(path)
+
+    def popen(self, node: int, argv: list[str], hosts: str | None = None, **kw: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command(node, argv, hosts), text=True, start_new_session=True, **kw)
 
     def cut(self, node: int) -> None:
         """Take ``node``'s link down: its peers stop hearing from it, and it from them."""

@@ -24,8 +24,9 @@ def returned(out: str) -> tuple[str, dict]:
 def test_two_machines_of_two_ranks_train_one_model(tmp_path):
     with nodes.Nodes(2) as machines:
         endpoint = f"{machines.addresses[0]}:29400"
-        argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.max_steps=8",
-                            "distributed.nnodes=2", f"distributed.rdzv_endpoint={endpoint}")
+        # the README's command: launcher run --nnodes 2 --rdzv-endpoint node01:29400 jobs/tiny.yaml
+        argv = launcher_cmd("run", "--nnodes", "2", "--rdzv-endpoint", endpoint, "jobs/tiny.yaml",
+                            f"output_dir={tmp_path / 'runs'}", "args.max_steps=8")
         procs = [machines.popen(i, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
                  for i in range(2)]
         outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -35,6 +36,28 @@ def test_two_machines_of_two_ranks_train_one_model(tmp_path):
     a, b = spans["0-1"], spans["2-3"]
     assert a["world_size"] == b["world_size"] == 4 and a["step"] == b["step"] == 8
     assert a["weights"] == b["weights"]  # one model on all four ranks
+
+
+def test_torchrun_across_machines_runs_the_launcher_as_its_ranks(tmp_path):
+    import shutil
+    import sys
+
+    torchrun = (shutil.which("torchrun", path=str(ROOT / ".venv" / "bin"))
+                or f"{sys.executable} -m torch.distributed.run")
+    with nodes.Nodes(2) as machines:
+        hosts = machines.hosts_file(tmp_path)  # torchrun needs the machines' names to resolve
+        argv = [*torchrun.split(), "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"{machines.names[0]}:29400", "-m", "launcher", "run", "jobs/tiny.yaml",
+                f"output_dir={tmp_path / 'runs'}", "args.max_steps=8"]
+        env = {**killable_env(tmp_path), "TORCHELASTIC_ERROR_FILE": ""}
+        procs = [machines.popen(i, argv, hosts=hosts, cwd=ROOT, env=env, stdout=-1, stderr=-2)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    from launcher import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints")  # written by global rank 0
+    assert state["step"] == 8 and state["world_size"] == 4 and len(state["ranks"]) == 4
 
 
 def _pids_in(machines, node):

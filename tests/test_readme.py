@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[list[str] | None, str] | str] = {
         (["--steps", "6", "--out", "{tmp}/byo"], "root"),
     "launcher submit jobs/classify.yaml slurm.partition=gpu slurm.nodes=2 slurm.gpus_per_node=8":
         "tests/test_slurm.py::test_submit_wait_trains_on_two_tasks",
+    "launcher run --nnodes 2 --rdzv-endpoint node01:29400 jobs/tiny.yaml":
+        "tests/test_multinode.py::test_two_machines_of_two_ranks_train_one_model",
+    "torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint node01:29400 -m launcher run "
+    "jobs/tiny.yaml": "tests/test_multinode.py::test_torchrun_across_machines_runs_the_launcher_as_its_ranks",
 }
 
 

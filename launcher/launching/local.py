@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from .. import internals
 from ..dist import HEARTBEAT_ENV
-from ..errors import Failure, LaunchError, RankFailure, UsageError
+from ..errors import Failure, LaunchError, RankFailure
 from ..spec import Process, RankSpec, rank_function
 from . import machines, rankserver
 
@@ -79,7 +78,7 @@ def spawn(
     heartbeats = log_dir / f"heartbeat-{run_id}"
     heartbeats.mkdir()
     multi = nodes != (1, 1)
-    meet = _Meeting(rdzv_endpoint or "") if multi else None
+    meet = machines.Meeting(rdzv_endpoint or "") if multi else None
     threads = {**rankserver.threads_env(nproc), HEARTBEAT_ENV: str(heartbeats), **(meet.env if meet else {})}
     server_env = rankserver.start(nproc) if nproc <= MAX_FORKED_RANKS else None
     if server_env is not None:
@@ -163,54 +162,6 @@ def spawn(
         agent.remove_error_files()
         shutil.rmtree(heartbeats, ignore_errors=True)
     return dict(sorted(result.return_values.items()))
-
-
-class _Meeting:
-    """Where this machine meets the others: the endpoint by address, whether this machine hosts the store,
-    and this machine's own address on the route there.
-
-    Machines are named by address throughout: a hostname that does not resolve on every machine (a common
-    cluster set-up) would otherwise make torch's host test fail, put an unreachable name into MASTER_ADDR, and
-    make Gloo fall back to loopback. The interface carrying that address goes to Gloo and NCCL
-    (``GLOO_SOCKET_IFNAME``, ``NCCL_SOCKET_IFNAME``) unless the user set them.
-    """
-
-    def __init__(self, endpoint: str) -> None:
-        host, _, port = endpoint.rpartition(":")
-        try:
-            info = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
-        except OSError as e:
-            raise UsageError(f"distributed.rdzv_endpoint: {host} does not resolve here ({e})\n"
-                             "HINT: give the address of the machine that hosts the rendezvous") from None
-        family, _, _, _, address = info[0]
-        self.host_ip, self.port = str(address[0]), int(port)
-        self.endpoint = f"[{self.host_ip}]:{port}" if family == socket.AF_INET6 else f"{self.host_ip}:{port}"
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect(address)  # a UDP connect only picks the route: nothing is sent
-            self.local_addr = str(s.getsockname()[0])
-        self.is_host = self.local_addr == self.host_ip or ipaddress.ip_address(self.host_ip).is_loopback
-        self.env: dict[str, str] = {}
-        interface = _interface_with(self.local_addr)
-        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-            if interface and key not in os.environ:
-                self.env[key] = interface
-
-
-def _interface_with(address: str) -> str | None:
-    """The network interface whose (IPv4) address is ``address``, if any."""
-    import fcntl
-    import struct
-
-    for _, name in socket.if_nameindex():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                # SIOCGIFADDR: the interface's IPv4 address
-                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue
-        if socket.inet_ntoa(packed[20:24]) == address:
-            return name
-    return None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ and exits.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -21,6 +22,8 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+
+from ..errors import UsageError
 
 #: Seconds between a machine's liveness bumps in the store.
 BEAT_S = 1.0
@@ -102,6 +105,54 @@ class Roster:
         if not lost:
             return ""
         return f"lost {', '.join(lost)}: it stopped answering, so the ranks here failed"
+
+
+class Meeting:
+    """Where this machine meets the others: the endpoint by address, whether this machine hosts the store,
+    and this machine's own address on the route there.
+
+    Machines are named by address throughout: a hostname that does not resolve on every machine (a common
+    cluster set-up) would otherwise make torch's host test fail, put an unreachable name into MASTER_ADDR, and
+    make Gloo fall back to loopback. The interface carrying that address goes to Gloo and NCCL
+    (``GLOO_SOCKET_IFNAME``, ``NCCL_SOCKET_IFNAME``) unless the user set them.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        host, _, port = endpoint.rpartition(":")
+        try:
+            info = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise UsageError(f"distributed.rdzv_endpoint: {host} does not resolve here ({e})\n"
+                             "HINT: give the address of the machine that hosts the rendezvous") from None
+        family, _, _, _, address = info[0]
+        self.host_ip, self.port = str(address[0]), int(port)
+        self.endpoint = f"[{self.host_ip}]:{port}" if family == socket.AF_INET6 else f"{self.host_ip}:{port}"
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(address)  # a UDP connect only picks the route: nothing is sent
+            self.local_addr = str(s.getsockname()[0])
+        self.is_host = self.local_addr == self.host_ip or ipaddress.ip_address(self.host_ip).is_loopback
+        self.env: dict[str, str] = {}
+        interface = _interface_with(self.local_addr)
+        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if interface and key not in os.environ:
+                self.env[key] = interface
+
+
+def _interface_with(address: str) -> str | None:
+    """The network interface whose (IPv4) address is ``address``, if any."""
+    import fcntl
+    import struct
+
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+        if socket.inet_ntoa(packed[20:24]) == address:
+            return name
+    return None
 
 
 def watchdog(ranks_gone: Callable[[], bool], limit_s: Callable[[], float], why: Callable[[], str],
