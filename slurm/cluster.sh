@@ -10,11 +10,15 @@
 # Everything (configs, state, logs, pid files, the munge socket, the database) lives under one directory,
 # $LAUNCHER_SLURM_DIR (default /tmp/launcher-slurm). Clients find the cluster through SLURM_CONF.
 # Ports: $LAUNCHER_SLURM_PORT_BASE (default 16817) + 0 slurmctld, +1 slurmd, +2 slurmdbd, +3 MariaDB.
+# Job ids start at $LAUNCHER_SLURM_FIRST_JOB_ID (default 1 + 1000 x ((port base / 4) mod 10), 4001): two
+# clusters on one machine with other port bases also get other job ids, so the rank port each job derives
+# from its id (15000 + id mod 10000, launcher/env.py) differs too.
 # Exit codes: 0 ok, 1 a daemon did not come up (its log is printed), 3 cannot run here (the reason is printed).
 set -euo pipefail
 
 DIR=${LAUNCHER_SLURM_DIR:-/tmp/launcher-slurm}
 BASE=${LAUNCHER_SLURM_PORT_BASE:-16817}
+FIRST_JOB_ID=${LAUNCHER_SLURM_FIRST_JOB_ID:-$(( 1 + 1000 * ((BASE / 4) % 10) ))}
 CTLD_PORT=$BASE; SLURMD_PORT=$((BASE + 1)); DBD_PORT=$((BASE + 2)); DB_PORT=$((BASE + 3))
 CONF=$DIR/etc/slurm.conf
 MUNGE_SOCKET=$DIR/munge/munge.socket
@@ -64,6 +68,7 @@ write_configs() {
   cat > "$CONF" <<EOF
 # Written by slurm/cluster.sh: a one-node test cluster on loopback.
 ClusterName=launcher
+FirstJobId=$FIRST_JOB_ID
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
