@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv bench clean slurm-up slurm-down slurm-demo
+.PHONY: demo test lint venv bench gpu-check clean slurm-up slurm-down slurm-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# The GPU paths in one go on a machine with CUDA (tests/gpu.py, about 5 minutes); without CUDA it says so, exit 0.
+gpu-check: $(STAMP)
+	$(PY) -m tests.gpu
 
 # The local one-node SLURM cluster (slurm/cluster.sh; installs Debian packages when missing, needs root).
 slurm-up:

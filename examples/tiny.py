@@ -6,11 +6,13 @@ sharded IterableDataset read by DataLoader workers, periodic checkpoints and aut
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 import launcher
@@ -37,6 +39,9 @@ class TinyArgs:
     """Print a progress line on rank 0 every this many steps (0: never)."""
     step_sleep: float = field(default=0.0, metadata=at_least(0))
     """Seconds to sleep after each step (tests use it to keep a job running)."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms(True)``: bit-exact resume on GPUs too (set CUBLAS_WORKSPACE_CONFIG
+    as torch asks)."""
 
 
 def read_shard(shard: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,6 +61,9 @@ def shards(num_samples: int, num_shards: int = 7) -> tuple[list[tuple[int, int]]
 
 
 def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = launcher.get_device()  # cuda:LOCAL_RANK with NCCL, else the CPU
     torch.manual_seed(job.seed)  # the same initial weights everywhere (DDP would broadcast rank 0's anyway)
     model: nn.Module = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
     model = launcher.wrap_for_job(model, job)
@@ -77,6 +85,7 @@ def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
     while state.epoch < args.epochs and state.step < max_steps:
         ds.set_epoch(state.epoch)
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -91,7 +100,9 @@ def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
         else:
             state.epoch += 1
     ckpt.finish(state)
-    # the model's checksum: every rank's must be the same (DDP), on every machine
-    weights = float(sum(p.detach().double().sum() for p in launcher.unwrap(model).parameters()))
+    # the weights' checksum, bit for bit: the same on every rank (DDP), and after a resume as without one
+    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
+                                      for p in launcher.unwrap(model).state_dict().values()))
     return {"rank": launcher.get_rank(), "world_size": launcher.get_world_size(), "step": state.step,
-            "epoch": state.epoch, "loss": loss.item(), "weights": round(weights, 9)}
+            "epoch": state.epoch, "loss": loss.item(), "weights": weights.hexdigest()[:16],
+            "device": str(device), "backend": tdist.get_backend() if tdist.is_initialized() else None}

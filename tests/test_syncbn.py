@@ -27,8 +27,9 @@ def cases(world):
                "split": split}
 
 
-def compare_cases(world):
-    """On every rank: run each case on its slice; return the largest error per dtype."""
+def compare_cases(world, device="cpu"):
+    """On every rank: run each case on its slice; return the largest error per dtype (``device="cuda"``:
+    the GPU check, tests/gpu.py)."""
     rank = launcher.get_rank()
     worst = {"float64": 0.0, "float32": 0.0}
     for case in cases(world):
@@ -36,7 +37,7 @@ def compare_cases(world):
         c = 3
         torch.manual_seed(case["seed"])
         ref = REF[case["dim"]](c, momentum=case["momentum"], affine=case["affine"],
-                               track_running_stats=case["track"]).to(dtype)
+                               track_running_stats=case["track"]).to(device, dtype)
         if case["affine"]:
             with torch.no_grad():
                 ref.weight.uniform_(0.5, 1.5)
@@ -46,7 +47,7 @@ def compare_cases(world):
         split = case["split"]
         lo, hi = sum(split[:rank]), sum(split[: rank + 1])
         for _ in range(2):  # two steps: running statistics accumulate (momentum None = cumulative average)
-            x = torch.randn(sum(split), c, *SPATIAL[case["dim"]], dtype=dtype) * 3 + 1
+            x = (torch.randn(sum(split), c, *SPATIAL[case["dim"]], dtype=dtype) * 3 + 1).to(device)
             r = torch.randn_like(x)
             xr = x.clone().requires_grad_()
             yr = ref(xr)
@@ -54,8 +55,8 @@ def compare_cases(world):
             xs = x[lo:hi].clone().requires_grad_()
             ys = sync(xs)
             (ys * r[lo:hi]).sum().backward()
-            errs = [(ys - yr[lo:hi]).abs().max() if hi > lo else torch.tensor(0.0),
-                    (xs.grad - xr.grad[lo:hi]).abs().max() if hi > lo else torch.tensor(0.0)]
+            errs = [(ys - yr[lo:hi]).abs().max() if hi > lo else torch.tensor(0.0, device=device),
+                    (xs.grad - xr.grad[lo:hi]).abs().max() if hi > lo else torch.tensor(0.0, device=device)]
             if case["affine"]:
                 for p, q in ((sync.weight, ref.weight), (sync.bias, ref.bias)):
                     g = p.grad.clone()
@@ -79,14 +80,14 @@ def test_matches_batchnorm_on_the_global_batch(world):
         assert worst["float32"] < 1e-5, (rank, worst)
 
 
-def half_precision_errors():
+def half_precision_errors(device="cpu"):
     """bfloat16/float16 input (as under autocast): the output and input gradient keep the dtype and match
     float32 BatchNorm on the global batch to within the half type's precision (statistics are computed in
     float32). channels_last input matches too."""
     rank = launcher.get_rank()
     torch.manual_seed(0)
-    x, r = torch.randn(8, 3, 4, 4) * 3 + 1, torch.randn(8, 3, 4, 4)
-    ref = nn.BatchNorm2d(3)
+    x, r = (torch.randn(8, 3, 4, 4) * 3 + 1).to(device), torch.randn(8, 3, 4, 4).to(device)
+    ref = nn.BatchNorm2d(3).to(device)
     xr = x.clone().requires_grad_()
     yr = ref(xr)
     (yr * r).sum().backward()
@@ -94,23 +95,27 @@ def half_precision_errors():
     out = {}
     for dtype in (torch.bfloat16, torch.float16):
         xs = x[part].to(dtype).requires_grad_()
-        ys = SyncBatchNorm(3)(xs)
+        ys = SyncBatchNorm(3).to(device)(xs)
         (ys.float() * r[part]).sum().backward()
         out[str(dtype)] = (ys.dtype == dtype and xs.grad.dtype == dtype,
                            float((ys.detach().float() - yr[part]).abs().max() / yr.abs().max()),
                            float((xs.grad.float() - xr.grad[part]).abs().max() / xr.grad.abs().max()))
     # channels_last input and gradient (float32): the same numbers as contiguous ones
     xs = x[part].contiguous(memory_format=torch.channels_last).requires_grad_()
-    ys = SyncBatchNorm(3)(xs)
+    ys = SyncBatchNorm(3).to(device)(xs)
     (ys * r[part].contiguous(memory_format=torch.channels_last)).sum().backward()
     out["channels_last"] = (True, float((ys.detach() - yr[part]).abs().max() / yr.abs().max()),
                             float((xs.grad - xr.grad[part]).abs().max() / xr.grad.abs().max()))
     return out
 
 
+#: Largest relative error of half-precision input (and channels_last) against float32 BatchNorm.
+HALF_TOLERANCE = (("torch.bfloat16", 2 ** -7), ("torch.float16", 2 ** -10), ("channels_last", 1e-6))
+
+
 def test_half_precision_and_channels_last_input():
     for rank, out in run_distributed(half_precision_errors, world_size=2).items():
-        for dtype, tol in (("torch.bfloat16", 2 ** -7), ("torch.float16", 2 ** -10), ("channels_last", 1e-6)):
+        for dtype, tol in HALF_TOLERANCE:
             kept, err_y, err_grad = out[dtype]
             assert kept and err_y < tol and err_grad < tol, (rank, dtype, out[dtype])
 
