@@ -116,3 +116,35 @@ def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, 
         assert procs[1].returncode == 1 and ended[1] < timeout_s + 10, (ended, cut_off)
         assert "rendezvous (" in cut_off and "does not answer" in cut_off, cut_off
     assert left == {0: [], 1: []}  # no process of ours left on either machine
+
+
+def test_a_machine_that_comes_back_is_rejoined_and_the_job_resumes_from_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    with nodes.Nodes(2) as machines:
+        argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.max_steps=40",
+                            "args.epochs=100000", "args.log_every=1", "args.step_sleep=0.05",
+                            "checkpoint.every_steps=5", "distributed.max_restarts=1", "distributed.nnodes=2",
+                            f"distributed.rdzv_endpoint={machines.addresses[0]}:29400")
+        first = machines.popen(0, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
+        second = machines.popen(1, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
+        out: list[str] = []
+        threading.Thread(target=lambda: out.extend(first.stdout), daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not any("step 12 " in line for line in out):
+            assert time.monotonic() < deadline, "".join(out)
+            time.sleep(0.05)
+        for pid in _pids_in(machines, 1):
+            os.kill(pid, signal.SIGKILL)
+        second.wait()
+        back = machines.popen(1, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
+        back_out = back.communicate(timeout=180)[0]
+        first.wait(timeout=60)
+    survivor = "".join(out)
+    assert first.returncode == 0 and back.returncode == 0, (survivor, back_out)
+    assert re.search(r"resumed from .*step_000000(05|10)\.pt \(step (5|10),", survivor), survivor
+    a, b = returned(survivor)[1], returned(back_out)[1]
+    assert a["step"] == b["step"] == 40 and a["weights"] == b["weights"]
