@@ -136,10 +136,10 @@ class Meeting:
         for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             if interface and key not in os.environ:
                 self.env[key] = interface
-        # torch 2.14's shared rendezvous store breaks a restart with a machine that comes back: the host keeps
-        # the first round's MASTER_ADDR and never writes the new round's, so the returning machine waits for it
-        # until the store times out (seen with max_restarts=1). Unshared, every round writes it (rank 0 picks
-        # the ranks' port then, as torchrun did before the sharing).
+        # torch 2.14's shared rendezvous store breaks a restart with a machine that comes back: the host
+        # keeps the first round's MASTER_ADDR and never writes the new round's, so the returning machine waits
+        # for it until the store times out (seen with max_restarts=1). Unshared, every round writes it (rank 0
+        # picks the ranks' port then, as torchrun did before the sharing).
         if "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
             self.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
 
