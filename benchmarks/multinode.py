@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,8 +37,14 @@ def run() -> list[dict[str, object]]:
         return [startup(Path(tmp)), *losses(Path(tmp))]
 
 
-def _first_step(machines: nodes.Nodes, argv: list[str], hosts: str) -> float:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+def _env(tmp: Path) -> dict[str, str]:
+    """Temp files of the runs (torchrun's log folders, those of killed DataLoader workers) in ``tmp``."""
+    (tmp / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp / "tmp")}
+
+
+def _first_step(machines: nodes.Nodes, argv: list[str], hosts: str, tmp: Path) -> float:
+    env = {**_env(tmp), "PYTHONPATH": os.getcwd()}
     t0 = time.time()
     procs = [machines.popen(i, argv, hosts=hosts, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
@@ -59,11 +64,11 @@ def startup(tmp: Path) -> dict[str, object]:
             theirs.append(_first_step(machines, [
                 TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", endpoint, "--rdzv-id", f"t{k}", "benchmarks/plain_cnn.py", str(STEPS)],
-                hosts))
+                hosts, tmp))
             ours.append(_first_step(machines, [
                 LAUNCHER, "run", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", f"l{k}",
                 "jobs/bench_cnn.yaml", f"output_dir={tmp}/runs{k}", f"args.max_steps={STEPS}",
-                "distributed.nproc_per_node=2"], hosts))
+                "distributed.nproc_per_node=2"], hosts, tmp))
     ratio = paired(theirs, ours)
     return {"name": STARTUP, "value": ratio, "target": "<= 1.0", "ok": ratio <= 1.0,
             "detail": f"torchrun {summary(theirs)} s, launcher {summary(ours)} s (median of {ROUNDS})"}
@@ -82,7 +87,7 @@ def _lose(mode: str, tmp: Path) -> list[float]:
                 "distributed.nnodes=2",
                 f"distributed.rdzv_endpoint={machines.addresses[0]}:29400",
                 f"distributed.timeout_s={TIMEOUT_S}"]
-        procs = [machines.popen(i, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs = [machines.popen(i, argv, env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for i in range(2)]
         lines: list[list[str]] = [[], []]
         for i, p in enumerate(procs):
@@ -94,11 +99,7 @@ def _lose(mode: str, tmp: Path) -> list[float]:
         if mode == "link cut":
             machines.cut(1)
         else:
-            victim = 0 if mode == "rendezvous host killed" else 1
-            out = subprocess.run(["ip", "netns", "pids", machines.names[victim]], capture_output=True,
-                                 text=True, check=False).stdout
-            for pid in out.split():
-                os.kill(int(pid), signal.SIGKILL)
+            machines.kill(0 if mode == "rendezvous host killed" else 1)
         took = []
         for p in procs:
             p.wait(timeout=TIMEOUT_S + 120)

@@ -57,15 +57,17 @@ class Nodes:
 
     def __exit__(self, *exc: object) -> None:
         for name in [*self.names, self.switch]:
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                                  check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill(_pids(name))
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         time.sleep(0.1)
+
+    def pids(self, node: int) -> list[int]:
+        """Every process running on ``node``."""
+        return _pids(self.names[node])
+
+    def kill(self, node: int) -> None:
+        """SIGKILL every process on ``node``: the machine is lost (it may be started again)."""
+        _kill(self.pids(node))
 
     def command(self, node: int, argv: list[str], hosts: str | None = None) -> list[str]:
         """``argv`` as run on ``node``: its network namespace and a hostname of its own; with ``hosts`` (a
@@ -91,3 +93,16 @@ class Nodes:
     @staticmethod
     def _ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def _pids(namespace: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

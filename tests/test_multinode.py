@@ -60,46 +60,38 @@ def test_torchrun_across_machines_runs_the_launcher_as_its_ranks(tmp_path):
     assert state["step"] == 8 and state["world_size"] == 4 and len(state["ranks"]) == 4
 
 
-def _pids_in(machines, node):
-    out = __import__("subprocess").run(["ip", "netns", "pids", machines.names[node]], capture_output=True,
-                                       text=True, check=False).stdout.split()
-    return [int(p) for p in out]
-
-
-def _start_long_job(machines, tmp_path, timeout_s):
+def _start(machines, tmp_path, *overrides, until_step):
+    """Start the tiny job on both machines (output collected in threads); return once rank 0 logged
+    ``until_step``: ``(argv, processes, outputs)``."""
     import threading
     import time
 
-    endpoint = f"{machines.addresses[0]}:29400"
-    argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.max_steps=100000",
-                        "args.epochs=100000", "args.log_every=1", "args.step_sleep=0.05",
-                        "checkpoint.every_steps=0", "distributed.nnodes=2",
-                        f"distributed.rdzv_endpoint={endpoint}", f"distributed.timeout_s={timeout_s}")
+    argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.epochs=100000",
+                        "args.log_every=1", "args.step_sleep=0.05", "distributed.nnodes=2",
+                        f"distributed.rdzv_endpoint={machines.addresses[0]}:29400", *overrides)
     procs = [machines.popen(i, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
              for i in range(2)]
     outs = [[], []]
     for i, p in enumerate(procs):
         threading.Thread(target=lambda i=i, p=p: outs[i].extend(p.stdout), daemon=True).start()
     deadline = time.monotonic() + 60
-    while not any("step 10 " in line for line in outs[0]):
+    while not any(f"step {until_step} " in line for line in outs[0]):
         assert time.monotonic() < deadline and procs[0].poll() is None, "".join(outs[0])
-        time.sleep(0.1)
-    return procs, outs
+        time.sleep(0.05)
+    return argv, procs, outs
 
 
 @pytest.mark.parametrize("how", ["killed", "cut off"])
 def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, how):
-    import os
-    import signal
     import time
 
     timeout_s = 10
     with nodes.Nodes(2) as machines:
-        procs, outs = _start_long_job(machines, tmp_path, timeout_s)
+        _, procs, outs = _start(machines, tmp_path, "args.max_steps=100000", "checkpoint.every_steps=0",
+                                f"distributed.timeout_s={timeout_s}", until_step=10)
         lost_at = time.monotonic()
         if how == "killed":
-            for pid in _pids_in(machines, 1):
-                os.kill(pid, signal.SIGKILL)
+            machines.kill(1)
         else:
             machines.cut(1)
         ended = {}
@@ -107,7 +99,7 @@ def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, 
             p.wait(timeout=timeout_s + 60)
             ended[i] = time.monotonic() - lost_at
         time.sleep(1)
-        left = {i: _pids_in(machines, i) for i in range(2)}
+        left = {i: machines.pids(i) for i in range(2)}
     survivor = "".join(outs[0])
     assert procs[0].returncode == 1 and ended[0] < timeout_s + 10, (ended, survivor)
     assert "lost machine 1 (" in survivor and "ranks 2-3)" in survivor, survivor
@@ -119,26 +111,11 @@ def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, 
 
 
 def test_a_machine_that_comes_back_is_rejoined_and_the_job_resumes_from_its_checkpoint(tmp_path):
-    import os
-    import signal
-    import threading
-    import time
-
     with nodes.Nodes(2) as machines:
-        argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.max_steps=40",
-                            "args.epochs=100000", "args.log_every=1", "args.step_sleep=0.05",
-                            "checkpoint.every_steps=5", "distributed.max_restarts=1", "distributed.nnodes=2",
-                            f"distributed.rdzv_endpoint={machines.addresses[0]}:29400")
-        first = machines.popen(0, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
-        second = machines.popen(1, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
-        out: list[str] = []
-        threading.Thread(target=lambda: out.extend(first.stdout), daemon=True).start()
-        deadline = time.monotonic() + 60
-        while not any("step 12 " in line for line in out):
-            assert time.monotonic() < deadline, "".join(out)
-            time.sleep(0.05)
-        for pid in _pids_in(machines, 1):
-            os.kill(pid, signal.SIGKILL)
+        argv, (first, second), (out, _) = _start(
+            machines, tmp_path, "args.max_steps=40", "checkpoint.every_steps=5", "distributed.max_restarts=1",
+            until_step=12)
+        machines.kill(1)
         second.wait()
         back = machines.popen(1, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
         back_out = back.communicate(timeout=180)[0]

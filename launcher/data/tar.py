@@ -62,27 +62,35 @@ def read_tar(path: str, start: int = 0) -> Iterator[dict[str, Any]]:
             f.seek(at)  # a TarFile starts reading where its file is
             start = 0
         tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f); seekable: skip = one header
-        index, key = -1, None
         current: dict[str, Any] = {}
-        while (member := tar.next()) is not None:
-            internals.tar_forget_members(tar)  # memory stays flat whatever the shard's length
-            if not member.isfile():
-                continue
-            name, _, ext = member.name.rpartition(".")
-            if name != key:
-                if current:
-                    yield current
-                key, current, index = name, {}, index + 1
+        for index, key, member in _members(tar):
+            if current and current["key"] != key:
+                yield current
+                current = {}
             if index < start:
                 continue
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            current["key"] = name
-            if ext == "cls":
+            current["key"] = key
+            if member.name.endswith(".cls"):
                 current["label"] = int(data.decode())
             else:
                 current["image"] = data
         if current:
             yield current
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, tarfile.TarInfo]]:
+    """``(sample index, key, member)`` for every file member, reading headers only; the headers read are let
+    go of as it goes, so memory stays flat whatever the shard's length."""
+    index, key = -1, None
+    while (member := tar.next()) is not None:
+        internals.tar_forget_members(tar)
+        if not member.isfile():
+            continue
+        name = member.name.rpartition(".")[0]
+        if name != key:
+            index, key = index + 1, name
+        yield index, name, member
 
 
 def _sample_offset(path: str, start: int) -> int | None:
@@ -99,14 +107,12 @@ def _sample_offset(path: str, start: int) -> int | None:
 
 def sample_offsets(path: str) -> list[int]:
     """The byte offset of each sample's first header in a shard (what :data:`OFFSETS` files hold)."""
-    offsets, key = [], None
+    offsets, last = [], -1
     with open_file(path) as f:
         tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f)
-        while (member := tar.next()) is not None:
-            internals.tar_forget_members(tar)
-            name = member.name.rpartition(".")[0]
-            if member.isfile() and name != key:
-                key = name
+        for index, _, member in _members(tar):
+            if index != last:
+                last = index
                 offsets.append(internals.tar_member_offset(member))
     return offsets
 
