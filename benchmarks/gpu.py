@@ -22,7 +22,7 @@ STEPS, ROUNDS, SIZE, BATCH = 300, 5, 128, 128
 NAME = "GPU images/s, launcher run / plain torchrun script (example ResNet-18, bf16 autocast, 1 GPU)"
 
 
-def run() -> list[dict[str, object]]:
+def run(rounds: int = ROUNDS) -> list[dict[str, object]]:
     if not torch.cuda.is_available():
         return [{"name": NAME, "value": float("nan"), "target": "reported", "ok": True,
                  "detail": "not measured: no CUDA device on this machine"}]
@@ -36,7 +36,7 @@ def run() -> list[dict[str, object]]:
                 f"args.batch={BATCH}"]
     plain, ours = [], []
     try:
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             plain.append(measure(plain_cmd)[1])
             ours.append(measure(ours_cmd)[1])
     finally:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
+from . import internals
 from .env import ClusterEnvironment
 
 T = TypeVar("T")
@@ -119,9 +120,9 @@ def note_step(step: int) -> None:
     if not _state["first_step_done"] and is_initialized() and _state["step_timeout_s"]:
         _state["first_step_done"] = True
         timeout = datetime.timedelta(seconds=_state["step_timeout_s"])
-        tdist.set_timeout(timeout)
+        internals.set_group_timeout(timeout)
         if _gloo_group.cache_info().currsize:
-            tdist.set_timeout(timeout, _gloo_group())
+            internals.set_group_timeout(timeout, _gloo_group())
 
 
 #: Set by ``launcher run`` for the ranks it spawns: a folder where each rank leaves its last step and when.

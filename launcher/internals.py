@@ -19,6 +19,8 @@ REQUIRED = [
     ("multiprocessing.forkserver", "_forkserver._forkserver_address"),
     ("multiprocessing.util", "_exit_function"),
     ("torch.nn.modules.batchnorm", "_BatchNorm"),
+    ("torch.nn.modules._functions", "SyncBatchNorm"),
+    ("torch.distributed.distributed_c10d", "_set_pg_timeout"),
     ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._start_workers"),
     ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._pcontext"),
     ("torch.distributed.elastic.multiprocessing.api", "MultiprocessContext._pc"),
@@ -62,6 +64,24 @@ def batchnorm_base() -> type:
     from torch.nn.modules.batchnorm import _BatchNorm
 
     return _BatchNorm
+
+
+def fused_sync_batchnorm() -> Any:
+    """torch's autograd function behind ``nn.SyncBatchNorm`` (``torch.nn.modules._functions.SyncBatchNorm``):
+    its fused CUDA kernels, called with the same arguments as ``nn.SyncBatchNorm.forward`` passes."""
+    from torch.nn.modules._functions import SyncBatchNorm as fused
+
+    return fused
+
+
+def set_group_timeout(timeout: Any, group: Any = None) -> None:
+    """A process group's collective timeout: ``torch.distributed.set_timeout`` where torch has it (2.14 does),
+    else the private ``distributed_c10d._set_pg_timeout`` it grew from (torch 2.11 on the GPU machines)."""
+    import torch.distributed as tdist
+    from torch.distributed import distributed_c10d
+
+    setter = getattr(tdist, "set_timeout", None) or distributed_c10d._set_pg_timeout
+    setter(timeout, group)
 
 
 def _process_context(agent: Any) -> Any:

@@ -15,6 +15,10 @@ the statistics itself with plain tensor ops and collectives, so it runs wherever
 On CPU this takes less time than torch's own BatchNorm kernels (whose statistics pass alone is 5 times
 slower); what a step pays on top is the two small collectives per layer.
 
+On CUDA the same layer calls torch's fused kernels (the autograd function behind ``torch.nn.SyncBatchNorm``),
+which ``make gpu-check`` measured faster than the code here on a GPU (syncbn-speed); both compute the same
+statistics, so the module, its ``state_dict`` and its checkpoints are the same on either device.
+
 Eval mode, a single rank and no process group use ``F.batch_norm`` unchanged. The class deliberately does not
 subclass ``torch.nn.SyncBatchNorm`` (DDP rejects that class on CPU); it has the same constructor and
 ``state_dict`` keys as ``torch.nn.BatchNorm*d``, so checkpoints move freely between the two.
@@ -22,6 +26,7 @@ subclass ``torch.nn.SyncBatchNorm`` (DDP rejects that class on CPU); it has the 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -72,6 +77,8 @@ def _channel_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     """Per channel ``sum(a)`` and ``sum(a * b)`` in one vectorized pass (torch's BatchNorm-backward reduction
     kernel, with mean 0 and invstd 1). On CPU, ``batch_norm_update_stats`` took 5 times as long for the
     statistics (sum, subtraction and this pass together), ``var_mean`` over dims (0, 2, ...) 20 times."""
+    if a.device.type != "cpu":  # (CUDA's kernel needs a weight; there torch's fused kernels run anyway)
+        return a.sum(_dims(a)), (a * b).sum(_dims(a))
     c = a.shape[1]
     _, sum_ab, sum_a = torch.ops.aten.native_batch_norm_backward(
         a, b, None, None, None, b.new_zeros(c), b.new_ones(c), True, 0.0, [False, True, True]
@@ -161,6 +168,31 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+@functools.cache
+def _torch_fused() -> Any:
+    """torch's fused SyncBatchNorm function, with one change: a rank whose part of the batch is empty gets
+    zero weight and bias gradients instead of None (torch's, which leaves DDP waiting for them)."""
+    fused = internals.fused_sync_batchnorm()
+
+    class _Fused(fused):  # type: ignore[misc, valid-type]
+        @staticmethod
+        def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+            grads = list(fused.backward(ctx, grad_output))
+            saved_input, weight = ctx.saved_tensors[:2]
+            for i, like in ((0, saved_input), (1, weight), (2, weight)):
+                if grads[i] is None and ctx.needs_input_grad[i] and like is not None:
+                    grads[i] = torch.zeros_like(like)
+            return tuple(grads)
+
+    return _Fused
+
+
+def uses_torch_kernels(device: torch.device) -> bool:
+    """Whether a training step on ``device`` goes to torch's fused SyncBatchNorm kernels (CUDA) rather than
+    the plain-op implementation above (CPU and everything else)."""
+    return device.type == "cuda"
+
+
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm over the global batch of a process group, on CPU and GPU alike (2-D to 5-D input)."""
 
@@ -199,8 +231,20 @@ class SyncBatchNorm(_BatchNorm):
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        group = self.process_group or tdist.group.WORLD
+        if uses_torch_kernels(input.device):
+            track = self.track_running_stats
+            mean, var = (self.running_mean, self.running_var) if track else (None, None)
+            if mean is None and input.dtype in _HALF:
+                # torch's kernel takes the counts in the running statistics' dtype, else in the input's, and
+                # rejects float counts with half input: throwaway float32 statistics (momentum 0) avoid that.
+                mean, var = (input.new_zeros(input.shape[1], dtype=torch.float32),
+                             input.new_ones(input.shape[1], dtype=torch.float32))
+                factor = 0.0
+            fused = _torch_fused()
+            return fused.apply(input, self.weight, self.bias, mean, var, self.eps, factor, group, world)
         y, mean, var = _SyncBatchNormFn.apply(
-            input, self.weight, self.bias, self.eps, self.process_group or tdist.group.WORLD, world
+            input, self.weight, self.bias, self.eps, group, world
         )
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():

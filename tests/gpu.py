@@ -9,10 +9,10 @@ One line per check, PASS or FAIL with its numbers; exit 1 when any fails. Withou
 * amp-classify: the classify job a few steps with ``args.amp`` bf16, then fp16 (with the scaler);
 * syncbn-cuda: :class:`launcher.SyncBatchNorm` on CUDA tensors, 2 ranks sharing the GPU over Gloo, equals
   BatchNorm on the global batch (the CPU tests' tolerances), fp32/fp64 and bf16/fp16;
-* syncbn-speed: step time of ``launcher.SyncBatchNorm`` / ``nn.BatchNorm2d`` (cuDNN) on one rank: what one
-  would gain by delegating to torch's fused kernels on GPU;
-* pinned-loader: images/s of a loop fed by the sharded loader (4 workers, pinned memory, non-blocking copies)
-  / the same loop fed from GPU memory;
+* syncbn-speed: step time of the plain-op SyncBatchNorm (CPU's) / torch's fused kernels (what
+  ``launcher.SyncBatchNorm`` uses on CUDA), on a one-rank NCCL group, fp32 and bf16;
+* pinned-loader: images/s of ResNet-18 fed by the sharded loader (4 workers, pinned memory, non-blocking
+  copies) / the same loop fed from GPU memory;
 * bench-gpu: ``python -m benchmarks gpu`` (launcher vs plain torchrun script, ResNet-18, bf16).
 """
 
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,58 +110,98 @@ def syncbn_cuda(tmp: Path) -> str:
 
 @check("syncbn-speed")
 def syncbn_speed(tmp: Path) -> str:
+    """Step time (forward + backward) of the plain-op SyncBatchNorm (what CPU runs) / torch's fused kernels
+    (what ``launcher.SyncBatchNorm`` calls on CUDA), both synchronizing over a one-rank NCCL group (NCCL
+    refuses two ranks on one GPU); the two agree, and cuDNN's unsynchronized BatchNorm2d is the floor."""
     import torch
+    import torch.distributed as dist
     from torch import nn
 
-    from launcher import SyncBatchNorm
+    from launcher import syncbn
 
-    def step_time(bn: nn.Module) -> float:
-        x = torch.randn(64, 64, 56, 56, device="cuda", requires_grad=True)
+    def step_time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
         for _ in range(5):
-            bn(x).sum().backward()
+            fn(x).float().sum().backward()
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(50):
-            bn(x).sum().backward()
+            fn(x).float().sum().backward()
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / 50
 
-    ours, theirs = step_time(SyncBatchNorm(64).cuda()), step_time(nn.BatchNorm2d(64).cuda())
-    return f"ours / cuDNN BatchNorm2d step time {ours / theirs:.2f} ({ours * 1e3:.2f}, {theirs * 1e3:.2f} ms)"
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp / "store"), 1), rank=0, world_size=1,
+                            device_id=torch.device("cuda:0"))
+    try:
+        bn = nn.BatchNorm2d(64).cuda()
+        group = dist.group.WORLD
+
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            return syncbn._SyncBatchNormFn.apply(x, bn.weight, bn.bias, bn.eps, group, 1)[0]
+
+        def fused(x: torch.Tensor) -> torch.Tensor:
+            return syncbn._torch_fused().apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+                                               0.1, group, 1)
+
+        seen = []
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(64, 64, 56, 56, device="cuda", dtype=dtype, requires_grad=True)
+            err = float((plain(x) - fused(x)).detach().abs().max())
+            assert err < (1e-4 if dtype == torch.float32 else 0.05), (dtype, err)
+            ours, torchs = step_time(plain, x), step_time(fused, x)
+            cudnn = step_time(bn, x) if dtype == torch.float32 else float("nan")
+            seen.append(f"{str(dtype)[6:]}: plain / fused {ours / torchs:.2f} ({ours * 1e3:.2f} vs "
+                        f"{torchs * 1e3:.2f} ms; cuDNN BatchNorm2d {cudnn * 1e3:.2f} ms)")
+        assert syncbn.uses_torch_kernels(torch.device("cuda", 0))
+        return "; ".join(seen)
+    finally:
+        dist.destroy_process_group()
 
 
 @check("pinned-loader")
 def pinned_loader(tmp: Path) -> str:
+    """ResNet-18 (bf16 autocast, channels_last) on 64 px uint8 images: images/s fed by the sharded loader (4
+    workers, pinned memory, non-blocking copies) / fed by one batch already on the GPU. Samples are slices of
+    a tensor in host memory (decoded data), so the ratio is the loader's cost, not a decoder's; the first
+    WARM batches of each loop are not timed (worker start, cuDNN's choice of kernels)."""
     import torch
+    import torchvision
     from torch import nn
 
     from launcher import ShardedIterableDataset, make_loader
 
-    def read(shard: int) -> list[tuple[torch.Tensor, int]]:
-        g = torch.Generator().manual_seed(shard)
-        return [(torch.randn(3, 64, 64, generator=g), shard % 10) for _ in range(256)]
+    shards, per_shard, batch, warm = 64, 256, 128, 4
+    images = torch.randint(0, 256, (shards, per_shard, 3, 64, 64), dtype=torch.uint8)
 
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, 10)).cuda()
+    def read(shard: int) -> list[tuple[torch.Tensor, int]]:
+        return [(images[shard, i], shard % 10) for i in range(per_shard)]
+
+    model = torchvision.models.resnet18(num_classes=10).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
-    def train(batches: object) -> float:
-        n, t = 0, time.perf_counter()
-        for x, y in batches:  # type: ignore[attr-defined]
+    def train(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, float]:
+        n, t = 0, 0.0
+        for i, (x, y) in enumerate(batches):
+            if i == warm:
+                torch.cuda.synchronize()
+                t = time.perf_counter()
             x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
-            nn.functional.cross_entropy(model(x), y).backward()
+            x = x.contiguous(memory_format=torch.channels_last).float().div_(255)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
             opt.zero_grad()
             n += len(y)
         torch.cuda.synchronize()
-        return n / (time.perf_counter() - t)
+        return n, (n - warm * batch) / (time.perf_counter() - t)
 
-    ds = ShardedIterableDataset(list(range(16)), read, sizes=[256] * 16, batch_size=128, rank=0,
-                                world_size=1)
-    loaded = train(make_loader(ds, num_workers=4, pin_memory=True))
-    x = torch.randn(128, 3, 64, 64, device="cuda")
-    y = torch.randint(0, 10, (128,), device="cuda")
-    memory = train([(x, y)] * 32)
+    gpu_batch = (images[0, :batch].cuda(), torch.randint(0, 10, (batch,), device="cuda"))
+    train([gpu_batch] * 16)  # cuDNN picks its kernels before either loop is timed
+    ds = ShardedIterableDataset(list(range(shards)), read, sizes=[per_shard] * shards, batch_size=batch,
+                                rank=0, world_size=1)
+    n, loaded = train(make_loader(ds, num_workers=4, pin_memory=True))
+    assert n == shards * per_shard, n
+    _, memory = train([gpu_batch] * (shards * per_shard // batch))
     return f"loader / memory images/s {loaded / memory:.2f} ({loaded:.0f} vs {memory:.0f})"
 
 
@@ -169,7 +209,7 @@ def pinned_loader(tmp: Path) -> str:
 def bench_gpu(tmp: Path) -> str:
     from benchmarks import gpu
 
-    rows = gpu.run()
+    rows = gpu.run(rounds=3)  # (python -m benchmarks gpu runs 5)
     return "; ".join(f"{r['value']:.3f} {r['detail']}" for r in rows)
 
 
@@ -181,8 +221,11 @@ def main() -> int:
         return 0
     print(f"gpu-check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
+    only = set(sys.argv[1:])  # check names: run those alone
     failed = 0
     for name, fn in CHECKS:
+        if only and name not in only:
+            continue
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-") as tmp:
             try:

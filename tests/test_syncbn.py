@@ -240,3 +240,37 @@ def test_single_process_and_eval_behave_like_batchnorm():
     assert torch.equal(sync(x), ref(x))
     with pytest.raises(ValueError, match="2D to 5D"):
         SyncBatchNorm(4)(torch.randn(4))
+
+
+def test_cuda_input_goes_to_torch_fused_kernels_with_the_layer_state(monkeypatch):
+    """On CUDA the layer calls torch's fused SyncBatchNorm function (measured faster there by make gpu-check)
+    with its own running buffers and momentum; CPU keeps the plain-op implementation. The CUDA numbers are
+    checked by tests/gpu.py (syncbn-cuda); here the choice and the arguments are."""
+    from launcher import syncbn
+
+    assert syncbn.uses_torch_kernels(torch.device("cuda", 1))
+    assert not syncbn.uses_torch_kernels(torch.device("cpu"))
+    calls = []
+
+    class Fused:
+        @staticmethod
+        def apply(x, weight, bias, running_mean, running_var, eps, momentum, group, world):
+            calls.append((running_mean, running_var, eps, momentum, group, world))
+            return x * 2
+
+    monkeypatch.setattr(syncbn, "uses_torch_kernels", lambda device: True)
+    monkeypatch.setattr(syncbn, "_torch_fused", lambda: Fused)
+    monkeypatch.setattr(SyncBatchNorm, "_group_size", lambda self: 4)
+    for momentum, track, factors in ((0.3, True, [0.3, 0.3]), (None, True, [1.0, 0.5]), (0.1, False, [0.1])):
+        calls.clear()
+        bn = SyncBatchNorm(3, eps=1e-3, momentum=momentum, track_running_stats=track, process_group="g")
+        x = torch.randn(4, 3, 2)
+        for _ in factors:
+            assert torch.equal(bn(x), x * 2)
+        assert [c[3] for c in calls] == factors
+        for running_mean, running_var, eps, _, group, world in calls:
+            assert (running_mean is bn.running_mean and running_var is bn.running_var) if track else (
+                running_mean is None and running_var is None)
+            assert (eps, group, world) == (1e-3, "g", 4)
+    bn.eval()
+    assert not torch.equal(bn(x), x * 2)  # eval: plain BatchNorm, no synchronization

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -118,8 +119,8 @@ def spawn(
         logs_specs=logs,
         start_method="forkserver" if server_env is not None else "spawn",
         log_line_prefix_template="[rank${rank}]:",
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         exit_barrier_timeout=spec.startup_timeout_s,  # waiting for the other machines to finish
+        **_shutdown_timeout(),
     )
     def cleanup() -> None:
         _kill_groups(agent.rank_pids)
@@ -191,6 +192,14 @@ def _wait_bound(agent: _Agent, spec: RankSpec) -> float:
     if state in (WorkerState.HEALTHY, WorkerState.UNHEALTHY, WorkerState.FAILED):
         return machines.STUCK_S
     return spec.startup_timeout_s + 10
+
+
+def _shutdown_timeout() -> dict[str, int]:
+    """The agent's grace after SIGTERM on a stop (``shutdown_timeout``, newer torch only: 2.11, on the first
+    GPU machine we were lent, rejected the keyword; there a stop waits torch's 30 s)."""
+    if "shutdown_timeout" in inspect.signature(LocalElasticAgent.__init__).parameters:
+        return {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
+    return {}
 
 
 class _Agent(LocalElasticAgent):
