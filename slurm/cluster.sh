@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on loopback for tests and demos: munge, MariaDB, slurmdbd, slurmctld, slurmd.
+# A SLURM cluster on this machine for tests and demos: munge, MariaDB, slurmdbd, slurmctld, slurmd.
 #
 #   slurm/cluster.sh up       install what is missing (Debian packages, needs root), start everything; idempotent
 #   slurm/cluster.sh down     stop everything (the state directory stays; `clean` removes it)
 #   slurm/cluster.sh status   print what runs
 #   slurm/cluster.sh env      print `export SLURM_CONF=...` for your shell: eval "$(slurm/cluster.sh env)"
 #   slurm/cluster.sh clean    down, then remove the state directory
+#   slurm/cluster.sh on N CMD...               run CMD on node N (1, 2, ...; ctl: the controller's host)
+#   slurm/cluster.sh preempt-signal user|term  what a preempted job gets first (below); reconfigures
+#   slurm/cluster.sh node-down|node-up N       kill every process of node N / start its slurmd again
+#
+# One node (LAUNCHER_SLURM_NODES=1, the default): every daemon on loopback; `on` runs CMD here.
+# Several nodes (LAUNCHER_SLURM_NODES=N, 2 to 9, root): each node is a network namespace with its own address
+# (10.214.S.11, .12, ...), hostname and hosts file, running its own slurmd; the control daemons run in one
+# more namespace that holds the bridge (10.214.S.1). Clients (sbatch, sacct, launcher submit) reach the
+# controller only from the namespaces: run them with `on`. Partitions: `debug` (the default, GraceTime 30 s)
+# and `urgent`, whose jobs preempt debug's (PreemptMode=REQUEUE). A preempted job first gets its --signal
+# (submitit's USR2) with `preempt-signal user` (SlurmctldParameters=preempt_send_user_signal, the default),
+# SIGTERM with `term`. `down` ends every process in the namespaces and deletes them.
 #
 # Everything (configs, state, logs, pid files, the munge socket, the database) lives under one directory,
 # $LAUNCHER_SLURM_DIR (default /tmp/launcher-slurm). Clients find the cluster through SLURM_CONF.
@@ -13,7 +25,8 @@
 # Job ids start at $LAUNCHER_SLURM_FIRST_JOB_ID (default 1 + 1000 x ((port base / 4) mod 10), 4001): two
 # clusters on one machine with other port bases also get other job ids, so the rank port each job derives
 # from its id (15000 + id mod 10000, launcher/env.py) differs too.
-# Exit codes: 0 ok, 1 a daemon did not come up (its log is printed), 3 cannot run here (the reason is printed).
+# Exit codes: 0 ok, 1 a daemon did not come up (its log is printed), 2 bad usage, 3 cannot run here (the
+# reason is printed).
 set -euo pipefail
 
 DIR=${LAUNCHER_SLURM_DIR:-/tmp/launcher-slurm}
@@ -23,10 +36,23 @@ CTLD_PORT=$BASE; SLURMD_PORT=$((BASE + 1)); DBD_PORT=$((BASE + 2)); DB_PORT=$((B
 CONF=$DIR/etc/slurm.conf
 MUNGE_SOCKET=$DIR/munge/munge.socket
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server-core mariadb-client-core)
+NODES=${LAUNCHER_SLURM_NODES:-1}
 export SLURM_CONF=$CONF
 
 say() { echo "[slurm-cluster] $*" >&2; }
 cannot() { say "cannot run here: $*"; exit 3; }
+
+[[ $NODES =~ ^[1-9]$ ]] || { say "LAUNCHER_SLURM_NODES=$NODES: give 1 to 9"; exit 2; }
+if (( NODES > 1 )); then
+  TAG=lsl$((BASE % 10000))  # namespace and host names: lsl6817c (controller), lsl6817n1, lsl6817n2, ...
+  SUBNET=10.214.$(( (BASE / 4) % 250 ))
+  CTL=${TAG}c CTL_ADDR=$SUBNET.1
+else
+  CTL=$(hostname -s) CTL_ADDR=127.0.0.1
+fi
+node_name() { if (( NODES > 1 )); then echo "${TAG}n$1"; else hostname -s; fi; }
+node_addr() { if (( NODES > 1 )); then echo "$SUBNET.$((10 + $1))"; else echo 127.0.0.1; fi; }
+slurmd_pid() { if (( NODES > 1 )); then echo "$DIR/run/slurmd-$(node_name "$1").pid"; else echo "$DIR/run/slurmd.pid"; fi; }
 
 install_packages() {
   local missing=()
@@ -47,6 +73,16 @@ install_packages() {
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2> /dev/null; }
 
+# on_host NAME CMD...: CMD in namespace NAME, with its network, the hostname NAME and the cluster's hosts file
+# (in mount and UTS namespaces of its own: `ip netns exec` remounts /sys, and slurmd then finds no cgroup file
+# system). The one-node cluster runs CMD here.
+on_host() {
+  local name=$1; shift
+  if (( NODES == 1 )); then "$@"; return; fi
+  nsenter --net="/run/netns/$name" unshare --uts --mount \
+    sh -c 'hostname "$0" && mount --bind "$1" /etc/hosts && shift && exec "$@"' "$name" "$DIR/etc/hosts" "$@"
+}
+
 wait_for() {  # wait_for SECONDS LOGFILE WHAT COMMAND...
   local seconds=$1 log=$2 what=$3; shift 3
   for _ in $(seq $((seconds * 10))); do
@@ -58,18 +94,78 @@ wait_for() {  # wait_for SECONDS LOGFILE WHAT COMMAND...
   exit 1
 }
 
+net_up() {
+  (( NODES > 1 )) || return 0
+  [[ $(id -u) -eq 0 ]] || cannot "a cluster of $NODES nodes needs root (network namespaces)"
+  command -v nsenter > /dev/null && command -v unshare > /dev/null || cannot "nsenter or unshare is missing"
+  [[ -e /run/netns/$CTL ]] && return 0
+  ip netns add "$CTL"
+  ip -n "$CTL" link set lo up
+  ip -n "$CTL" link add br0 type bridge
+  ip -n "$CTL" addr add "$CTL_ADDR/24" dev br0
+  ip -n "$CTL" link set br0 up
+  local i name
+  for i in $(seq "$NODES"); do
+    name=$(node_name "$i")
+    ip netns add "$name"
+    ip -n "$CTL" link add "v$i" type veth peer name eth0 netns "$name"
+    ip -n "$CTL" link set "v$i" master br0 up
+    ip -n "$name" addr add "$(node_addr "$i")/24" dev eth0
+    ip -n "$name" link set eth0 up
+    ip -n "$name" link set lo up
+  done
+}
+
+kill_namespace() {  # every process in the network namespace
+  local pids
+  pids=$(ip netns pids "$1" 2> /dev/null || true)
+  if [[ -n $pids ]]; then kill -9 $pids 2> /dev/null || true; fi
+}
+
+net_down() {
+  (( NODES > 1 )) || return 0
+  local i name
+  for name in $(for i in $(seq "$NODES"); do node_name "$i"; done) "$CTL"; do
+    [[ -e /run/netns/$name ]] || continue
+    kill_namespace "$name"
+    ip netns del "$name" 2> /dev/null || true
+  done
+}
+
 write_configs() {
-  local host cpus mem
-  host=$(hostname -s)
+  local cpus mem i pid_file spool_dir log_file nodes_conf="" partitions preempt
   cpus=$(nproc)
-  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
-  mkdir -p "$DIR"/{etc,munge,run,log,spool/ctld,spool/d,db}
+  mem=$(( ($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512) / NODES ))
+  mkdir -p "$DIR"/{etc,munge,run,log,spool/ctld,db}
   chmod 700 "$DIR/munge"
+  for i in $(seq "$NODES"); do
+    nodes_conf+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") CPUs=$cpus RealMemory=$mem State=UNKNOWN"$'\n'
+  done
+  if (( NODES > 1 )); then
+    # %n (the node's name) keeps the nodes' slurmd apart on the one file system.
+    pid_file=$DIR/run/slurmd-%n.pid spool_dir=$DIR/spool/d-%n log_file=$DIR/log/slurmd-%n.log
+    { echo "127.0.0.1 localhost"; echo "$CTL_ADDR $CTL"
+      for i in $(seq "$NODES"); do echo "$(node_addr "$i") $(node_name "$i")"; done; } > "$DIR/etc/hosts"
+    preempt=SlurmctldParameters=preempt_send_user_signal
+    if [[ -f $DIR/etc/preempt-signal ]] && [[ $(cat "$DIR/etc/preempt-signal") == term ]]; then
+      preempt="# preempt-signal term: SIGTERM first (an empty SlurmctldParameters= does not parse)"
+    fi
+    # SlurmdTimeout=20: a lost node is DOWN (its jobs NODE_FAIL and are requeued) about 30 s after it went.
+    partitions="SlurmdTimeout=20
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+$preempt
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF"
+  else
+    pid_file=$DIR/run/slurmd.pid spool_dir=$DIR/spool/d log_file=$DIR/log/slurmd.log
+    partitions="PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  fi
   cat > "$CONF" <<EOF
-# Written by slurm/cluster.sh: a one-node test cluster on loopback.
+# Written by slurm/cluster.sh: a test cluster of $NODES node(s) on this machine.
 ClusterName=launcher
 FirstJobId=$FIRST_JOB_ID
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$CTL($CTL_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -79,11 +175,11 @@ CredType=cred/munge
 # cred_expire=10: a requeued job may start again after 10 s instead of 120 s.
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 StateSaveLocation=$DIR/spool/ctld
-SlurmdSpoolDir=$DIR/spool/d
+SlurmdSpoolDir=$spool_dir
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$pid_file
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$log_file
 # No systemd, no cgroups: track processes through /proc, no task binding.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -98,20 +194,20 @@ KillWait=15
 MinJobAge=600
 InactiveLimit=0
 # Real accounting: submitit follows jobs through sacct. The password is the munge socket (see slurm/README.md).
+# The controller's address, not loopback: sacct on a node talks to slurmdbd itself.
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost=$CTL_ADDR
 AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$MUNGE_SOCKET
 JobCompType=jobcomp/none
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$nodes_conf$partitions
 EOF
   cat > "$DIR/etc/slurmdbd.conf" <<EOF
 # Written by slurm/cluster.sh. slurmdbd reads this file beside \$SLURM_CONF (it has no -f option).
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
-DbdHost=$host
-DbdAddr=127.0.0.1
+DbdHost=$CTL
+DbdAddr=$CTL_ADDR
 DbdPort=$DBD_PORT
 SlurmUser=root
 PidFile=$DIR/run/slurmdbd.pid
@@ -129,7 +225,8 @@ start_munge() {
   alive "$DIR/munge/munged.pid" && return 0
   [[ -f $DIR/munge/munge.key ]] || { dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none; }
   chmod 400 "$DIR/munge/munge.key"
-  munged --force --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
+  # The socket is a file: clients in every namespace reach it.
+  on_host "$CTL" munged --force --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
     --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
   wait_for 10 "$DIR/log/munged.log" munged munge --socket="$MUNGE_SOCKET" -n
 }
@@ -141,29 +238,39 @@ start_mariadb() {
       --skip-test-db > "$DIR/log/mariadb-install.log" 2>&1 \
       || { tail -20 "$DIR/log/mariadb-install.log" >&2; exit 1; }
   fi
-  mariadbd --no-defaults --datadir="$DIR/db" --user=root --bind-address=127.0.0.1 --port="$DB_PORT" \
-    --socket="$DIR/run/mariadb.sock" --pid-file="$DIR/run/mariadb.pid" --log-error="$DIR/log/mariadb.log" \
-    --skip-name-resolve --innodb-buffer-pool-size=32M > /dev/null 2>&1 &
-  wait_for 30 "$DIR/log/mariadb.log" MariaDB mariadb --no-defaults -h 127.0.0.1 -P "$DB_PORT" -u root -e "select 1"
+  on_host "$CTL" mariadbd --no-defaults --datadir="$DIR/db" --user=root --bind-address=127.0.0.1 \
+    --port="$DB_PORT" --socket="$DIR/run/mariadb.sock" --pid-file="$DIR/run/mariadb.pid" \
+    --log-error="$DIR/log/mariadb.log" --skip-name-resolve --innodb-buffer-pool-size=32M > /dev/null 2>&1 &
+  wait_for 30 "$DIR/log/mariadb.log" MariaDB \
+    on_host "$CTL" mariadb --no-defaults -h 127.0.0.1 -P "$DB_PORT" -u root -e "select 1"
+}
+
+start_slurmd() {  # start_slurmd N
+  alive "$(slurmd_pid "$1")" && return 0
+  if (( NODES > 1 )); then on_host "$(node_name "$1")" slurmd -N "$(node_name "$1")"; else slurmd; fi
+}
+
+nodes_up() {  # every node answers (idle, mixed or allocated)
+  local states
+  states=$(on_host "$CTL" sinfo -h -N -o %t) || return 1
+  [[ $(grep -cE '^(idle|mix|alloc)' <<< "$states") -ge $NODES ]]
 }
 
 start_slurm() {
   if ! alive "$DIR/run/slurmdbd.pid"; then
-    slurmdbd
-    wait_for 30 "$DIR/log/slurmdbd.log" slurmdbd bash -c "exec 3<>/dev/tcp/127.0.0.1/$DBD_PORT"
+    on_host "$CTL" slurmdbd
+    wait_for 30 "$DIR/log/slurmdbd.log" slurmdbd on_host "$CTL" bash -c "exec 3<>/dev/tcp/$CTL_ADDR/$DBD_PORT"
   fi
   if ! alive "$DIR/run/slurmctld.pid"; then
-    slurmctld
-    wait_for 30 "$DIR/log/slurmctld.log" slurmctld scontrol ping
+    on_host "$CTL" slurmctld
+    wait_for 30 "$DIR/log/slurmctld.log" slurmctld on_host "$CTL" scontrol ping
   fi
-  if ! alive "$DIR/run/slurmd.pid"; then
-    slurmd
-  fi
-  wait_for 30 "$DIR/log/slurmd.log" "node $(hostname -s)" \
-    bash -c "sinfo -h -N -o %t | grep -qE '^(idle|mix|alloc)'"
+  local i
+  for i in $(seq "$NODES"); do start_slurmd "$i"; done
+  wait_for 30 "$DIR/log/slurmctld.log" "$NODES node(s)" nodes_up
 }
 
-stop_pid() {  # stop_pid PIDFILE NAME
+stop_pid() {  # stop_pid PIDFILE
   local pidfile=$1 pid
   alive "$pidfile" || { rm -f "$pidfile"; return 0; }
   pid=$(cat "$pidfile")
@@ -173,22 +280,31 @@ stop_pid() {  # stop_pid PIDFILE NAME
   rm -f "$pidfile"
 }
 
+node_number() {  # node_number ARG: 1..NODES, or exit 2
+  [[ $1 =~ ^[1-9]$ ]] && (( $1 <= NODES )) || { say "no node '$1' (nodes 1 to $NODES, or ctl)"; exit 2; }
+}
+
 case ${1:-} in
   up)
     mkdir -p "$DIR"
     install_packages
+    net_up
     write_configs
     start_munge
     start_mariadb
     start_slurm
-    say "up: $(sinfo -h -o '%P %D node(s) %C cpus (alloc/idle/other/total)')"
+    say "up: $(on_host "$CTL" sinfo -h -o '%P %D node(s) %C cpus (alloc/idle/other/total)' | tr '\n' ' ')"
     echo "export SLURM_CONF=$CONF"
     ;;
   down)
     # Jobs first, so no task outlives the daemons.
-    if alive "$DIR/run/slurmctld.pid"; then scancel --full --quiet --user "$(id -un)" 2> /dev/null || true; fi
-    for name in slurmd slurmctld slurmdbd mariadb; do stop_pid "$DIR/run/$name.pid"; done
+    if alive "$DIR/run/slurmctld.pid"; then
+      on_host "$CTL" scancel --full --quiet --user "$(id -un)" 2> /dev/null || true
+    fi
+    for i in $(seq "$NODES"); do stop_pid "$(slurmd_pid "$i")"; done
+    for name in slurmctld slurmdbd mariadb; do stop_pid "$DIR/run/$name.pid"; done
     stop_pid "$DIR/munge/munged.pid"
+    net_down
     say "down"
     ;;
   status)
@@ -196,17 +312,39 @@ case ${1:-} in
       [[ -e $f ]] || continue
       if alive "$f"; then echo "$(basename "$f" .pid): running (pid $(cat "$f"))"; else echo "$(basename "$f" .pid): dead"; fi
     done
-    alive "$DIR/run/slurmctld.pid" && sinfo
+    if alive "$DIR/run/slurmctld.pid"; then on_host "$CTL" sinfo; fi
     ;;
   env)
     echo "export SLURM_CONF=$CONF"
+    ;;
+  on)
+    (( $# >= 3 )) || { say "usage: $0 on N|ctl CMD..."; exit 2; }
+    if [[ $2 == ctl ]]; then host=$CTL; else node_number "$2"; host=$(node_name "$2"); fi
+    shift 2
+    on_host "$host" "$@"
+    ;;
+  preempt-signal)
+    [[ ${2:-} == user || ${2:-} == term ]] || { say "usage: $0 preempt-signal user|term"; exit 2; }
+    (( NODES > 1 )) || { say "preemption is set up on clusters of several nodes only"; exit 2; }
+    echo "$2" > "$DIR/etc/preempt-signal"
+    write_configs
+    on_host "$CTL" scontrol reconfigure
+    ;;
+  node-down)
+    node_number "${2:-}"
+    (( NODES > 1 )) && kill_namespace "$(node_name "$2")"
+    rm -f "$(slurmd_pid "$2")"
+    ;;
+  node-up)
+    node_number "${2:-}"
+    start_slurmd "$2"
     ;;
   clean)
     bash "$0" down
     rm -rf "$DIR"
     ;;
   *)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -280,7 +280,7 @@ def test_time_limit_signal_requeues_until_max_requeues(job_env, run_root):
     r = submit(job_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=15", "slurm.max_requeues=1",
                "args.max_steps=100000", "args.epochs=100000", "args.step_sleep=0.3", "--wait", timeout=400)
     assert r.returncode == EXIT_REQUEUE, r.stdout + r.stderr
-    assert "SIGUSR2: state saved; requeued job" in r.stderr and "(1/1)" in r.stderr
+    assert "SIGUSR2: state saved; requeued job" in r.stderr and "(1/1 for the time limit)" in r.stderr
     assert "NOT requeued" in r.stderr and "slurm.max_requeues=1" in r.stderr
     stops = [int(s) for s in re.findall(r"stop requested at step (\d+)", r.stdout)]
     resumed = [int(s) for s in re.findall(r"resumed from .*step_(\d+)\.pt", r.stdout)]

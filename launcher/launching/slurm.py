@@ -93,9 +93,15 @@ class SlurmTask:
     source: str
 
     def __call__(self) -> Any:
+        import os
+
+        from ..rank.stop import LEDGER_ENV
         from ..spec import rank_function  # by name: the submitting side never imports the rank program
 
-        return rank_function("run_in_place")(config_mod.from_dict(self.job_data, self.source))
+        job = config_mod.from_dict(self.job_data, self.source)
+        # Time-limit requeues are counted here, not by SLURM_RESTART_COUNT (preemptions count there too).
+        os.environ[LEDGER_ENV] = str(_log_folder(job) / f"{os.environ.get('SLURM_JOB_ID', 'job')}.requeues")
+        return rank_function("run_in_place")(job)
 
 
 def make_executor(job: config_mod.Job, folder: Path) -> Any:

@@ -4,9 +4,18 @@ SLURM (through submitit's ``--signal=USR2@delay``) sends USR2 before the time li
 SIGTERM when the job is requeued from outside (``scontrol requeue``), preempted or cancelled. A handler here
 only sets a flag; nothing is saved inside a signal handler. At each step boundary every rank calls
 :func:`should_stop` (one tiny all-reduce, so all ranks agree even when only some were signalled); when it is
-true the caller saves a checkpoint and calls :func:`exit_for_requeue`: rank 0 asks SLURM to requeue the job
-after USR2 (SLURM requeues by itself after an external requeue or a preemption; a ``scancel`` stays
-cancelled, with the checkpoint to resume from), and every rank exits with :data:`EXIT_REQUEUE`.
+true the caller saves a checkpoint and calls :func:`exit_for_requeue`, and every rank exits with
+:data:`EXIT_REQUEUE`. Rank 0 decides what happens to the job:
+
+* preempted (``scontrol show job`` has a ``PreemptTime``, whatever the signal): it requeues the job itself.
+  SLURM requeues a preempted job only when its grace time runs out, and a job that saved and exited before
+  that simply ended (FAILED), never to resume. Preemptions do not count against ``slurm.max_requeues``;
+* USR2 and not preempted (the time limit is near): it requeues the job while fewer than ``max_requeues``
+  time-limit requeues happened. ``launcher submit`` counts them in a ledger file beside the job's logs
+  (``SLURM_RESTART_COUNT`` counts every requeue, preemptions and node failures too); without one (``srun``
+  inside an allocation) that count is used;
+* SIGTERM alone: an external ``scontrol requeue`` (SLURM requeues by itself) or ``scancel`` (the job stays
+  cancelled, with the checkpoint to resume from): nothing to do.
 
 Handlers are installed only inside SLURM jobs (:func:`install`, called by the worker), so elsewhere
 :func:`should_stop` returns False without any communication.
@@ -15,9 +24,11 @@ Handlers are installed only inside SLURM jobs (:func:`install`, called by the wo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
@@ -28,6 +39,9 @@ from ..errors import StopForRequeue
 
 #: The signals that ask for a stop, in the order of the flags exchanged by :func:`should_stop`.
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+#: Set by ``launcher submit``'s task: the file that counts the job's time-limit requeues (one line each).
+LEDGER_ENV = "LAUNCHER_REQUEUE_LEDGER"
 
 _state: dict[str, object] = {"installed": False, "received": set(), "agreed": (), "max_requeues": 0}
 
@@ -83,36 +97,71 @@ def exit_for_requeue() -> NoReturn:
     agreed: tuple[int, ...] = _state["agreed"]  # type: ignore[assignment]
     names = "+".join(signal.Signals(s).name for s in agreed) or "a stop request"
     if dist.is_main_process():
-        if signal.SIGUSR2 in agreed:
-            _requeue(names)
-        else:
-            print(f"[launcher] {names}: state saved; SLURM requeues a preempted or requeued job by itself "
-                  "(after scancel, submit again to resume)", file=sys.stderr, flush=True)
+        _decide(names, agreed)
     raise StopForRequeue()
 
 
-def _requeue(reason: str) -> None:
+def _say(message: str) -> None:
+    print(f"[launcher] {message}", file=sys.stderr, flush=True)
+
+
+def _decide(reason: str, agreed: tuple[int, ...]) -> None:
     job_id = os.environ.get("SLURM_JOB_ID")  # unique per array task too
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    limit = int(_state["max_requeues"])  # type: ignore[call-overload]
     if not job_id:
-        print(f"[launcher] {reason}: state saved; not in a SLURM job, nothing to requeue", file=sys.stderr)
-        return
-    if restarts >= limit:
-        print(
-            f"[launcher] {reason}: state saved; NOT requeued: job {job_id} was already requeued {restarts} "
-            f"time(s) (slurm.max_requeues={limit})\nHINT: submit the job again to resume from the "
-            "checkpoint, or raise slurm.max_requeues",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
-    r = subprocess.run(
-        ["scontrol", "requeue", job_id], check=False, capture_output=True, text=True, timeout=60
-    )
-    if r.returncode != 0:
-        print(f"[launcher] {reason}: state saved; `scontrol requeue {job_id}` failed: {r.stderr.strip()}\n"
-              "HINT: submit the job again to resume from the checkpoint", file=sys.stderr, flush=True)
+        _say(f"{reason}: state saved; not in a SLURM job, nothing to requeue")
+    elif preempted(job_id):
+        if _requeue(f"{reason} (preempted)", job_id):
+            _say(f"{reason}: preempted; state saved; requeued job {job_id} (preemptions do not count "
+                 "against slurm.max_requeues)")
+    elif signal.SIGUSR2 in agreed:
+        _time_limit(reason, job_id)
     else:
-        print(f"[launcher] {reason}: state saved; requeued job {job_id} ({restarts + 1}/{limit})",
-              file=sys.stderr, flush=True)
+        _say(f"{reason}: state saved; SLURM requeues a job requeued from outside by itself (after scancel, "
+             "submit again to resume)")
+
+
+def preempted(job_id: str, timeout_s: float = 30.0) -> bool:
+    """True when SLURM is preempting the job (``PreemptTime`` set in ``scontrol show job``)."""
+    try:
+        r = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True,
+                           text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    found = re.search(r"\bPreemptTime=(\S+)", r.stdout)
+    return found is not None and found.group(1) not in ("None", "Unknown")
+
+
+def _time_limit(reason: str, job_id: str) -> None:
+    limit = int(_state["max_requeues"])  # type: ignore[call-overload]
+    ledger = os.environ.get(LEDGER_ENV)
+    if ledger:
+        try:
+            used = len(Path(ledger).read_text().splitlines())
+        except FileNotFoundError:
+            used = 0
+    else:
+        used = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if used >= limit:
+        _say(f"{reason}: state saved; NOT requeued: job {job_id} was already requeued {used} time(s) for its "
+             f"time limit (slurm.max_requeues={limit})\nHINT: submit the job again to resume from the "
+             "checkpoint, or raise slurm.max_requeues")
+        return
+    if _requeue(reason, job_id):
+        if ledger:
+            with open(ledger, "a") as f:
+                f.write(f"{job_id} {reason}\n")
+        _say(f"{reason}: state saved; requeued job {job_id} ({used + 1}/{limit} for the time limit)")
+
+
+def _requeue(reason: str, job_id: str) -> bool:
+    try:
+        r = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
+                           timeout=60)
+        said = r.stderr.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        r, said = None, str(e)
+    if r is None or r.returncode != 0:
+        _say(f"{reason}: state saved; `scontrol requeue {job_id}` failed: {said}\n"
+             "HINT: submit the job again to resume from the checkpoint")
+        return False
+    return True

@@ -1,0 +1,116 @@
+"""SLURM across nodes: a 2-node cluster of network namespaces (``LAUNCHER_SLURM_NODES=2 slurm/cluster.sh``),
+with a partition whose jobs preempt the default one's.
+
+Every client command runs "on node 1" (``cluster.sh on 1 ...``): the controller is reachable from the
+namespaces only. The module brings the cluster up once and takes it down at the end, namespaces included.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import pickle
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import nodes
+from tests.conftest import ROOT, killable_env, launcher_cmd, wait_until
+
+CLUSTER = ROOT / "slurm" / "cluster.sh"
+
+pytestmark = pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok")
+
+
+class Cluster:
+    def __init__(self, folder: Path) -> None:
+        base = 18817 + 4 * (os.getpid() % 50)  # other tests' clusters use other ports, names and job ids
+        self.env = {**os.environ, "LAUNCHER_SLURM_NODES": "2", "LAUNCHER_SLURM_DIR": str(folder),
+                    "LAUNCHER_SLURM_PORT_BASE": str(base), "SLURM_CONF": str(folder / "etc" / "slurm.conf")}
+        self.tag = f"lsl{base % 10000}"
+
+    def script(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(CLUSTER), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def on(self, node: int, argv: list[str], env: dict[str, str] | None = None,
+           **kw: Any) -> subprocess.Popen[str]:
+        """``argv`` on ``node``, from the repository root."""
+        return subprocess.Popen(["bash", str(CLUSTER), "on", str(node), *argv], cwd=ROOT,
+                                env={**(env or self.env), **self.env}, text=True, start_new_session=True,
+                                **kw)
+
+    def run(self, node: int, argv: list[str]) -> str:
+        p = self.on(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = p.communicate(timeout=60)[0]
+        assert p.returncode == 0, out
+        return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("slurm2"))
+    r = c.script("up", timeout=600)
+    if r.returncode == 3:
+        pytest.skip(f"no 2-node SLURM cluster: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, f"cluster.sh up failed:\n{r.stderr}"
+    yield c
+    assert c.script("clean").returncode == 0
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert c.tag not in left, left  # no namespace (and so no process of the cluster) is left
+
+
+def runs_of(c: Cluster, job_id: str) -> list[tuple[str, str, str]]:
+    """``(state, start, end)`` of every run of the job (``sacct -D``: requeued runs too)."""
+    out = c.run(1, ["sacct", "-j", job_id, "-X", "-n", "-P", "-D", "-o", "State,Start,End"])
+    return [tuple(line.split("|")) for line in out.strip().splitlines()]  # type: ignore[misc]
+
+
+def results(log_folder: Path, job_id: str) -> list[dict]:
+    """Every rank's returned value, from submitit's result pickles."""
+    out = []
+    for path in sorted(log_folder.glob(f"{job_id}_*_result.pkl"), key=lambda p: int(p.name.split("_")[1])):
+        status, value = pickle.loads(path.read_bytes())[:2]
+        assert status == "success", (path, value)
+        out.append(value)
+    return out
+
+
+@pytest.mark.parametrize("signal_mode", ["user", "term"])
+def test_a_preempted_two_node_job_requeues_itself_and_resumes_where_it_saved(cluster, tmp_path, signal_mode):
+    """Preemption by the urgent partition, with USR2 first (preempt_send_user_signal) or SIGTERM and a grace
+    time: the job saves at the step boundary, requeues itself although max_requeues is 0, and resumes from
+    the saved step on 2 nodes x 2 ranks, ending with one model on all four ranks."""
+    assert cluster.script("preempt-signal", signal_mode).returncode == 0
+    runs = tmp_path / "runs"
+    proc = cluster.on(1, launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={runs}", "slurm.nodes=2",
+                                      "slurm.time_min=5", "slurm.max_requeues=0", "args.max_steps=30",
+                                      "args.epochs=100", "args.step_sleep=0.2", "checkpoint.every_steps=5",
+                                      "--wait"),
+                      env=killable_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: (runs / "tiny" / "checkpoints" / "latest").exists(), 120), "no checkpoint"
+        cluster.run(1, ["sbatch", "-p", "urgent", "-N", "2", "--ntasks-per-node", "2", "-t", "1", "-o",
+                        str(tmp_path / "urgent.out"), "--wrap", "sleep 2"])
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "preempted; state saved; requeued job" in err, err
+    stopped = int(re.search(r"stop requested at step (\d+)", out).group(1))
+    resumed = int(re.search(r"resumed from .*step_(\d+)\.pt", out).group(1))
+    assert 5 <= stopped < 30 and resumed == stopped, out  # nothing beyond the step boundary lost
+    job_id = re.search(r"submitted SLURM job (\d+)", out).group(1)
+    ranks = results(runs / "tiny" / "slurm_logs", job_id)
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3] and {r["world_size"] for r in ranks} == {4}
+    assert {r["step"] for r in ranks} == {30} and len({r["weights"] for r in ranks}) == 1
+    # Never two copies of the job at once: each run ends before the next starts.
+    assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "COMPLETED", 60), runs_of(cluster, job_id)
+    spans = [(datetime.datetime.fromisoformat(s), datetime.datetime.fromisoformat(e))
+             for _, s, e in runs_of(cluster, job_id)]
+    overlap = [(a, b) for a, b in itertools.pairwise(spans) if a[1] > b[0]]
+    assert len(spans) >= 2 and not overlap, runs_of(cluster, job_id)
