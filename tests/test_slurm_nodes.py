@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,36 @@ def test_a_preempted_two_node_job_requeues_itself_and_resumes_where_it_saved(clu
              for _, s, e in runs_of(cluster, job_id)]
     overlap = [(a, b) for a, b in itertools.pairwise(spans) if a[1] > b[0]]
     assert len(spans) >= 2 and not overlap, runs_of(cluster, job_id)
+
+
+def node_state(c: Cluster, node: int) -> str:
+    return c.run(1, ["sinfo", "-h", "-n", f"{c.tag}n{node}", "-o", "%t"]).strip()
+
+
+def test_a_lost_node_requeues_the_job_and_wait_follows_it_to_the_end(cluster, tmp_path):
+    """Every process of node 2 killed mid-run: SLURM marks the node down and the job NODE_FAIL and requeues
+    it; once the node is back the job resumes from its last checkpoint, and ``--wait`` reports that run."""
+    runs = tmp_path / "runs"
+    proc = cluster.on(1, launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={runs}", "slurm.nodes=2",
+                                      "slurm.time_min=5", "args.max_steps=30", "args.epochs=100",
+                                      "args.step_sleep=0.2", "checkpoint.every_steps=5", "--wait"),
+                      env=killable_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        latest = runs / "tiny" / "checkpoints" / "latest"
+        assert wait_until(latest.exists, 120), "no checkpoint"
+        assert cluster.script("node-down", "2").returncode == 0
+        assert wait_until(lambda: node_state(cluster, 2).startswith("down"), 90), node_state(cluster, 2)
+        job_id = next((runs / "tiny" / "slurm_logs").glob("*_0_log.out")).name.split("_")[0]
+        assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "PENDING", 30), runs_of(cluster, job_id)
+        time.sleep(6)  # longer than --wait's 5 s between sacct calls: it sees the job pending again
+        assert cluster.script("node-up", "2").returncode == 0
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert re.search(rf"SLURM job {job_id} was requeued \(state (RUNNING|NODE_FAIL) -> PENDING\)", err), err
+    resumed = int(re.search(r"resumed from .*step_(\d+)\.pt", out).group(1))
+    assert 5 <= resumed < 30, out
+    assert f"SLURM job {job_id} finished on 4 rank(s)" in out and "'step': 30" in out, out
+    assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "COMPLETED", 60), runs_of(cluster, job_id)
+    assert runs_of(cluster, job_id)[0][0] == "NODE_FAIL", runs_of(cluster, job_id)

@@ -1,6 +1,7 @@
 """launcher.SyncBatchNorm equals BatchNorm over the concatenated global batch, on CPU/Gloo ranks."""
 
 import copy
+import inspect
 import itertools
 
 import pytest
@@ -172,12 +173,18 @@ class WithOwnBuffer(nn.Module):
         return self.net(x)
 
 
+# torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (the old one warns); 2.11 has the old.
+_BUFFER_SYNC_KWARG = ("forward_sync_buffers" if "forward_sync_buffers" in
+                      inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+                      else "broadcast_buffers")
+
+
 def buffer_sync_choices():
     return {
         "sync_bn_only": launcher.wrap_model(make_cnn()).broadcast_buffers,
         "own_buffer": launcher.wrap_model(WithOwnBuffer()).broadcast_buffers,
         "plain_bn": launcher.wrap_model(make_cnn(), sync_batchnorm=False).broadcast_buffers,
-        "asked_for": launcher.wrap_model(make_cnn(), forward_sync_buffers=True).broadcast_buffers,
+        "asked_for": launcher.wrap_model(make_cnn(), **{_BUFFER_SYNC_KWARG: True}).broadcast_buffers,
         # synchronized over another group than DDP's: not known to be equal on all of DDP's ranks
         "other_group": launcher.wrap_model(convert_sync_batchnorm(make_cnn(), tdist.new_group([0, 1])))
         .broadcast_buffers,

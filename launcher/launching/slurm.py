@@ -205,17 +205,31 @@ class _Tail:
         out.flush()
 
 
+#: sacct states of a job that runs or will run again (requeued after a node failure or a preemption).
+_LIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING",
+         "SUSPENDED", "RESIZING", "PREEMPTED")
+
+
 def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s: float = 5.0) -> int:
-    """Stream rank 0's output of every job until all are done; report results; return the exit code."""
+    """Stream rank 0's output of every job until all are done; report results; return the exit code.
+
+    A job SLURM requeues (NODE_FAIL, preemption) is followed into its next run, and that run's result is
+    reported: submitit takes a task's result file as the end of the job (a failed run's ranks write their
+    errors there) and stops asking SLURM about a job it once saw end, so here a job with a failed task is done
+    only once sacct says it left the running and pending states.
+    """
     tail = _Tail()
     prefixes = [f"[{n}] " if len(jobs) > 1 else "" for n in names]
     last_sacct = 0.0
+    states: dict[str, str] = {}
     while True:
         tail.pump_jobs(jobs, prefixes)
         force = time.monotonic() - last_sacct > sacct_every_s
         if force:
             last_sacct = time.monotonic()
-        if all(job.done(force_check=force) for job in jobs):
+            for job, name in zip(jobs, names):
+                _note_state(job.job_id, name, states)
+        if all(job.done(force_check=force) and _ended(job, states) for job in jobs):
             break
         time.sleep(poll_s)
     tail.pump_jobs(jobs, prefixes)  # what was written between the last pump and the end
@@ -223,6 +237,36 @@ def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s
     if EXIT_FAILURE in codes:
         return EXIT_FAILURE
     return EXIT_REQUEUE if EXIT_REQUEUE in codes else EXIT_OK
+
+
+def _note_state(job_id: str, name: str, states: dict[str, str]) -> None:
+    """Record the job's sacct state; say so when it went from running back to pending (requeued)."""
+    before, (now, _) = states.get(job_id), _sacct_state(job_id)
+    states[job_id] = now
+    if before in ("RUNNING", "COMPLETING", "NODE_FAIL", "PREEMPTED") and now in ("PENDING", "REQUEUED"):
+        print(f"[launcher] {name}: SLURM job {job_id} was requeued (state {before} -> {now}); following its "
+              "next run, which resumes from the last checkpoint", file=sys.stderr, flush=True)
+
+
+def _ended(job: Any, states: dict[str, str]) -> bool:
+    """After submitit said done: True unless a task failed and SLURM runs or will run the job again."""
+    if _all_returned(job):
+        return True  # every rank returned: the job is over, whatever sacct still shows
+    return states.get(job.job_id, "UNKNOWN") not in _LIVE
+
+
+def _all_returned(job: Any) -> bool:
+    """Every task's result file says success (read directly: submitit's accessors wait for the job)."""
+    import pickle
+
+    for rank in range(job.num_tasks):
+        try:
+            with open(job.task(rank).paths.result_pickle, "rb") as f:
+                if pickle.load(f)[0] != "success":
+                    return False
+        except Exception:  # noqa: BLE001  (missing, partly written, or a class this side cannot import)
+            return False
+    return True
 
 
 def _report(job: Any, name: str) -> int:
