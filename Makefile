@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 # House style (../shared/STYLE.md): ruff (lines <= 110) and mypy clean; settings in pyproject.toml.
 lint: $(STAMP)
