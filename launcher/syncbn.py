@@ -50,7 +50,7 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # Newer torch renamed all_gather_into_tensor to all_gather_single (the old name warns on every call); older
-# releases (>= 2.4, our floor) have only the old one.
+# releases have only the old one.
 _all_gather_flat: Any = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
 
 
