@@ -30,7 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
-# The GPU paths in one go on a machine with CUDA (tests/gpu.py, about 5 minutes); without CUDA it says so, exit 0.
+# The GPU paths in one go on a machine with CUDA (tests/gpu.py, 5 minutes at most); without CUDA it says so, exit 0.
 gpu-check: $(STAMP)
 	$(PY) -m tests.gpu
 

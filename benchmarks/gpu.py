@@ -22,16 +22,16 @@ STEPS, ROUNDS, SIZE, BATCH = 300, 5, 128, 128
 NAME = "GPU images/s, launcher run / plain torchrun script (example ResNet-18, bf16 autocast, 1 GPU)"
 
 
-def run(rounds: int = ROUNDS) -> list[dict[str, object]]:
+def run(rounds: int = ROUNDS, steps: int = STEPS) -> list[dict[str, object]]:
     if not torch.cuda.is_available():
         return [{"name": NAME, "value": float("nan"), "target": "reported", "ok": True,
                  "detail": "not measured: no CUDA device on this machine"}]
     tmp = tempfile.mkdtemp(prefix="bench-gpu-")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    plain_cmd = [torchrun, "--standalone", "--nproc-per-node", "1", "benchmarks/plain_cnn.py", str(STEPS),
+    plain_cmd = [torchrun, "--standalone", "--nproc-per-node", "1", "benchmarks/plain_cnn.py", str(steps),
                  "resnet18", str(SIZE), "bf16", str(BATCH)]
     ours_cmd = [os.path.join(os.path.dirname(sys.executable), "launcher"), "run", "jobs/bench_cnn.yaml",
-                f"output_dir={tmp}", f"args.max_steps={STEPS}", "distributed.nproc_per_node=1",
+                f"output_dir={tmp}", f"args.max_steps={steps}", "distributed.nproc_per_node=1",
                 "distributed.backend=nccl", "args.amp=bf16", "args.model=resnet18", f"args.image_size={SIZE}",
                 f"args.batch={BATCH}"]
     plain, ours = [], []
