@@ -9,6 +9,10 @@ import os
 import socket
 from abc import ABC, abstractmethod
 
+#: Set by ``launcher submit``'s task for its ranks: the file counting the job's time-limit requeues (one
+#: line each; :mod:`launcher.rank.stop`). ``SLURM_RESTART_COUNT`` also counts preemptions and node failures.
+REQUEUE_LEDGER_ENV = "LAUNCHER_REQUEUE_LEDGER"
+
 
 class ClusterEnvironment(ABC):
     """What a rank needs to know about its place in the job."""

@@ -95,12 +95,13 @@ class SlurmTask:
     def __call__(self) -> Any:
         import os
 
-        from ..rank.stop import LEDGER_ENV
+        from ..env import REQUEUE_LEDGER_ENV
         from ..spec import rank_function  # by name: the submitting side never imports the rank program
 
         job = config_mod.from_dict(self.job_data, self.source)
         # Time-limit requeues are counted here, not by SLURM_RESTART_COUNT (preemptions count there too).
-        os.environ[LEDGER_ENV] = str(_log_folder(job) / f"{os.environ.get('SLURM_JOB_ID', 'job')}.requeues")
+        job_id = os.environ.get("SLURM_JOB_ID", "job")
+        os.environ[REQUEUE_LEDGER_ENV] = str(_log_folder(job) / f"{job_id}.requeues")
         return rank_function("run_in_place")(job)
 
 

@@ -35,13 +35,11 @@ from typing import NoReturn
 import torch
 
 from .. import dist
+from ..env import REQUEUE_LEDGER_ENV
 from ..errors import StopForRequeue
 
 #: The signals that ask for a stop, in the order of the flags exchanged by :func:`should_stop`.
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-#: Set by ``launcher submit``'s task: the file that counts the job's time-limit requeues (one line each).
-LEDGER_ENV = "LAUNCHER_REQUEUE_LEDGER"
 
 _state: dict[str, object] = {"installed": False, "received": set(), "agreed": (), "max_requeues": 0}
 
@@ -133,7 +131,7 @@ def preempted(job_id: str, timeout_s: float = 30.0) -> bool:
 
 def _time_limit(reason: str, job_id: str) -> None:
     limit = int(_state["max_requeues"])  # type: ignore[call-overload]
-    ledger = os.environ.get(LEDGER_ENV)
+    ledger = os.environ.get(REQUEUE_LEDGER_ENV)
     if ledger:
         try:
             used = len(Path(ledger).read_text().splitlines())
