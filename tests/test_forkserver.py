@@ -1,6 +1,9 @@
 """A rank's DataLoader workers start from a fork server of its own when the dataset can be sent there."""
 
+import ast
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -8,6 +11,7 @@ import __main__
 from launcher.data import ShardedIterableDataset, make_loader
 from launcher.data import workerserver as forkserver
 from launcher.testing import run_distributed
+from tests.conftest import ROOT
 
 
 def read_parent(shard):
@@ -28,11 +32,21 @@ def test_workers_of_a_rank_are_not_forks_of_the_rank():
         assert rank_pid not in parents
 
 
-def test_outside_a_process_group_workers_are_forked_as_usual():
+def forked_workers_parents() -> tuple[bool, set[int], int]:
     ds = ShardedIterableDataset([2, 2], read_parent, batch_size=2, rank=0, world_size=1)
-    assert forkserver.for_workers(ds) is None
     parents = {int(p) for batch in make_loader(ds, num_workers=2) for p in batch["ppid"]}
-    assert parents == {os.getpid()}
+    return forkserver.for_workers(ds) is None, parents, os.getpid()
+
+
+def test_outside_a_process_group_workers_are_forked_as_usual():
+    # In a fresh interpreter: a fork of the test process, after a few hundred tests left their threads in it,
+    # once died of SIGSEGV in CI (a fork copies a process whose other threads may hold locks).
+    code = "from tests.test_forkserver import forked_workers_parents as f; print(repr(f()))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    no_server, parents, pid = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    assert no_server and parents == {pid}
 
 
 def test_what_cannot_go_through_a_server_is_recognised(monkeypatch):

@@ -142,7 +142,7 @@ def test_a_lost_node_requeues_the_job_and_wait_follows_it_to_the_end(cluster, tm
     finally:
         proc.kill()
     assert proc.returncode == 0, out + err
-    assert re.search(rf"SLURM job {job_id} was requeued \(state (RUNNING|NODE_FAIL) -> PENDING\)", err), err
+    assert re.search(rf"SLURM job {job_id} was requeued \(state \w+ -> PENDING\)", err), err
     resumed = int(re.search(r"resumed from .*step_(\d+)\.pt", out).group(1))
     assert 5 <= resumed < 30, out
     assert f"SLURM job {job_id} finished on 4 rank(s)" in out and "'step': 30" in out, out

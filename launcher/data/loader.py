@@ -105,7 +105,8 @@ def _watched_class(base: type) -> type:
             try:
                 it = super().__iter__()  # starting the workers waits for them too
             except RuntimeError as e:
-                raise RuntimeError(_explain(internals.dataloader_iterator(self), self.wait_s, str(e))) from e
+                it = internals.dataloader_iterator(self) or _iterator_in(e)
+                raise RuntimeError(_explain(it, self.wait_s, str(e))) from e
             return _Watched(it, self.wait_s)
 
     return WatchedLoader
@@ -133,6 +134,19 @@ class _Watched:
                 if text.startswith("DataLoader timed out") and time.monotonic() < deadline:
                     continue  # nothing yet, every worker alive: wait on (the iterator's state is unchanged)
                 raise RuntimeError(_explain(self.it, self.wait_s, text)) from e
+
+
+def _iterator_in(error: BaseException) -> Any:
+    """The iterator whose start-up raised ``error`` (the loader keeps it only once it started): the ``self``
+    of a frame in the traceback that has workers. Without it a worker killed during the start-up of an epoch
+    was reported without its pid and signal (seen in CI once)."""
+    tb = error.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if candidate is not None and hasattr(candidate, "_workers"):
+            return candidate
+        tb = tb.tb_next
+    return None
 
 
 def _explain(iterator: Any, wait_s: float, text: str) -> str:

@@ -242,11 +242,25 @@ def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s
 
 def _note_state(job_id: str, name: str, states: dict[str, str]) -> None:
     """Record the job's sacct state; say so when it went from running back to pending (requeued)."""
-    before, (now, _) = states.get(job_id), _sacct_state(job_id)
+    before, now = states.get(job_id), _job_state(job_id)
     states[job_id] = now
     if before in ("RUNNING", "COMPLETING", "NODE_FAIL", "PREEMPTED") and now in ("PENDING", "REQUEUED"):
         print(f"[launcher] {name}: SLURM job {job_id} was requeued (state {before} -> {now}); following its "
               "next run, which resumes from the last checkpoint", file=sys.stderr, flush=True)
+
+
+def _job_state(job_id: str) -> str:
+    """squeue's state while SLURM holds the job in its queue, else sacct's. (sacct alone is not enough: right
+    after a node failure it showed the failed run's NODE_FAIL while SLURM had already queued the next run.)"""
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], check=False, capture_output=True,
+                           text=True, timeout=30)
+        queued = r.stdout.split()
+        if r.returncode == 0 and queued:
+            return queued[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return _sacct_state(job_id)[0]
 
 
 def _ended(job: Any, states: dict[str, str]) -> bool:
