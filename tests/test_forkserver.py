@@ -4,6 +4,7 @@ import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -62,3 +63,29 @@ def test_what_cannot_go_through_a_server_is_recognised(monkeypatch):
     in_main = type("Dataset", (), {"__module__": "__main__"})
     monkeypatch.setattr(__main__, "Dataset", in_main, raising=False)
     assert forkserver._modules_if_importable((in_main,)) is None
+
+
+def server_signal_mask() -> tuple[bool, bool]:
+    """In a 1-rank process group with the SLURM stop handlers installed: are SIGTERM and USR2 blocked in the
+    workers' server?"""
+    import signal
+
+    import torch.distributed as tdist
+
+    from launcher.internals import forkserver_pid
+    from launcher.rank import stop
+
+    tdist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    stop.install(0)
+    assert forkserver.for_workers(ShardedIterableDataset([2], read_parent, batch_size=2)) is not None
+    status = Path(f"/proc/{forkserver_pid()}/status").read_text()
+    blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk")).split()[1], 16)
+    return bool(blocked & (1 << (signal.SIGTERM - 1))), bool(blocked & (1 << (signal.SIGUSR2 - 1)))
+
+
+def test_under_slurm_the_workers_server_outlives_the_stop_signals():
+    code = "from tests.test_forkserver import server_signal_mask as f; print(repr(f()))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert ast.literal_eval(r.stdout.strip().splitlines()[-1]) == (True, True)

@@ -105,7 +105,8 @@ def _watched_class(base: type) -> type:
             try:
                 it = super().__iter__()  # starting the workers waits for them too
             except RuntimeError as e:
-                it = internals.dataloader_iterator(self) or _iterator_in(e)
+                it = internals.dataloader_iterator(self)
+                it = _iterator_in(e) if it is None else it  # (not `or`: truth calls the loader's len())
                 raise RuntimeError(_explain(it, self.wait_s, str(e))) from e
             return _Watched(it, self.wait_s)
 

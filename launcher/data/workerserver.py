@@ -13,7 +13,7 @@ import io
 import multiprocessing
 import pickle
 import signal
-from multiprocessing import forkserver
+from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -48,6 +48,10 @@ def for_workers(*objects: Any) -> BaseContext | None:
     multiprocessing.set_forkserver_preload(WORKER_PRELOAD + modules)
     # Under SLURM the server and its workers must outlive the stop signals (inherited mask; pending ones wait
     # for the rank). Elsewhere they keep SIGTERM: multiprocessing stops leftover workers with it at exit.
+    # The resource tracker first: starting it blocks SIGINT and SIGTERM and then *unblocks* them (CPython's
+    # resource_tracker.ensure_running), which let SIGTERM through to the server: a preemption killed it, and
+    # the next epoch's workers with it (tests/test_slurm_nodes.py, SIGTERM mode).
+    resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop.SIGNALS if stop.installed() else ())
     try:
         forkserver.ensure_running()
