@@ -76,3 +76,4 @@ def test_submit_without_a_controller_is_refused(tmp_path):
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "cannot submit" in r.stderr and "HINT" in r.stderr and "Traceback" not in r.stderr
+    assert "no-such-slurm.conf does not exist" in r.stderr  # at once, not after scontrol's DNS search

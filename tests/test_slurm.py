@@ -276,14 +276,29 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
 def test_time_limit_signal_requeues_until_max_requeues(job_env, run_root):
     # A 1-minute limit with the signal 15 s before it: USR2 arrives while training (SLURM 22.05 sent it up to
     # ~15 s early here; with a 30 s delay it once came during start-up, before any handler existed, and killed
-    # the tasks). One requeue is allowed.
-    r = submit(job_env, run_root, "slurm.time_min=1", "slurm.signal_delay_s=15", "slurm.max_requeues=1",
-               "args.max_steps=100000", "args.epochs=100000", "args.step_sleep=0.3", "--wait", timeout=400)
-    assert r.returncode == EXIT_REQUEUE, r.stdout + r.stderr
-    assert "SIGUSR2: state saved; requeued job" in r.stderr and "(1/1 for the time limit)" in r.stderr
-    assert "NOT requeued" in r.stderr and "slurm.max_requeues=1" in r.stderr
-    stops = [int(s) for s in re.findall(r"stop requested at step (\d+)", r.stdout)]
-    resumed = [int(s) for s in re.findall(r"resumed from .*step_(\d+)\.pt", r.stdout)]
+    # the tasks). One requeue is allowed. The requeued run gets its USR2 from `scancel --signal` instead of
+    # waiting out a second limit (the same signal to the same tasks; 40 s less of the suite).
+    proc = subprocess.Popen(
+        launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=1",
+                     "slurm.signal_delay_s=15", "slurm.max_requeues=1", "args.max_steps=100000",
+                     "args.epochs=100000", "args.step_sleep=0.3", "checkpoint.every_steps=10", "--wait"),
+        cwd=ROOT, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        logs, latest = run_root / "tiny" / "slurm_logs", run_root / "tiny" / "checkpoints" / "latest"
+        assert wait_until(lambda: any(logs.glob("*.requeues")), 150, interval=0.5), "no time-limit requeue"
+        saved_at_stop = latest.read_text()
+        # a checkpoint of the requeued run: it is training, with its stop handlers in place
+        assert wait_until(lambda: latest.read_text() != saved_at_stop, 120, interval=0.5), saved_at_stop
+        job_id = next(logs.glob("*.requeues")).name.split(".")[0]
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=job_env, check=True, timeout=30)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_REQUEUE, out + err
+    assert "SIGUSR2: state saved; requeued job" in err and "(1/1 for the time limit)" in err
+    assert "NOT requeued" in err and "slurm.max_requeues=1" in err
+    stops = [int(s) for s in re.findall(r"stop requested at step (\d+)", out)]
+    resumed = [int(s) for s in re.findall(r"resumed from .*step_(\d+)\.pt", out)]
     assert len(stops) == 2 and resumed == stops[:1] and stops[1] > stops[0]
     assert f"step_{stops[1]:08d}.pt" in (run_root / "tiny" / "checkpoints" / "latest").read_text()
 

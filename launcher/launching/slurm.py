@@ -11,6 +11,7 @@ checkpoint because ``checkpoint.resume`` is
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import subprocess
@@ -93,8 +94,6 @@ class SlurmTask:
     source: str
 
     def __call__(self) -> Any:
-        import os
-
         from ..env import REQUEUE_LEDGER_ENV
         from ..spec import rank_function  # by name: the submitting side never imports the rank program
 
@@ -130,6 +129,10 @@ def check_controller(job: config_mod.Job, timeout_s: float = 30.0) -> None:
     """A SLURM controller answers ``scontrol ping``; :class:`UsageError` with how to get one otherwise."""
     hint = ('HINT: run this on a SLURM login node, or start the local test cluster: slurm/cluster.sh up && '
             'eval "$(slurm/cluster.sh env)"')
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # (scontrol then looks for a controller in DNS, 30 s here)
+        raise UsageError(f"{job.source}: cannot submit: SLURM_CONF={conf} does not exist\n{hint}, or unset "
+                         "SLURM_CONF to use the system's configuration")
     try:
         r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s,
                            check=False)
@@ -270,53 +273,48 @@ def _ended(job: Any, states: dict[str, str]) -> bool:
     return states.get(job.job_id, "UNKNOWN") not in _LIVE
 
 
-def _all_returned(job: Any) -> bool:
-    """Every task's result file says success (read directly: submitit's accessors wait for the job)."""
+def _outcome(job: Any, rank: int) -> tuple[str, Any] | None:
+    """``(outcome, value)`` of a task's result file: ``("success", returned)`` or ``("error", traceback)``;
+    None without a readable one. Read directly: submitit's accessors wait 15 s per task for a missing one."""
     import pickle
 
-    for rank in range(job.num_tasks):
-        try:
-            with open(job.task(rank).paths.result_pickle, "rb") as f:
-                if pickle.load(f)[0] != "success":
-                    return False
-        except Exception:  # noqa: BLE001  (missing, partly written, or a class this side cannot import)
-            return False
-    return True
+    try:
+        with open(job.task(rank).paths.result_pickle, "rb") as f:
+            outcome, value = pickle.load(f)[:2]
+    except Exception:  # noqa: BLE001  (missing, partly written, or a class this side cannot import)
+        return None
+    return outcome, value
+
+
+def _all_returned(job: Any) -> bool:
+    """Every task's result file says success."""
+    return all((o := _outcome(job, rank)) is not None and o[0] == "success" for rank in range(job.num_tasks))
 
 
 def _report(job: Any, name: str) -> int:
     """Print how one submitted job ended; return its exit code (see :mod:`launcher.errors`)."""
     n = job.num_tasks
-    failures, results = [], {}
-    for rank in range(n):
-        task = job.task(rank)
-        exc = task.exception()
-        if exc is None:
-            results[rank] = task.result()
-            continue
-        failures.append((rank, exc))
+    outcomes = [_outcome(job, rank) for rank in range(n)]
+    failures = [(rank, o) for rank, o in enumerate(outcomes) if o is None or o[0] != "success"]
     if not failures:
-        print(
-            f"[launcher] {name}: SLURM job {job.job_id} finished on {n} rank(s); "
-            f"rank 0 returned {results[0]!r}"
-        )
+        print(f"[launcher] {name}: SLURM job {job.job_id} finished on {n} rank(s); "
+              f"rank 0 returned {outcomes[0][1]!r}")  # type: ignore[index]
         return EXIT_OK
     state, exit_code = _final_state(job.job_id)
     if exit_code == f"{EXIT_REQUEUE}:0":
         print(f"[launcher] {name}: SLURM job {job.job_id} stopped with its state saved and was not requeued "
               f"(state {state})\nHINT: submit it again to resume from the checkpoint", file=sys.stderr)
         return EXIT_REQUEUE
-    crashed = [Failure(rank=r, host=_host(str(e)), exitcode=1, signal=None, timestamp=0, message="",
-                       traceback=_trace(str(e))) for r, e in failures]
+    crashed = []
+    for rank, o in failures:
+        log = job.task(rank).paths.stderr
+        text = str(o[1]).strip() if o is not None else (
+            f"no result: the task ended without one (killed, or its node lost); see {log}")
+        crashed.append(Failure(rank=rank, host=_host(text), exitcode=1, signal=None, timestamp=0, message="",
+                               traceback=text))
     print(f"launcher: {name}: SLURM job {job.job_id} failed (state {state}, exit code {exit_code}): "
           f"{RankFailure(crashed)}", file=sys.stderr)
     return EXIT_FAILURE
-
-
-def _trace(message: str) -> str:
-    """The traceback inside submitit's FailedJobError message (the whole message otherwise)."""
-    parts = message.split("----------------------")
-    return parts[1].strip() if len(parts) >= 3 else message.strip()
 
 
 def _host(message: str) -> str:
