@@ -178,7 +178,9 @@ class SlurmConfig:
     log_folder: str = "slurm_logs"
     """Where submitit writes logs and pickles; relative paths are inside the run directory."""
     max_requeues: int = field(default=3, metadata=at_least(0))
-    """Requeue a preempted or timed-out job at most this many times (``SLURM_RESTART_COUNT`` counts them)."""
+    """Requeue a job that reached its time limit at most this many times (counted in
+    ``slurm_logs/JOBID.requeues``); a preempted job is always requeued, and SLURM requeues after a node
+    failure: neither counts."""
 
 
 @dataclass
