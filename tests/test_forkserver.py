@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +34,15 @@ def test_workers_of_a_rank_are_not_forks_of_the_rank():
         assert rank_pid not in parents
 
 
+def in_fresh_interpreter(name: str) -> Any:
+    """What this module's function ``name`` returns when called in a new Python process (its repr)."""
+    code = f"from tests.test_forkserver import {name} as f; print(repr(f()))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    return ast.literal_eval(r.stdout.strip().splitlines()[-1])
+
+
 def forked_workers_parents() -> tuple[bool, set[int], int]:
     ds = ShardedIterableDataset([2, 2], read_parent, batch_size=2, rank=0, world_size=1)
     parents = {int(p) for batch in make_loader(ds, num_workers=2) for p in batch["ppid"]}
@@ -42,11 +52,7 @@ def forked_workers_parents() -> tuple[bool, set[int], int]:
 def test_outside_a_process_group_workers_are_forked_as_usual():
     # In a fresh interpreter: a fork of the test process, after a few hundred tests left their threads in it,
     # once died of SIGSEGV in CI (a fork copies a process whose other threads may hold locks).
-    code = "from tests.test_forkserver import forked_workers_parents as f; print(repr(f()))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       check=False)
-    assert r.returncode == 0, r.stderr
-    no_server, parents, pid = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    no_server, parents, pid = in_fresh_interpreter("forked_workers_parents")
     assert no_server and parents == {pid}
 
 
@@ -84,8 +90,4 @@ def server_signal_mask() -> tuple[bool, bool]:
 
 
 def test_under_slurm_the_workers_server_outlives_the_stop_signals():
-    code = "from tests.test_forkserver import server_signal_mask as f; print(repr(f()))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       check=False)
-    assert r.returncode == 0, r.stderr
-    assert ast.literal_eval(r.stdout.strip().splitlines()[-1]) == (True, True)
+    assert in_fresh_interpreter("server_signal_mask") == (True, True)

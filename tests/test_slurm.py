@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -213,10 +212,7 @@ def test_srun_launcher_run_inside_an_allocation(job_env, run_root):
             "-n",
             "2",
             "--time=3",
-            sys.executable,
-            "-m",
-            "launcher",
-            "run",
+            *launcher_cmd("run"),  # the README's `srun ... launcher run`: the installed command
             "jobs/tiny.yaml",
             f"output_dir={run_root}",
             "args.max_steps=6",

@@ -81,6 +81,15 @@ def results(log_folder: Path, job_id: str) -> list[dict]:
     return out
 
 
+def submit_2x2(c: Cluster, tmp_path: Path, *overrides: str) -> subprocess.Popen[str]:
+    """``launcher submit --wait`` on node 1 of the tiny job on 2 nodes x 2 ranks: 30 steps of 0.2 s, a
+    checkpoint every 5, run directory ``tmp_path/runs``."""
+    argv = launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "slurm.nodes=2",
+                        "slurm.time_min=5", "args.max_steps=30", "args.epochs=100", "args.step_sleep=0.2",
+                        "checkpoint.every_steps=5", *overrides, "--wait")
+    return c.on(1, argv, env=killable_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 @pytest.mark.parametrize("signal_mode", ["user", "term"])
 def test_a_preempted_two_node_job_requeues_itself_and_resumes_where_it_saved(cluster, tmp_path, signal_mode):
     """Preemption by the urgent partition, with USR2 first (preempt_send_user_signal) or SIGTERM and a grace
@@ -88,11 +97,7 @@ def test_a_preempted_two_node_job_requeues_itself_and_resumes_where_it_saved(clu
     the saved step on 2 nodes x 2 ranks, ending with one model on all four ranks."""
     assert cluster.script("preempt-signal", signal_mode).returncode == 0
     runs = tmp_path / "runs"
-    proc = cluster.on(1, launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={runs}", "slurm.nodes=2",
-                                      "slurm.time_min=5", "slurm.max_requeues=0", "args.max_steps=30",
-                                      "args.epochs=100", "args.step_sleep=0.2", "checkpoint.every_steps=5",
-                                      "--wait"),
-                      env=killable_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = submit_2x2(cluster, tmp_path, "slurm.max_requeues=0")
     try:
         assert wait_until(lambda: (runs / "tiny" / "checkpoints" / "latest").exists(), 120), "no checkpoint"
         cluster.run(1, ["sbatch", "-p", "urgent", "-N", "2", "--ntasks-per-node", "2", "-t", "1", "-o",
@@ -125,10 +130,7 @@ def test_a_lost_node_requeues_the_job_and_wait_follows_it_to_the_end(cluster, tm
     """Every process of node 2 killed mid-run: SLURM marks the node down and the job NODE_FAIL and requeues
     it; once the node is back the job resumes from its last checkpoint, and ``--wait`` reports that run."""
     runs = tmp_path / "runs"
-    proc = cluster.on(1, launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={runs}", "slurm.nodes=2",
-                                      "slurm.time_min=5", "args.max_steps=30", "args.epochs=100",
-                                      "args.step_sleep=0.2", "checkpoint.every_steps=5", "--wait"),
-                      env=killable_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = submit_2x2(cluster, tmp_path)
     try:
         latest = runs / "tiny" / "checkpoints" / "latest"
         assert wait_until(latest.exists, 120), "no checkpoint"

@@ -220,7 +220,7 @@ def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s
     A job SLURM requeues (NODE_FAIL, preemption) is followed into its next run, and that run's result is
     reported: submitit takes a task's result file as the end of the job (a failed run's ranks write their
     errors there) and stops asking SLURM about a job it once saw end, so here a job with a failed task is done
-    only once sacct says it left the running and pending states.
+    only once SLURM (squeue, then sacct: :func:`_job_state`) says it left the running and pending states.
     """
     tail = _Tail()
     prefixes = [f"[{n}] " if len(jobs) > 1 else "" for n in names]
@@ -244,7 +244,7 @@ def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s
 
 
 def _note_state(job_id: str, name: str, states: dict[str, str]) -> None:
-    """Record the job's sacct state; say so when it went from running back to pending (requeued)."""
+    """Record the job's state; say so when it went from running back to pending (requeued)."""
     before, now = states.get(job_id), _job_state(job_id)
     states[job_id] = now
     if before in ("RUNNING", "COMPLETING", "NODE_FAIL", "PREEMPTED") and now in ("PENDING", "REQUEUED"):

@@ -155,11 +155,10 @@ def _requeue(reason: str, job_id: str) -> bool:
     try:
         r = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
                            timeout=60)
-        said = r.stderr.strip()
+        said = "" if r.returncode == 0 else r.stderr.strip() or f"exit code {r.returncode}"
     except (OSError, subprocess.SubprocessError) as e:
-        r, said = None, str(e)
-    if r is None or r.returncode != 0:
+        said = str(e)
+    if said:
         _say(f"{reason}: state saved; `scontrol requeue {job_id}` failed: {said}\n"
              "HINT: submit the job again to resume from the checkpoint")
-        return False
-    return True
+    return not said
