@@ -150,7 +150,8 @@ write_configs() {
     if [[ -f $DIR/etc/preempt-signal ]] && [[ $(cat "$DIR/etc/preempt-signal") == term ]]; then
       preempt="# preempt-signal term: SIGTERM first (an empty SlurmctldParameters= does not parse)"
     fi
-    # SlurmdTimeout=20: a lost node is DOWN (its jobs NODE_FAIL and are requeued) about 30 s after it went.
+    # SlurmdTimeout=20: a lost node is DOWN (its jobs NODE_FAIL and are requeued) about 30 s after it went
+    # (10 makes no difference: slurmctld looks at node timeouts every 30 s).
     partitions="SlurmdTimeout=20
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
@@ -172,8 +173,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire=10: a requeued job may start again after 10 s instead of 120 s.
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+# cred_expire=5 (SLURM's least): a requeued job may start again after 5 s instead of 120 s.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
 StateSaveLocation=$DIR/spool/ctld
 SlurmdSpoolDir=$spool_dir
 SlurmctldPidFile=$DIR/run/slurmctld.pid
