@@ -9,6 +9,7 @@
 #   slurm/cluster.sh on N CMD...               run CMD on node N (1, 2, ...; ctl: the controller's host)
 #   slurm/cluster.sh preempt-signal user|term  what a preempted job gets first (below); reconfigures
 #   slurm/cluster.sh node-down|node-up N       kill every process of node N / start its slurmd again
+#   slurm/cluster.sh link-cut|link-up N        take node N's network link down / up (its processes live on)
 #
 # One node (LAUNCHER_SLURM_NODES=1, the default): every daemon on loopback; `on` runs CMD here.
 # Several nodes (LAUNCHER_SLURM_NODES=N, 2 to 9, root): each node is a network namespace with its own address
@@ -340,12 +341,20 @@ case ${1:-} in
     node_number "${2:-}"
     start_slurmd "$2"
     ;;
+  link-cut|link-up)
+    node_number "${2:-}"
+    (( NODES > 1 )) || { say "$1: clusters of several nodes only"; exit 2; }
+    if [[ $1 == link-cut ]]; then state=down; else state=up; fi
+    ip -n "$CTL" link set "v$2" "$state"  # the bridge's end of the node's veth pair
+    ;;
   clean)
-    bash "$0" down
+    # Several nodes: every process of the cluster, its jobs' included, lives in the namespaces, and the state
+    # goes anyway: SIGKILL them all (10 s faster than stopping each daemon in turn).
+    if (( NODES > 1 )); then net_down; say "down"; else bash "$0" down; fi
     rm -rf "$DIR"
     ;;
   *)
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

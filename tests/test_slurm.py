@@ -108,6 +108,25 @@ def test_sweep_members_get_their_own_run_directories():
         slurm.sweep_jobs(job, ["args.lr=1", "args.lrr=2"])
 
 
+def test_a_run_ended_by_node_failure_or_preemption_ends_the_job_only_if_not_requeued(monkeypatch):
+    class Job:  # submitit's job with one task that wrote no result
+        job_id, num_tasks = "7", 1
+
+        def task(self, rank):
+            return type("T", (), {"paths": type("P", (), {"result_pickle": "/nonexistent"})})()
+
+    since: dict[str, float] = {}
+    assert not slurm._ended(Job(), {"7": "NODE_FAIL"}, since)  # SLURM requeues it in a moment
+    assert not slurm._ended(Job(), {"7": "PENDING"}, since) and not since
+    assert slurm._ended(Job(), {"7": "FAILED"}, since)
+    monkeypatch.setattr(slurm, "_REQUEUE_WAIT_S", 0.0)
+    for state in ("NODE_FAIL", "PREEMPTED"):  # never requeued (not requeueable, PreemptMode=CANCEL): ended
+        assert not slurm._ended(Job(), {"7": state}, since)
+        time.sleep(0.01)
+        assert slurm._ended(Job(), {"7": state}, since)
+        since.clear()
+
+
 def test_submit_without_slurm_says_how_to_get_one(tmp_path, monkeypatch):
     import submitit
 
@@ -236,10 +255,10 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
             "jobs/tiny.yaml",
             f"output_dir={run_root}",
             "slurm.time_min=5",
-            "args.max_steps=60",
+            "args.max_steps=40",
             "args.epochs=100",
-            "args.step_sleep=0.3",
-            "checkpoint.every_steps=20",
+            "args.step_sleep=0.2",
+            "checkpoint.every_steps=10",
             "--wait",
         ),
         cwd=ROOT,
@@ -250,7 +269,7 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
     )
     try:
         ckpts = run_root / "tiny" / "checkpoints"
-        assert wait_until(lambda: (ckpts / "latest").exists(), 120), "no first checkpoint"  # mid-run, step 20
+        assert wait_until(lambda: (ckpts / "latest").exists(), 120), "no first checkpoint"  # mid-run, step 10
         log = next((run_root / "tiny" / "slurm_logs").glob("*_0_log.out"))
         job_id = log.name.split("_")[0]
         subprocess.run(["scontrol", "requeue", job_id], env=job_env, check=True, timeout=30)
@@ -260,8 +279,8 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
     assert proc.returncode == 0, out + err
     stopped = int(re.search(r"stop requested at step (\d+)", out).group(1))
     resumed = int(re.search(r"resumed from .*step_(\d+)\.pt", out).group(1))
-    assert 20 < stopped < 60 and resumed == stopped  # saved at the step boundary: nothing beyond it lost
-    assert "'step': 60" in out
+    assert 10 < stopped < 40 and resumed == stopped  # saved at the step boundary: nothing beyond it lost
+    assert "'step': 40" in out
     # --wait returns once both ranks wrote their results; SLURM marks the job completed a moment later.
     assert wait_until(lambda: sacct(job_env, job_id)[-1].startswith("COMPLETED"), 60), sacct(
         job_env, job_id

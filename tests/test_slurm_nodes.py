@@ -106,19 +106,24 @@ def submit_2x2(c: Cluster, tmp_path: Path, *overrides: str) -> subprocess.Popen[
     return c.on(1, argv, env=killable_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def last_saved_step(runs: Path) -> int:
+    """The step of the tiny job's latest checkpoint (0 before the first)."""
+    latest = runs / "tiny" / "checkpoints" / "latest"
+    return int(re.search(r"step_(\d+)\.pt", latest.read_text()).group(1)) if latest.exists() else 0
+
+
+def rank0_log_of(runs: Path) -> str:
+    """Rank 0's output so far, every run of the job (SLURM appends a requeued run's)."""
+    return "".join(p.read_text() for p in (runs / "tiny" / "slurm_logs").glob("*_0_log.out"))
+
+
 def test_a_preempted_two_node_job_requeues_itself_and_resumes_where_it_saved(cluster, tmp_path):
     """Preempted twice by the urgent partition, first with USR2 (preempt_send_user_signal), then with SIGTERM
     and a grace time: each time the job saves at the step boundary, requeues itself although max_requeues is
     0, and resumes from the saved step on 2 nodes x 2 ranks, ending with one model on all four ranks. (One job
     for both signal modes: each start of a 2 x 2 job costs about 15 s here.)"""
     runs = tmp_path / "runs"
-    latest, logs = runs / "tiny" / "checkpoints" / "latest", runs / "tiny" / "slurm_logs"
-
-    def saved_step() -> int:
-        return int(re.search(r"step_(\d+)\.pt", latest.read_text()).group(1)) if latest.exists() else 0
-
-    def rank0_log() -> str:
-        return "".join(p.read_text() for p in logs.glob("*_0_log.out"))
+    saved_step, rank0_log = lambda: last_saved_step(runs), lambda: rank0_log_of(runs)
 
     def preempt(mode: str) -> None:
         cluster.run(1, ["sbatch", "-p", "urgent", "-N", "2", "--ntasks-per-node", "2", "-t", "1", "-o",
@@ -161,27 +166,70 @@ def node_state(c: Cluster, node: int) -> str:
     return c.run(1, ["sinfo", "-h", "-n", f"{c.tag}n{node}", "-o", "%t"]).strip()
 
 
+def rank_pids(c: Cluster, node: int) -> list[str]:
+    """The job's processes on ``node`` (``"PID ARGV"``): its ranks (submitit's task program), their DataLoader
+    workers and helpers; not SLURM's daemons, not ``launcher submit --wait``."""
+    pids = subprocess.run(["ip", "netns", "pids", f"{c.tag}n{node}"], capture_output=True, text=True,
+                          check=False).stdout.split()
+    ours = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        python = Path(argv.split(b"\0")[0].decode(errors="replace")).name.startswith("python")
+        # (srun's argv names submitit's program too)
+        if python and (b"submitit.core._submit" in argv or b"multiprocessing" in argv):
+            ours.append(f"{pid} " + argv.replace(b"\0", b" ").decode(errors="replace")[:100])
+    return ours
+
+
 def test_a_lost_node_requeues_the_job_and_wait_follows_it_to_the_end(cluster, tmp_path):
-    """Every process of node 2 killed mid-run: SLURM marks the node down and the job NODE_FAIL and requeues
-    it; once the node is back the job resumes from its last checkpoint, and ``--wait`` reports that run."""
-    runs = tmp_path / "runs"
-    proc = submit_2x2(cluster, tmp_path)
+    """Node 2's link cut mid-run: the ranks on both sides give up within ``distributed.timeout_s`` + 10 s
+    (none waits forever for a peer); SLURM marks the node down, the job NODE_FAIL, and requeues it; once the
+    node is back the job resumes from its last checkpoint; ``--wait`` names the lost node and reports the
+    requeued run. (A node whose processes are all killed is the same to SLURM; its ranks leave no result,
+    which ``test_slurm.py`` covers with a unit test of ``--wait``; ``test_multinode.py`` kills a machine.)"""
+    timeout_s, runs, node2 = 10, tmp_path / "runs", f"{cluster.tag}n2"
+    proc = submit_2x2(cluster, tmp_path, "args.max_steps=40", f"distributed.timeout_s={timeout_s}")
+    ends: dict[int, float] = {}
+    late: dict[int, list[str]] = {}  # what still ran on a node timeout_s + 10 s after the cut
     try:
-        latest = runs / "tiny" / "checkpoints" / "latest"
-        assert wait_until(latest.exists, 120), "no checkpoint"
-        assert cluster.script("node-down", "2").returncode == 0
-        assert wait_until(lambda: node_state(cluster, 2).startswith("down"), 90), node_state(cluster, 2)
+        assert wait_until(lambda: last_saved_step(runs) >= 5, 120), "no checkpoint"
         job_id = next((runs / "tiny" / "slurm_logs").glob("*_0_log.out")).name.split("_")[0]
+        assert rank_pids(cluster, 1) and rank_pids(cluster, 2)
+        cut_at = time.monotonic()
+        assert cluster.script("link-cut", "2").returncode == 0
+
+        def gone() -> bool:
+            for node in (1, 2):
+                left = rank_pids(cluster, node)
+                if node not in ends and not left:
+                    ends[node] = time.monotonic() - cut_at
+                elif left and time.monotonic() - cut_at > timeout_s + 10:
+                    late.setdefault(node, left)
+            return len(ends) == 2
+
+        assert wait_until(gone, timeout_s + 30, interval=0.2), (ends, [rank_pids(cluster, n) for n in (1, 2)])
+        assert wait_until(lambda: node_state(cluster, 2).startswith("down"), 90), node_state(cluster, 2)
         assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "PENDING", 30), runs_of(cluster, job_id)
         time.sleep(6)  # longer than --wait's 5 s between sacct calls: it sees the job pending again
-        assert cluster.script("node-up", "2").returncode == 0
+        assert cluster.script("link-up", "2").returncode == 0
         out, err = finish(cluster, proc, 120)
     finally:
         proc.kill()
+        cluster.script("link-up", "2")
     assert proc.returncode == 0, out + err
-    assert re.search(rf"SLURM job {job_id} was requeued \(state \w+ -> PENDING\)", err), err
-    resumed = int(re.search(r"resumed from .*step_(\d+)\.pt", out).group(1))
-    assert 5 <= resumed < 30, out
-    assert f"SLURM job {job_id} finished on 4 rank(s)" in out and "'step': 30" in out, out
+    # seconds from the cut to each side's last rank gone
+    assert max(ends.values()) < timeout_s + 10, (ends, late, rank0_log_of(runs)[-3000:])
+    lost = re.findall(rf"SLURM job {job_id} was requeued \(state \w+ -> PENDING\): run (\d) ended NODE_FAIL, "
+                      rf"lost node {node2} \(ranks 2-3\)", err)
+    assert lost == ["1"], err
+    resumed = [int(s) for s in re.findall(r"resumed from .*step_(\d+)\.pt", out)]
+    assert len(resumed) == 1 and 5 <= resumed[0] < 40, out
+    assert f"SLURM job {job_id} finished on 4 rank(s)" in out and "'step': 40" in out, out
     assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "COMPLETED", 60), runs_of(cluster, job_id)
-    assert runs_of(cluster, job_id)[0][0] == "NODE_FAIL", runs_of(cluster, job_id)
+    assert [state for state, _, _ in runs_of(cluster, job_id)] == ["NODE_FAIL", "COMPLETED"]
+    # nothing of the job is left on either node (the cut-off node's SLURM step is SLURM's to end)
+    assert wait_until(lambda: not rank_pids(cluster, 1) and not rank_pids(cluster, 2), 30), (
+        rank_pids(cluster, 1), rank_pids(cluster, 2))

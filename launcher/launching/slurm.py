@@ -209,9 +209,13 @@ class _Tail:
         out.flush()
 
 
-#: sacct states of a job that runs or will run again (requeued after a node failure or a preemption).
+#: sacct states of a job that runs or will run again.
 _LIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING",
-         "SUSPENDED", "RESIZING", "PREEMPTED")
+         "SUSPENDED", "RESIZING")
+#: States of a run that ended by node failure or preemption: SLURM requeues a requeueable job moments later
+#: (squeue showed NODE_FAIL for seconds, after all four ranks of a cut-off job had written their errors), so
+#: they end the job only if it stays in them for this long.
+_REQUEUED_SOON, _REQUEUE_WAIT_S = ("NODE_FAIL", "PREEMPTED"), 60.0
 
 
 def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s: float = 5.0) -> int:
@@ -226,14 +230,15 @@ def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s
     prefixes = [f"[{n}] " if len(jobs) > 1 else "" for n in names]
     last_sacct = 0.0
     states: dict[str, str] = {}
+    since: dict[str, float] = {}  # when a job was first seen in a _REQUEUED_SOON state
     while True:
         tail.pump_jobs(jobs, prefixes)
         force = time.monotonic() - last_sacct > sacct_every_s
         if force:
             last_sacct = time.monotonic()
             for job, name in zip(jobs, names):
-                _note_state(job.job_id, name, states)
-        if all(job.done(force_check=force) and _ended(job, states) for job in jobs):
+                _note_state(job, name, states)
+        if all(job.done(force_check=force) and _ended(job, states, since) for job in jobs):
             break
         time.sleep(poll_s)
     tail.pump_jobs(jobs, prefixes)  # what was written between the last pump and the end
@@ -243,13 +248,34 @@ def follow(jobs: list[Any], names: list[str], poll_s: float = 1.0, sacct_every_s
     return EXIT_REQUEUE if EXIT_REQUEUE in codes else EXIT_OK
 
 
-def _note_state(job_id: str, name: str, states: dict[str, str]) -> None:
-    """Record the job's state; say so when it went from running back to pending (requeued)."""
+def _note_state(job: Any, name: str, states: dict[str, str]) -> None:
+    """Record the job's state; say so (and why) when it went from running back to pending (requeued)."""
+    job_id = job.job_id
     before, now = states.get(job_id), _job_state(job_id)
     states[job_id] = now
     if before in ("RUNNING", "COMPLETING", "NODE_FAIL", "PREEMPTED") and now in ("PENDING", "REQUEUED"):
-        print(f"[launcher] {name}: SLURM job {job_id} was requeued (state {before} -> {now}); following its "
-              "next run, which resumes from the last checkpoint", file=sys.stderr, flush=True)
+        print(f"[launcher] {name}: SLURM job {job_id} was requeued (state {before} -> {now}){_lost(job)}; "
+              "following its next run, which resumes from the last checkpoint", file=sys.stderr, flush=True)
+
+
+def _lost(job: Any) -> str:
+    """``": run N ended NODE_FAIL, lost node HOST (ranks A-B)"`` for a run that ended by node failure; the
+    node is one of the run's nodes that SLURM now has down or not responding (empty if none is known)."""
+    try:
+        r = subprocess.run(["sacct", "-j", str(job.job_id), "-X", "-n", "-P", "-D", "-o", "State,NodeList"],
+                           check=False, capture_output=True, text=True, timeout=30)
+        ended = [line.split("|") for line in r.stdout.splitlines() if line.startswith("NODE_FAIL|")]
+        if not ended:
+            return ""
+        hosts = subprocess.run(["scontrol", "show", "hostnames", ended[-1][1]], check=False,
+                               capture_output=True, text=True, timeout=30).stdout.split()
+        down = subprocess.run(["sinfo", "-h", "-N", "-t", "down,no_respond,fail", "-o", "%N"], check=False,
+                              capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return ""
+    per_node = job.num_tasks // max(len(hosts), 1)
+    lost = [f"{h} (ranks {i * per_node}-{(i + 1) * per_node - 1})" for i, h in enumerate(hosts) if h in down]
+    return f": run {len(ended)} ended NODE_FAIL" + (f", lost node {', '.join(lost)}" if lost else "")
 
 
 def _job_state(job_id: str) -> str:
@@ -266,11 +292,15 @@ def _job_state(job_id: str) -> str:
     return _sacct_state(job_id)[0]
 
 
-def _ended(job: Any, states: dict[str, str]) -> bool:
+def _ended(job: Any, states: dict[str, str], since: dict[str, float]) -> bool:
     """After submitit said done: True unless a task failed and SLURM runs or will run the job again."""
     if _all_returned(job):
         return True  # every rank returned: the job is over, whatever sacct still shows
-    return states.get(job.job_id, "UNKNOWN") not in _LIVE
+    state = states.get(job.job_id, "UNKNOWN")
+    if state in _REQUEUED_SOON:
+        return time.monotonic() - since.setdefault(job.job_id, time.monotonic()) > _REQUEUE_WAIT_S
+    since.pop(job.job_id, None)
+    return state not in _LIVE
 
 
 def _outcome(job: Any, rank: int) -> tuple[str, Any] | None:
