@@ -109,7 +109,8 @@ def submit_2x2(c: Cluster, tmp_path: Path, *overrides: str) -> subprocess.Popen[
 def last_saved_step(runs: Path) -> int:
     """The step of the tiny job's latest checkpoint (0 before the first)."""
     latest = runs / "tiny" / "checkpoints" / "latest"
-    return int(re.search(r"step_(\d+)\.pt", latest.read_text()).group(1)) if latest.exists() else 0
+    found = re.search(r"step_(\d+)\.pt", latest.read_text()) if latest.exists() else None
+    return int(found.group(1)) if found else 0
 
 
 def rank0_log_of(runs: Path) -> str:
