@@ -46,14 +46,17 @@ def for_workers(*objects: Any) -> BaseContext | None:
     from ..rank import stop
 
     multiprocessing.set_forkserver_preload(WORKER_PRELOAD + modules)
-    # Under SLURM the server and its workers must outlive the stop signals (inherited mask; pending ones wait
-    # for the rank). Elsewhere they keep SIGTERM: multiprocessing stops leftover workers with it at exit.
-    # The resource tracker first: starting it blocks SIGINT and SIGTERM and then *unblocks* them (CPython's
-    # resource_tracker.ensure_running), which let SIGTERM through to the server: a preemption killed it, and
-    # the next epoch's workers with it (tests/test_slurm_nodes.py, SIGTERM mode).
-    resource_tracker.ensure_running()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop.SIGNALS if stop.installed() else ())
+    # Under SLURM the server, its workers and multiprocessing's resource tracker must outlive the stop signals
+    # (inherited mask; pending ones wait for the rank): SLURM signals every process of the job step. Elsewhere
+    # they keep SIGTERM: multiprocessing stops leftover workers with it at exit. Starting the tracker blocks
+    # SIGINT and SIGTERM and then *unblocks* them (CPython's resource_tracker.ensure_running), so they are
+    # blocked again before the server starts: a preemption's SIGTERM killed the server, and the next epoch's
+    # workers with it (tests/test_slurm_nodes.py); a time limit's USR2 killed the tracker.
+    signals = stop.SIGNALS if stop.installed() else ()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
