@@ -89,7 +89,9 @@ def server_signal_mask() -> tuple[bool, bool, bool]:
     tdist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     stop.install(0)
     assert forkserver.for_workers(ShardedIterableDataset([2], read_parent, batch_size=2)) is not None
-    blocked = mask(forkserver_pid(), "SigBlk")
+    server = forkserver_pid()
+    assert server is not None
+    blocked = mask(server, "SigBlk")
     tracker = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
     usr2 = 1 << (signal.SIGUSR2 - 1)
     return (bool(blocked & (1 << (signal.SIGTERM - 1))), bool(blocked & usr2),
