@@ -101,3 +101,35 @@ def test_the_stall_report_reads_exception_messages_not_code_lines(tmp_path):
         "RuntimeError: [../unbound_buffer.cc:129] Timed out waiting 6000ms for send operation to complete"))
     report = stall_report([gloo], tmp_path, {0: "S", 1: "S"})
     assert report.startswith("rank 0 stopped making progress (last step 12")
+
+
+def test_on_a_second_machine_the_stall_report_names_global_ranks(tmp_path):
+    """The agent of a machine that holds ranks 2-3 notes its ranks' process states by global rank, as the
+    failures and heartbeats are keyed: rank 3 (stopped, oldest heartbeat) is named, not a local number."""
+    import signal
+    import subprocess
+    import time
+
+    from launcher.errors import Failure
+    from launcher.launching.local import _Agent, stall_report
+
+    ranks = [subprocess.Popen(["sleep", "30"], start_new_session=True) for _ in range(2)]
+    try:
+        ranks[1].send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        agent = _Agent.__new__(_Agent)  # the state _note_states reads, without an elastic agent around it
+        agent.states_at_failure, agent.global_ranks = {}, [2, 3]
+        agent._note_states([p.pid for p in ranks])
+        assert set(agent.states_at_failure) == {2, 3} and agent.states_at_failure[2] == "S"
+        assert ranks[1].wait(timeout=5) == -signal.SIGKILL  # a stopped rank is killed at once
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    (tmp_path / "rank2").write_text("40 0.0")
+    (tmp_path / "rank3").write_text("12 0.0")
+    gloo = Failure(rank=2, host="h", exitcode=1, signal=None, timestamp=0, message="", traceback=(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    work.wait()\n"
+        "RuntimeError: [../unbound_buffer.cc:129] Timed out waiting 6000ms for recv operation to complete"))
+    report = stall_report([gloo], tmp_path, agent.states_at_failure)
+    assert report.startswith("rank 3 stopped making progress (last step 12"), report

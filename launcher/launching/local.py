@@ -211,6 +211,7 @@ class _Agent(LocalElasticAgent):
         self.rank_pids: list[int] = []
         self.current_pids: list[int] = []
         self.states_at_failure: dict[int, str] = {}
+        self.global_ranks: list[int] = []  # of this attempt's ranks, in local rank order
         self.roster: machines.Roster | None = None
 
     def ranks_gone(self) -> bool:
@@ -222,8 +223,10 @@ class _Agent(LocalElasticAgent):
         """A rank has ended: note every rank's process state; one the kernel shows stopped cannot act on
         SIGTERM, so it is killed at once instead of after the grace."""
         if not self.states_at_failure:
-            self.states_at_failure = {rank: _process_state(pid) for rank, pid in enumerate(pids)}
-            _kill_groups([pid for rank, pid in enumerate(pids) if self.states_at_failure[rank] in ("T", "t")])
+            ranks = self.global_ranks or list(range(len(pids)))  # by global rank, as failures and heartbeats
+            self.states_at_failure = {rank: _process_state(pid) for rank, pid in zip(ranks, pids)}
+            states = self.states_at_failure
+            _kill_groups([pid for rank, pid in zip(ranks, pids) if states[rank] in ("T", "t")])
 
     def remove_error_files(self) -> None:
         """torch.multiprocessing's per-rank traceback files of the last attempt, once they have been read."""
@@ -235,6 +238,7 @@ class _Agent(LocalElasticAgent):
         _kill_groups(self.rank_pids)  # a restart: what is left of the ranks stopped before it
         self.remove_error_files()
         self.states_at_failure = {}
+        self.global_ranks = [w.global_rank for w in sorted(worker_group.workers, key=lambda w: w.local_rank)]
         pids = super()._start_workers(worker_group)
         # torch waits 30 s after SIGTERM before it SIGKILLs the other ranks of a failed attempt; ours is the
         # documented grace: half of it for them to end on their own, half after SIGTERM.
