@@ -62,13 +62,16 @@ def test_torchrun_across_machines_runs_the_launcher_as_its_ranks(tmp_path):
 
 def _start(machines, tmp_path, *overrides, until_step):
     """Start the tiny job on both machines (output collected in threads); return once rank 0 logged
-    ``until_step``: ``(argv, processes, outputs)``."""
+    ``until_step``: ``(argv, processes, outputs)``. Without DataLoader workers: each rank's worker server
+    imports torch once more, about 5 s of each start on 2 cores, and these tests are about the machines
+    (``test_two_machines_of_two_ranks_train_one_model`` runs the job with its workers)."""
     import threading
     import time
 
     argv = launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "args.epochs=100000",
-                        "args.log_every=1", "args.step_sleep=0.05", "distributed.nnodes=2",
-                        f"distributed.rdzv_endpoint={machines.addresses[0]}:29400", *overrides)
+                        "args.log_every=1", "args.step_sleep=0.05", "data.num_workers=0",
+                        "distributed.nnodes=2", f"distributed.rdzv_endpoint={machines.addresses[0]}:29400",
+                        *overrides)
     procs = [machines.popen(i, argv, cwd=ROOT, env=killable_env(tmp_path), stdout=-1, stderr=-2)
              for i in range(2)]
     outs = [[], []]
