@@ -128,10 +128,13 @@ def test_ctrl_c_after_the_job_finished_keeps_its_exit_code(run_root):
 
 
 def test_four_concurrent_jobs_all_succeed(run_root):
+    # Two of them with DataLoader workers (their fork servers side by side), two without: on 2 cores each
+    # worker server's torch import costs seconds, and what is shared here is ports, folders and names.
     procs = [
         subprocess.Popen(
             launcher_cmd(
-                "run", "jobs/tiny.yaml", f"output_dir={run_root}", f"name=job{i}", "args.max_steps=3"
+                "run", "jobs/tiny.yaml", f"output_dir={run_root}", f"name=job{i}", "args.max_steps=3",
+                f"data.num_workers={2 if i < 2 else 0}",
             ),
             cwd=ROOT,
             stdout=subprocess.PIPE,
