@@ -118,49 +118,67 @@ def rank0_log_of(runs: Path) -> str:
     return "".join(p.read_text() for p in (runs / "tiny" / "slurm_logs").glob("*_0_log.out"))
 
 
-def test_a_preempted_two_node_job_requeues_itself_and_resumes_where_it_saved(cluster, tmp_path):
-    """Preempted twice by the urgent partition, first with USR2 (preempt_send_user_signal), then with SIGTERM
-    and a grace time: each time the job saves at the step boundary, requeues itself although max_requeues is
-    0, and resumes from the saved step on 2 nodes x 2 ranks, ending with one model on all four ranks. (One job
-    for both signal modes: each start of a 2 x 2 job costs about 15 s here.)"""
-    runs = tmp_path / "runs"
+def test_a_two_node_job_preempted_twice_then_losing_a_node_resumes_each_time(cluster, tmp_path):
+    """One job's life on 2 nodes x 2 ranks: preempted by the urgent partition with USR2 first
+    (preempt_send_user_signal), then with SIGTERM first and a grace time; each time it saves at the step
+    boundary, requeues itself although max_requeues is 0, and resumes from the saved step. Then every process
+    of node 2 is killed: NODE_FAIL, SLURM requeues it, and once the node is back it resumes from its last
+    checkpoint; ``--wait`` names the lost node, follows every run and reports the last: one model on all four
+    ranks. (One job for all three: each start of a 2 x 2 job costs about 15 s here; a link cut is below.)"""
+    runs, node2 = tmp_path / "runs", f"{cluster.tag}n2"
     saved_step, rank0_log = lambda: last_saved_step(runs), lambda: rank0_log_of(runs)
 
     def preempt(mode: str) -> None:
         cluster.run(1, ["sbatch", "-p", "urgent", "-N", "2", "--ntasks-per-node", "2", "-t", "1", "-o",
                         str(tmp_path / f"urgent-{mode}.out"), "--wrap", "sleep 1"])
 
+    def trains_again(stops: int) -> None:
+        """After the ``stops``-th stop: the requeued run resumed and wrote a checkpoint (its stop handlers are
+        in place)."""
+        assert wait_until(lambda: rank0_log().count("stop requested") == stops, 60), rank0_log()
+        at = int(re.findall(r"stop requested at step (\d+)", rank0_log())[-1])
+        assert wait_until(lambda: rank0_log().count("resumed from") == stops and saved_step() > at, 120), (
+            rank0_log())
+
     assert cluster.script("preempt-signal", "user").returncode == 0
-    proc = submit_2x2(cluster, tmp_path, "slurm.max_requeues=0", "args.max_steps=50")
+    proc = submit_2x2(cluster, tmp_path, "slurm.max_requeues=0", "args.max_steps=70")
     try:
         assert wait_until(lambda: saved_step() >= 5, 120), "no checkpoint"
+        job_id = next((runs / "tiny" / "slurm_logs").glob("*_0_log.out")).name.split("_")[0]
         preempt("user")
         assert wait_until(lambda: "stop requested" in rank0_log(), 60), rank0_log()
         assert cluster.script("preempt-signal", "term").returncode == 0
-        stopped_at = int(re.search(r"stop requested at step (\d+)", rank0_log()).group(1))
-        # a checkpoint of the requeued run: it trains again, with its stop handlers in place
-        resumed = lambda: "resumed from" in rank0_log() and saved_step() > stopped_at
-        assert wait_until(resumed, 120), rank0_log()
+        trains_again(1)
         preempt("term")
+        trains_again(2)
+        assert cluster.script("node-down", "2").returncode == 0
+        assert wait_until(lambda: node_state(cluster, 2).startswith("down"), 90), node_state(cluster, 2)
+        assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "PENDING", 30), runs_of(cluster, job_id)
+        time.sleep(6)  # longer than --wait's 5 s between sacct calls: it sees the job pending again
+        assert cluster.script("node-up", "2").returncode == 0
         out, err = finish(cluster, proc, 150)
     finally:
         proc.kill()
+        cluster.script("node-up", "2")
     assert proc.returncode == 0, out + err
     assert "SIGUSR2: preempted; state saved; requeued job" in err, err
     assert "SIGTERM: preempted; state saved; requeued job" in err, err
+    assert re.search(rf"SLURM job {job_id} was requeued \(state \w+ -> PENDING\): run 3 ended NODE_FAIL, "
+                     rf"lost node {node2} \(ranks 2-3\)", err), err
     stopped = [int(s) for s in re.findall(r"stop requested at step (\d+)", out)]
     resumed = [int(s) for s in re.findall(r"resumed from .*step_(\d+)\.pt", out)]
-    assert len(stopped) == 2 and 5 <= stopped[0] < stopped[1] < 50 and resumed == stopped, out  # none lost
-    job_id = re.search(r"submitted SLURM job (\d+)", out).group(1)
+    assert len(stopped) == 2 and 5 <= stopped[0] < stopped[1] and resumed[:2] == stopped, out  # none lost
+    assert len(resumed) == 3 and stopped[1] < resumed[2] < 70, out  # the last checkpoint before the loss
     ranks = results(runs / "tiny" / "slurm_logs", job_id)
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3] and {r["world_size"] for r in ranks} == {4}
-    assert {r["step"] for r in ranks} == {50} and len({r["weights"] for r in ranks}) == 1
+    assert {r["step"] for r in ranks} == {70} and len({r["weights"] for r in ranks}) == 1
     # Never two copies of the job at once: each run ends before the next starts.
     assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "COMPLETED", 60), runs_of(cluster, job_id)
+    assert runs_of(cluster, job_id)[2][0] == "NODE_FAIL", runs_of(cluster, job_id)
     spans = [(datetime.datetime.fromisoformat(s), datetime.datetime.fromisoformat(e))
              for _, s, e in runs_of(cluster, job_id)]
     overlap = [(a, b) for a, b in itertools.pairwise(spans) if a[1] > b[0]]
-    assert len(spans) == 3 and not overlap, runs_of(cluster, job_id)
+    assert len(spans) == 4 and not overlap, runs_of(cluster, job_id)
 
 
 def node_state(c: Cluster, node: int) -> str:
@@ -189,8 +207,7 @@ def test_a_lost_node_requeues_the_job_and_wait_follows_it_to_the_end(cluster, tm
     """Node 2's link cut mid-run: the ranks on both sides give up within ``distributed.timeout_s`` + 10 s
     (none waits forever for a peer); SLURM marks the node down, the job NODE_FAIL, and requeues it; once the
     node is back the job resumes from its last checkpoint; ``--wait`` names the lost node and reports the
-    requeued run. (A node whose processes are all killed is the same to SLURM; its ranks leave no result,
-    which ``test_slurm.py`` covers with a unit test of ``--wait``; ``test_multinode.py`` kills a machine.)"""
+    requeued run. (A node whose processes are all killed: the test above.)"""
     timeout_s, runs, node2 = 10, tmp_path / "runs", f"{cluster.tag}n2"
     proc = submit_2x2(cluster, tmp_path, "args.max_steps=40", f"distributed.timeout_s={timeout_s}")
     ends: dict[int, float] = {}
@@ -222,6 +239,7 @@ def test_a_lost_node_requeues_the_job_and_wait_follows_it_to_the_end(cluster, tm
         cluster.script("link-up", "2")
     assert proc.returncode == 0, out + err
     # seconds from the cut to each side's last rank gone
+    print(f"link cut: last rank gone after {ends[1]:.1f} s on node 1, {ends[2]:.1f} s on node 2 (cut off)")
     assert max(ends.values()) < timeout_s + 10, (ends, late, rank0_log_of(runs)[-3000:])
     lost = re.findall(rf"SLURM job {job_id} was requeued \(state \w+ -> PENDING\): run (\d) ended NODE_FAIL, "
                       rf"lost node {node2} \(ranks 2-3\)", err)

@@ -264,18 +264,19 @@ def _lost(job: Any) -> str:
     try:
         r = subprocess.run(["sacct", "-j", str(job.job_id), "-X", "-n", "-P", "-D", "-o", "State,NodeList"],
                            check=False, capture_output=True, text=True, timeout=30)
-        ended = [line.split("|") for line in r.stdout.splitlines() if line.startswith("NODE_FAIL|")]
-        if not ended:
+        runs = [line.split("|") for line in r.stdout.splitlines()]  # every run of the job, first to last
+        failed = [n for n, (state, _) in enumerate(runs, 1) if state == "NODE_FAIL"]
+        if not failed:
             return ""
-        hosts = subprocess.run(["scontrol", "show", "hostnames", ended[-1][1]], check=False,
+        hosts = subprocess.run(["scontrol", "show", "hostnames", runs[failed[-1] - 1][1]], check=False,
                                capture_output=True, text=True, timeout=30).stdout.split()
         down = subprocess.run(["sinfo", "-h", "-N", "-t", "down,no_respond,fail", "-o", "%N"], check=False,
                               capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError, IndexError):
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
         return ""
     per_node = job.num_tasks // max(len(hosts), 1)
     lost = [f"{h} (ranks {i * per_node}-{(i + 1) * per_node - 1})" for i, h in enumerate(hosts) if h in down]
-    return f": run {len(ended)} ended NODE_FAIL" + (f", lost node {', '.join(lost)}" if lost else "")
+    return f": run {failed[-1]} ended NODE_FAIL" + (f", lost node {', '.join(lost)}" if lost else "")
 
 
 def _job_state(job_id: str) -> str:
