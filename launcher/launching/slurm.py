@@ -259,16 +259,17 @@ def _note_state(job: Any, name: str, states: dict[str, str]) -> None:
 
 
 def _lost(job: Any) -> str:
-    """``": run N ended NODE_FAIL, lost node HOST (ranks A-B)"`` for a run that ended by node failure; the
-    node is one of the run's nodes that SLURM now has down or not responding (empty if none is known)."""
+    """``": run N ended NODE_FAIL, lost node HOST (ranks A-B)"`` when the job's last ended run ended by node
+    failure; the node is one of the run's nodes that SLURM now has down or not responding (empty if none)."""
     try:
         r = subprocess.run(["sacct", "-j", str(job.job_id), "-X", "-n", "-P", "-D", "-o", "State,NodeList"],
                            check=False, capture_output=True, text=True, timeout=30)
         runs = [line.split("|") for line in r.stdout.splitlines()]  # every run of the job, first to last
-        failed = [n for n, (state, _) in enumerate(runs, 1) if state == "NODE_FAIL"]
-        if not failed:
-            return ""
-        hosts = subprocess.run(["scontrol", "show", "hostnames", runs[failed[-1] - 1][1]], check=False,
+        ended = [n for n, (state, _) in enumerate(runs, 1) if state not in _LIVE or state == "REQUEUED"]
+        if not ended or runs[ended[-1] - 1][0] != "NODE_FAIL":
+            return ""  # e.g. a preemption after an earlier node failure
+        failed = ended[-1]
+        hosts = subprocess.run(["scontrol", "show", "hostnames", runs[failed - 1][1]], check=False,
                                capture_output=True, text=True, timeout=30).stdout.split()
         down = subprocess.run(["sinfo", "-h", "-N", "-t", "down,no_respond,fail", "-o", "%N"], check=False,
                               capture_output=True, text=True, timeout=30).stdout.split()
@@ -276,7 +277,7 @@ def _lost(job: Any) -> str:
         return ""
     per_node = job.num_tasks // max(len(hosts), 1)
     lost = [f"{h} (ranks {i * per_node}-{(i + 1) * per_node - 1})" for i, h in enumerate(hosts) if h in down]
-    return f": run {failed[-1]} ended NODE_FAIL" + (f", lost node {', '.join(lost)}" if lost else "")
+    return f": run {failed} ended NODE_FAIL" + (f", lost node {', '.join(lost)}" if lost else "")
 
 
 def _job_state(job_id: str) -> str:
