@@ -103,6 +103,15 @@ def finish(c: Cluster, proc: subprocess.Popen[str], timeout: float) -> tuple[str
                     + "\n".join([*seen, *ctld, out[-3000:], err[-3000:]]))
 
 
+def back_after_requeue(c: Cluster, job_id: str, back: str) -> None:
+    """Node 2 lost: once SLURM has it down and the job pending again, bring it back (``back``: node-up or
+    link-up)."""
+    assert wait_until(lambda: node_state(c, 2).startswith("down"), 90), node_state(c, 2)
+    assert wait_until(lambda: runs_of(c, job_id)[-1][0] == "PENDING", 30), runs_of(c, job_id)
+    time.sleep(6)  # longer than --wait's 5 s between sacct calls: it sees the job pending again
+    assert c.script(back, "2").returncode == 0
+
+
 def cancel_all(c: Cluster) -> None:
     """No job left in the cluster: a failed test leaves the nodes to the next one."""
     c.on(1, ["scancel", "--user", "root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(30)
@@ -163,10 +172,7 @@ def test_a_two_node_job_preempted_twice_then_losing_a_node_resumes_each_time(clu
         preempt("term")
         trains_again(2)
         assert cluster.script("node-down", "2").returncode == 0
-        assert wait_until(lambda: node_state(cluster, 2).startswith("down"), 90), node_state(cluster, 2)
-        assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "PENDING", 30), runs_of(cluster, job_id)
-        time.sleep(6)  # longer than --wait's 5 s between sacct calls: it sees the job pending again
-        assert cluster.script("node-up", "2").returncode == 0
+        back_after_requeue(cluster, job_id, "node-up")
         out, err = finish(cluster, proc, 150)
     except BaseException:
         cancel_all(cluster)
@@ -244,10 +250,7 @@ def test_a_lost_node_requeues_the_job_and_wait_follows_it_to_the_end(cluster, tm
             return len(ends) == 2
 
         assert wait_until(gone, timeout_s + 30, interval=0.2), (ends, [rank_pids(cluster, n) for n in (1, 2)])
-        assert wait_until(lambda: node_state(cluster, 2).startswith("down"), 90), node_state(cluster, 2)
-        assert wait_until(lambda: runs_of(cluster, job_id)[-1][0] == "PENDING", 30), runs_of(cluster, job_id)
-        time.sleep(6)  # longer than --wait's 5 s between sacct calls: it sees the job pending again
-        assert cluster.script("link-up", "2").returncode == 0
+        back_after_requeue(cluster, job_id, "link-up")
         out, err = finish(cluster, proc, 120)
     except BaseException:
         cancel_all(cluster)
