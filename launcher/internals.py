@@ -18,6 +18,7 @@ REQUIRED = [
     ("multiprocessing.forkserver", "_forkserver._forkserver_alive_fd"),
     ("multiprocessing.forkserver", "_forkserver._forkserver_address"),
     ("multiprocessing.util", "_exit_function"),
+    ("multiprocessing.process", "BaseProcess._config"),
     ("torch.nn.modules.batchnorm", "_BatchNorm"),
     ("torch.nn.modules._functions", "SyncBatchNorm"),
     ("torch.distributed.distributed_c10d", "_set_pg_timeout"),
@@ -51,6 +52,34 @@ def forkserver_forget() -> None:
         os.close(fd)
         server._forkserver_alive_fd = None
         server._forkserver_address = None
+
+
+def forkserver_kill() -> None:
+    """SIGKILL this process's fork server and reap it, then forget it as :meth:`ForkServer._stop` would
+    (``_forkserver._forkserver_pid`` / ``_forkserver_alive_fd`` / ``_forkserver_address``): the next use
+    starts a new one."""
+    import os
+    import signal
+
+    server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # prompt after SIGKILL
+    except (ProcessLookupError, ChildProcessError):
+        pass
+    forkserver_forget()
+    server._forkserver_pid = None
+
+
+def multiprocessing_tempdir() -> str | None:
+    """The ``pymp-*`` folder multiprocessing made for this process (``current_process()._config
+    ["tempdir"]``; the fork server's socket is in it), if any. A normal exit removes it, ``os._exit`` not."""
+    import multiprocessing.process
+
+    return multiprocessing.process.current_process()._config.get("tempdir")  # type: ignore[attr-defined]
 
 
 def run_multiprocessing_exit() -> None:

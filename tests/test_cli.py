@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ import examples.tiny
 
 from .conftest import (
     ROOT,
+    children_of,
     descendants,
     killable_env,
     launcher_cmd,
@@ -89,8 +91,13 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
     try:
         assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
         ranks, tree = ranks_running(proc), descendants(proc.pid)
+        server = [p for p in children_of(proc.pid)
+                  if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(server) == 1, server
         proc.send_signal(sig)
         proc.wait(timeout=30)
+        # the ranks' fork server ends with the launcher, not after it (it took 0.5 s more, 1 s in CI)
+        assert not left_behind(server, []), "the fork server outlived the launcher"
         _, err = proc.communicate()
         assert proc.returncode == 128 + sig, (proc.returncode, err)
         assert wait_until(lambda: not left_behind(tree, ranks), 5), "orphan processes left behind"

@@ -84,6 +84,13 @@ def _start(machines, tmp_path, *overrides, until_step):
     return argv, procs, outs
 
 
+def _command_of(pid: int) -> str:
+    try:
+        return f"{pid}: " + open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return f"{pid}: (gone)"
+
+
 @pytest.mark.parametrize("how", ["killed", "cut off"])
 def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, how):
     import time
@@ -102,7 +109,7 @@ def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, 
             p.wait(timeout=timeout_s + 60)
             ended[i] = time.monotonic() - lost_at
         time.sleep(1)
-        left = {i: machines.pids(i) for i in range(2)}
+        left = {i: [_command_of(pid) for pid in machines.pids(i)] for i in range(2)}
     survivor = "".join(outs[0])
     assert procs[0].returncode == 1 and ended[0] < timeout_s + 10, (ended, survivor)
     assert "lost machine 1 (" in survivor and "ranks 2-3)" in survivor, survivor
@@ -110,6 +117,8 @@ def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, 
         cut_off = "".join(outs[1])
         assert procs[1].returncode == 1 and ended[1] < timeout_s + 10, (ended, cut_off)
         assert "rendezvous (" in cut_off and "does not answer" in cut_off, cut_off
+        # nor a temp folder of multiprocessing's (the watchdog ends the launcher with os._exit)
+        assert not list((tmp_path / "tmp").glob("pymp-*")), list((tmp_path / "tmp").iterdir())
     assert left == {0: [], 1: []}  # no process of ours left on either machine
 
 

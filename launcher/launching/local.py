@@ -123,7 +123,7 @@ def spawn(
         **_shutdown_timeout(),
     )
     def cleanup() -> None:
-        _kill_groups(agent.rank_pids)
+        _before_exit(agent)
         agent.remove_error_files()
         shutil.rmtree(heartbeats, ignore_errors=True)
 
@@ -260,6 +260,16 @@ def _kill_groups(pids: list[int]) -> None:
             pass
 
 
+def _before_exit(agent: _Agent) -> None:
+    """What a normal exit would have done, before an ``os._exit``: no rank, fork server or temp folder of
+    multiprocessing's stays behind."""
+    _kill_groups(agent.rank_pids)
+    rankserver.stop()
+    tempdir = internals.multiprocessing_tempdir()
+    if tempdir:
+        shutil.rmtree(tempdir, ignore_errors=True)
+
+
 def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
     """SIGINT/SIGTERM: graceful stop through the agent; a second signal kills every rank at once."""
     # The agent registers its own handler for the signals in this variable each time it starts ranks;
@@ -273,7 +283,7 @@ def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
             raise SignalException(
                 f"launcher got {signal.Signals(signum).name}", sigval=signal.Signals(signum)
             )
-        _kill_groups(agent.rank_pids)
+        _before_exit(agent)
         os._exit(128 + received[0])
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
