@@ -30,16 +30,36 @@ def lock(run_dir: Path, source: str = "", *, per_machine: bool = False) -> None:
         return
     fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        _take(fd, run_dir, source)
+    except UsageError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              .encode(), 0)
+    _held[key] = fd
+
+
+def check_free(run_dir: Path, source: str = "") -> None:
+    """:class:`UsageError` naming the holder if a job holds ``run_dir`` now (``launcher submit``: a job that
+    would fail at its start, maybe hours later in the queue, is refused at once). Takes nothing."""
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        _take(fd, run_dir, source)
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+
+
+def _take(fd: int, run_dir: Path, source: str) -> None:
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
         raise UsageError(
             f"{source + ': ' if source else ''}the run directory {run_dir} is in use by another job "
             f"({holder})\n"
             "HINT: give this run another name= or output_dir=, or wait until that job ends"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-              .encode(), 0)
-    _held[key] = fd

@@ -301,7 +301,13 @@ case ${1:-} in
   down)
     # Jobs first, so no task outlives the daemons.
     if alive "$DIR/run/slurmctld.pid"; then
-      on_host "$CTL" scancel --full --quiet --user "$(id -un)" 2> /dev/null || true
+      # A cancel, not a signal (--full only signals): slurmd kills what ignores SIGTERM (submitit's tasks do)
+      # after KillWait; wait for that, or a task waiting for a peer outlives the daemons.
+      on_host "$CTL" scancel --quiet --user "$(id -un)" 2> /dev/null || true
+      for _ in $(seq 40); do
+        [[ -z $(on_host "$CTL" squeue -h -u "$(id -un)" 2> /dev/null) ]] && break
+        sleep 1
+      done
     fi
     for i in $(seq "$NODES"); do stop_pid "$(slurmd_pid "$i")"; done
     for name in slurmctld slurmdbd mariadb; do stop_pid "$DIR/run/$name.pid"; done

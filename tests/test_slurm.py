@@ -52,12 +52,14 @@ def test_job_file_maps_to_submitit_parameters():
         "slurm.signal_delay_s=120",
     )
     p = slurm.executor_parameters(job)
+    assert slurm.srun_args(tiny("slurm.srun_args=[--kill-on-bad-exit=0]")) == ["--kill-on-bad-exit=0"]
     assert p["tasks_per_node"] == 2  # distributed.nproc_per_node on CPU
     assert p["nodes"] == 2 and p["timeout_min"] == 30 and p["mem_gb"] == 64
     assert p["slurm_partition"] == "gpu" and p["slurm_account"] == "proj" and p["slurm_qos"] == "high"
     assert p["slurm_constraint"] == "a100" and p["slurm_exclusive"] is True and p["slurm_comment"] == "hello"
     assert p["slurm_additional_parameters"] == {"reservation": "big"}
-    assert p["slurm_srun_args"] == ["--cpu-bind=none"] and p["slurm_setup"] == ["module load cuda"]
+    assert p["slurm_srun_args"] == ["--kill-on-bad-exit=1", "--cpu-bind=none"]
+    assert p["slurm_setup"] == ["module load cuda"]
     assert p["slurm_signal_delay_s"] == 120
     assert "gpus_per_node" not in p
 
@@ -370,6 +372,47 @@ def test_a_rank_raising_with_workers_ends_the_slurm_job_within_seconds(job_env, 
     assert not queue.strip(), queue
     print(f"submit --wait returned {took:.1f} s after submission")
     assert took < 90, took
+
+
+def test_a_rank_failing_before_the_process_group_forms_ends_the_job_within_seconds(job_env, run_root):
+    """Rank 0 finds the run directory taken when it starts (a job on it started after this one was
+    submitted) and fails before the process group forms; rank 1 waits there. srun's --kill-on-bad-exit ends
+    it (SLURM's KillWait later, 15 s here): before, rank 1 waited the 10-minute start-up bound."""
+    import fcntl
+
+    proc = subprocess.Popen(
+        launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5",
+                     "data.num_workers=0", "--wait"),
+        cwd=ROOT, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # "submitted SLURM job N": the ranks start seconds later
+        submitted = time.monotonic()
+        with open(run_root / "tiny" / ".lock", "w") as holder:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if rank 0 got there first
+            holder.write("pid 1 on elsewhere, since the test began")
+            holder.flush()
+            out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # failed: nothing of this job may wait on into the next test
+            proc.kill()
+            job_id = re.search(r"SLURM job (\d+)", first)
+            if job_id:
+                subprocess.run(["scancel", job_id.group(1)], env=job_env, check=False, timeout=30)
+    took = time.monotonic() - submitted
+    out = first + out
+    assert proc.returncode == 1, out + err
+    assert "rank 0 failed first" in err and "is in use by another job (pid 1 on elsewhere" in err, err
+    print(f"submit --wait returned {took:.1f} s after submission")
+    assert took < 60, took
+    assert wait_until(lambda: sacct(job_env, job_id_of(out))[0].startswith("FAILED"), 30)
+    # submitting again while a job holds the directory is refused at once, with no job queued
+    with open(run_root / "tiny" / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 1 on elsewhere, since the test began")
+        holder.flush()
+        again = submit(job_env, run_root)
+    assert again.returncode == 2 and "is in use by another job (pid 1 on elsewhere" in again.stderr, again
+    assert "submitted" not in again.stdout, again.stdout
 
 
 def test_sweep_runs_as_an_array_with_one_run_directory_each(job_env, run_root):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import config as config_mod
+from .. import rundir
 from ..entry import check_entry
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Failure, LaunchError, RankFailure, UsageError
 
@@ -51,11 +52,22 @@ def executor_parameters(job: config_mod.Job) -> dict[str, Any]:
         "slurm_comment": s.comment,
         "slurm_exclusive": True if s.exclusive else None,
         "slurm_additional_parameters": dict(s.additional_parameters) or None,
-        "slurm_srun_args": list(s.srun_args) or None,
+        "slurm_srun_args": srun_args(job),
         "slurm_setup": list(s.setup) or None,
         "slurm_signal_delay_s": s.signal_delay_s,
     }
     return {k: v for k, v in params.items() if v is not None}
+
+
+def srun_args(job: config_mod.Job) -> list[str]:
+    """``slurm.srun_args`` plus ``--kill-on-bad-exit=1`` unless they say otherwise: a task that fails ends the
+    step at once, as torchrun's agent stops the other ranks. Without it, a rank that failed before the
+    process group formed (rank 0 finding the run directory in use, say) left the others waiting
+    ``distributed.startup_timeout_s`` (10 minutes) before the job failed."""
+    given = list(job.slurm.srun_args)
+    if any(a.startswith(("--kill-on-bad-exit", "-K")) for a in given):
+        return given
+    return ["--kill-on-bad-exit=1", *given]
 
 
 def sweep_jobs(job: config_mod.Job, sweeps: list[str] | None = None) -> list[config_mod.Job]:
@@ -158,6 +170,7 @@ def submit(job: config_mod.Job, sweeps: list[str] | None = None) -> tuple[list[c
     for member in members:
         # Tasks start in the submission directory, but an absolute output_dir survives a `cd` in slurm.setup.
         member.output_dir = str(Path(member.output_dir).resolve())
+        rundir.check_free(member.run_dir, member.source)
     executor = make_executor(job, folder)
     tasks = [SlurmTask(config_mod.to_dict(m), m.source) for m in members]
     try:

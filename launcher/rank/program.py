@@ -92,11 +92,13 @@ def run_in_place(job: config_mod.Job) -> Any:
     if environment.rank() == 0:
         rundir.lock(job.run_dir, job.source)
         config_mod.write_resolved(job)
-    return execute(RankSpec.for_job(job))
+    return execute(RankSpec.for_job(job), leaving=True)
 
 
-def execute(spec: RankSpec, fn: Callable[..., Any] | None = None) -> Any:
-    """Run one rank of ``spec`` in this process; returns the target's result (``fn`` replaces the target)."""
+def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool = False) -> Any:
+    """Run one rank of ``spec`` in this process; returns the target's result (``fn`` replaces the target).
+    ``leaving``: the process exits afterwards (SLURM's stop signals are then ignored, see
+    :func:`launcher.rank.stop.uninstall`)."""
     environment = env_mod.detect()
     if spec.keep_freed_memory:
         hostmem.keep_freed_memory()
@@ -115,7 +117,7 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None) -> Any:
         with _reported(rank):
             return fn(*spec.args, **spec.kwargs)
     finally:
-        stop.uninstall()
+        stop.uninstall(leaving)
         dist.teardown()
 
 

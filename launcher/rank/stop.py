@@ -41,7 +41,8 @@ from ..errors import StopForRequeue
 #: The signals that ask for a stop, in the order of the flags exchanged by :func:`should_stop`.
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
-_state: dict[str, object] = {"installed": False, "received": set(), "agreed": (), "max_requeues": 0}
+_state: dict[str, object] = {"installed": False, "received": set(), "agreed": (), "max_requeues": 0,
+                             "leaving": False}
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -53,14 +54,20 @@ def install(max_requeues: int) -> None:
     for sig in SIGNALS:
         signal.signal(sig, _handler)
     signal.signal(signal.SIGCONT, signal.SIG_DFL)  # SLURM sends it with SIGTERM; submitit's handler only logs
-    _state.update(installed=True, received=set(), agreed=(), max_requeues=max_requeues)
+    _state.update(installed=True, received=set(), agreed=(), max_requeues=max_requeues, leaving=False)
 
 
-def uninstall() -> None:
-    """Restore default handlers (tests, and the end of a rank's work)."""
+def uninstall(leaving: bool = False) -> None:
+    """Restore default handlers (tests, and the end of a rank's work in a process that goes on).
+
+    A process that exits once its rank's work has ended (``leaving``, or after :func:`exit_for_requeue`)
+    ignores the stop signals instead: srun ends the step with SIGTERM as soon as one task exits
+    (``--kill-on-bad-exit``), and a rank still closing its process group would die of it, cut short, with
+    exit code 15 for the job instead of the rank's own."""
     if _state["installed"]:
+        handler = signal.SIG_IGN if leaving or _state["leaving"] else signal.SIG_DFL
         for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, handler)
     _state.update(installed=False, received=set(), agreed=())
 
 
@@ -96,6 +103,13 @@ def exit_for_requeue() -> NoReturn:
     names = "+".join(signal.Signals(s).name for s in agreed) or "a stop request"
     if dist.is_main_process():
         _decide(names, agreed)
+    # Nor before rank 0 has requeued the job: srun (--kill-on-bad-exit) ends the step when the first task
+    # exits with code 3. From here on SLURM's SIGTERM for that end, or for the requeue, is ignored (see
+    # uninstall).
+    dist.barrier()
+    _state["leaving"] = True
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise StopForRequeue()
 
 
