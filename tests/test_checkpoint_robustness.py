@@ -138,7 +138,7 @@ def test_a_second_job_on_a_run_directory_in_use_is_refused(run_root):
         proc.wait(timeout=30)
     # once the holder is gone, the directory is free again (the lock dies with its process)
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "checkpoint.resume=never",
-                "args.max_steps=2")
+                "args.max_steps=2", "data.num_workers=0")
     assert r.returncode == 0, r.stderr
 
 
