@@ -45,7 +45,7 @@ def check_free(run_dir: Path, source: str = "") -> None:
     would fail at its start, maybe hours later in the queue, is refused at once). Takes nothing."""
     try:
         fd = os.open(run_dir / ".lock", os.O_RDWR)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # no job ran there yet; or not ours to judge here
         return
     try:
         _take(fd, run_dir, source)
