@@ -53,6 +53,14 @@ def run_cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProce
     )
 
 
+def cmdline(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def children_of(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,7 @@ import examples.tiny
 from .conftest import (
     ROOT,
     children_of,
+    cmdline,
     descendants,
     killable_env,
     launcher_cmd,
@@ -91,8 +91,7 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
     try:
         assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
         ranks, tree = ranks_running(proc), descendants(proc.pid)
-        server = [p for p in children_of(proc.pid)
-                  if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        server = [p for p in children_of(proc.pid) if "forkserver" in cmdline(p)]
         assert len(server) == 1, server
         proc.send_signal(sig)
         proc.wait(timeout=30)

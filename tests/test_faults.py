@@ -9,27 +9,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from .conftest import children_of, descendants, left_behind, wait_until
+from .conftest import children_of, cmdline, descendants, left_behind, wait_until
 from .test_cli import ranks_running, start_long_job
 
 LONG_EPOCHS = ("args.num_samples=200000",)  # an epoch outlasts every test: workers are not restarted
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def worker_server_and_workers(rank: int) -> tuple[int, list[int]] | None:
     """A rank's DataLoader fork server and the workers it forked, once both workers run."""
     for child in children_of(rank):
-        if "forkserver" in _cmdline(child):
+        if "forkserver" in cmdline(child):
             workers = children_of(child)
             return (child, workers) if len(workers) == 2 else None
     return None

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from tests import nodes
-from tests.conftest import ROOT, killable_env, launcher_cmd
+from tests.conftest import ROOT, cmdline, killable_env, launcher_cmd
 
 pytestmark = pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok")
 
@@ -84,13 +84,6 @@ def _start(machines, tmp_path, *overrides, until_step):
     return argv, procs, outs
 
 
-def _command_of(pid: int) -> str:
-    try:
-        return f"{pid}: " + open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:200]
-    except OSError:
-        return f"{pid}: (gone)"
-
-
 @pytest.mark.parametrize("how", ["killed", "cut off"])
 def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, how):
     import time
@@ -109,7 +102,7 @@ def test_a_lost_machine_ends_the_job_on_both_sides_within_the_timeout(tmp_path, 
             p.wait(timeout=timeout_s + 60)
             ended[i] = time.monotonic() - lost_at
         time.sleep(1)
-        left = {i: [_command_of(pid) for pid in machines.pids(i)] for i in range(2)}
+        left = {i: [f"{pid}: {cmdline(pid)[:200]}" for pid in machines.pids(i)] for i in range(2)}
     survivor = "".join(outs[0])
     assert procs[0].returncode == 1 and ended[0] < timeout_s + 10, (ended, survivor)
     assert "lost machine 1 (" in survivor and "ranks 2-3)" in survivor, survivor

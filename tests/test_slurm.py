@@ -6,11 +6,13 @@ fixture); where the cluster cannot run here (no root, no packages) they are skip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -374,12 +376,22 @@ def test_a_rank_raising_with_workers_ends_the_slurm_job_within_seconds(job_env, 
     assert took < 90, took
 
 
+@contextlib.contextmanager
+def held_by_another_job(run_dir: Path) -> Iterator[None]:
+    """The run directory's lock held as a job would hold it, naming "pid 1 on elsewhere"."""
+    import fcntl
+
+    with open(run_dir / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 1 on elsewhere, since the test began")
+        holder.flush()
+        yield
+
+
 def test_a_rank_failing_before_the_process_group_forms_ends_the_job_within_seconds(job_env, run_root):
     """Rank 0 finds the run directory taken when it starts (a job on it started after this one was
     submitted) and fails before the process group forms; rank 1 waits there. srun's --kill-on-bad-exit ends
     it (SLURM's KillWait later, 15 s here): before, rank 1 waited the 10-minute start-up bound."""
-    import fcntl
-
     proc = subprocess.Popen(
         launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=5",
                      "data.num_workers=0", "--wait"),
@@ -387,10 +399,7 @@ def test_a_rank_failing_before_the_process_group_forms_ends_the_job_within_secon
     try:
         first = proc.stdout.readline()  # "submitted SLURM job N": the ranks start seconds later
         submitted = time.monotonic()
-        with open(run_root / "tiny" / ".lock", "w") as holder:
-            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if rank 0 got there first
-            holder.write("pid 1 on elsewhere, since the test began")
-            holder.flush()
+        with held_by_another_job(run_root / "tiny"):  # raises if rank 0 got there first
             out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:  # failed: nothing of this job may wait on into the next test
@@ -406,10 +415,7 @@ def test_a_rank_failing_before_the_process_group_forms_ends_the_job_within_secon
     assert took < 60, took
     assert wait_until(lambda: sacct(job_env, job_id_of(out))[0].startswith("FAILED"), 30)
     # submitting again while a job holds the directory is refused at once, with no job queued
-    with open(run_root / "tiny" / ".lock", "w") as holder:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        holder.write("pid 1 on elsewhere, since the test began")
-        holder.flush()
+    with held_by_another_job(run_root / "tiny"):
         again = submit(job_env, run_root)
     assert again.returncode == 2 and "is in use by another job (pid 1 on elsewhere" in again.stderr, again
     assert "submitted" not in again.stdout, again.stdout

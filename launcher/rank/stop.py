@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -49,10 +49,14 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     _state["received"].add(signum)  # type: ignore[attr-defined]
 
 
+def _set_handlers(handler: Any) -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, handler)
+
+
 def install(max_requeues: int) -> None:
     """Catch USR2 and SIGTERM (replacing submitit's handlers) and remember the requeue limit."""
-    for sig in SIGNALS:
-        signal.signal(sig, _handler)
+    _set_handlers(_handler)
     signal.signal(signal.SIGCONT, signal.SIG_DFL)  # SLURM sends it with SIGTERM; submitit's handler only logs
     _state.update(installed=True, received=set(), agreed=(), max_requeues=max_requeues, leaving=False)
 
@@ -65,9 +69,7 @@ def uninstall(leaving: bool = False) -> None:
     (``--kill-on-bad-exit``), and a rank still closing its process group would die of it, cut short, with
     exit code 15 for the job instead of the rank's own."""
     if _state["installed"]:
-        handler = signal.SIG_IGN if leaving or _state["leaving"] else signal.SIG_DFL
-        for sig in SIGNALS:
-            signal.signal(sig, handler)
+        _set_handlers(signal.SIG_IGN if leaving or _state["leaving"] else signal.SIG_DFL)
     _state.update(installed=False, received=set(), agreed=())
 
 
@@ -108,8 +110,7 @@ def exit_for_requeue() -> NoReturn:
     # uninstall).
     dist.barrier()
     _state["leaving"] = True
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    _set_handlers(signal.SIG_IGN)
     raise StopForRequeue()
 
 
