@@ -25,6 +25,7 @@ from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure,
 # torch is imported only once the ranks' fork server is importing it too (see launcher.launching.rankserver).
 
 def cmd_run(job: config_mod.Job) -> int:
+    rundir.check_usable(job.run_dir, job.source)  # before anything is written or started
     _check_entry_findable(job)
     if not env_mod.detect().spawns_here():
         entry_mod.check_entry(job)

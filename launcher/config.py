@@ -216,6 +216,7 @@ class Job:
     """The job file this was loaded from (filled in by the loader)."""
 
     def __post_init__(self) -> None:
+        _check_name(self.name)
         if self.script is not None and self.entry:
             raise ConfigError("entry and script are both set\nHINT: keep one: entry: module:function, or "
                               "script: train.py with script_args: [...]")
@@ -236,6 +237,28 @@ class Job:
         """Absolute or run-directory-relative checkpoint folder."""
         p = Path(self.checkpoint.dir)
         return p if p.is_absolute() else self.run_dir / p
+
+
+#: Longest run name (bytes): a folder name, with room for what the launcher adds to names inside it.
+NAME_MAX_BYTES = 200
+
+
+def _check_name(name: str) -> None:
+    """The run directory is ``output_dir/name``: one folder inside ``output_dir``, never outside it."""
+    if not name:
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "would be output_dir itself or its parent"
+    elif "/" in name:
+        problem = "holds a '/': the run directory would not be one folder inside output_dir"
+    elif any(ord(c) < 32 or c == "\x7f" for c in name):
+        problem = "holds a control character"
+    elif len(name.encode()) > NAME_MAX_BYTES:
+        problem = f"is {len(name.encode())} bytes long; at most {NAME_MAX_BYTES}"
+    else:
+        return
+    raise ConfigError(f"name: {name[:80]!r} {problem}\nHINT: a folder name such as tiny-lr0.2 (the run "
+                      "directory is output_dir/name); output_dir=PATH chooses where it goes")
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -285,7 +308,8 @@ def load(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Jo
     try:
         data = yamlfile.read(path)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the job file ({e.strerror})\nHINT: check the path") from None
+        raise ConfigError(f"{path}: cannot read the job file ({e.strerror})\n"
+                          "HINT: give the path of a YAML job file") from None
     except yamlfile.JobFileError as e:
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):

@@ -18,6 +18,11 @@ REQUIRED = [
     ("multiprocessing.forkserver", "_forkserver._forkserver_alive_fd"),
     ("multiprocessing.forkserver", "_forkserver._forkserver_address"),
     ("multiprocessing.util", "_exit_function"),
+    ("multiprocessing.util", "_args_from_interpreter_flags"),
+    ("multiprocessing.resource_tracker", "_resource_tracker"),
+    ("multiprocessing.resource_tracker", "ResourceTracker._fd"),
+    ("multiprocessing.resource_tracker", "ResourceTracker._pid"),
+    ("multiprocessing.resource_tracker", "ResourceTracker._lock"),
     ("multiprocessing.process", "BaseProcess._config"),
     ("torch.nn.modules.batchnorm", "_BatchNorm"),
     ("torch.nn.modules._functions", "SyncBatchNorm"),
@@ -72,6 +77,45 @@ def forkserver_kill() -> None:
         pass
     forkserver_forget()
     server._forkserver_pid = None
+
+
+def start_resource_tracker_alone() -> None:
+    """Start multiprocessing's resource tracker, as ``resource_tracker.ensure_running`` would, but leading a
+    process group of its own and ignoring SIGHUP/SIGQUIT (``_resource_tracker._fd`` / ``_pid`` / ``_lock``,
+    ``util._args_from_interpreter_flags``). Nothing when it runs already.
+
+    The tracker unlinks the job's named semaphores (``/dev/shm/sem.mp-*``, DataLoader queues of every rank)
+    once all of the job's processes are gone. As the launcher's child it shared the launcher's process group:
+    a kill of that group (``kill -9 -PGID``, a closed terminal's SIGHUP) took it first, and each killed job
+    left 7-53 semaphores in /dev/shm for good.
+    """
+    import os
+    import signal
+    import subprocess
+    import threading
+    from multiprocessing import resource_tracker, spawn, util
+
+    tracker: Any = resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    with tracker._lock:
+        if tracker._fd is not None:
+            return
+        r, w = os.pipe()
+        command = [spawn.get_executable(), *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+                   "-c", f"from multiprocessing.resource_tracker import main; main({r})"]
+        # SIG_IGN survives exec (settable from the main thread only; elsewhere the own group suffices)
+        main = threading.current_thread() is threading.main_thread()
+        ignored = (signal.SIGHUP, signal.SIGQUIT) if main else ()
+        saved = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
+        try:
+            child = subprocess.Popen(command, pass_fds=[r], process_group=0, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(r)
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        # It ends once the last of the job's processes has closed the pipe, after the launcher:
+        # multiprocessing may reap it (a restart); subprocess must not (nor warn of a child "still running").
+        child.returncode = 0
+        tracker._fd, tracker._pid = w, child.pid
 
 
 def multiprocessing_tempdir() -> str | None:

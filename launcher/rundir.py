@@ -3,19 +3,66 @@
 ``flock`` on ``RUN_DIR/.lock``: the kernel releases it when the holder dies, however it dies, so a crashed job
 never leaves a stale lock; on NFS, Linux maps it onto the server's byte-range locks. The lock file names the
 holder (pid, host, start time) for the error a second job gets.
+
+Output folders are often shared: the lock file is opened without following a symbolic link and must be a
+plain file with one name (truncating it must never reach somebody else's file). A run directory deleted under
+a running job would let a second job in beside it (a new lock file, a new inode): the holder checks its lock
+file every :data:`WATCH_S` seconds and takes a new one at once.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import stat
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
 
-_held: dict[str, int] = {}  # run directory -> the open lock file, kept for the life of the process
+#: Seconds between the holder's checks that its lock file is still the one it holds.
+WATCH_S = 0.5
+#: Kernel file systems: a run directory there cannot hold anything (a write fails, or does something else).
+_NOT_STORAGE = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+@dataclass
+class _Held:
+    fd: int
+    path: Path
+    source: str
+    holder: str
+    lost: bool = False  # removed, and another job took it before this one could: said once
+
+
+_held: dict[str, _Held] = {}  # lock file path -> the lock, kept for the life of the process
+_watcher: list[threading.Thread] = []
+
+
+def check_usable(run_dir: Path, source: str = "") -> None:
+    """:class:`UsageError` naming ``output_dir`` and the fix when ``run_dir`` cannot be a run directory (a
+    file in the way, a kernel file system, no permission to make it); checked before anything is written."""
+    where = f"{source}: " if source else ""
+    hint = "HINT: output_dir=PATH names a folder on a disk (default: runs, in the working directory)"
+    resolved = run_dir.absolute().resolve()
+    for root in _NOT_STORAGE:
+        if resolved == root or root in resolved.parents:
+            raise UsageError(f"{where}output_dir: {run_dir.parent} is under {root}, a kernel file system, "
+                             f"not storage\n{hint}")
+    existing = run_dir
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "output_dir" if existing != run_dir else "the run directory"
+        raise UsageError(f"{where}{what}: {existing} is a file, not a folder\n{hint}, or remove the file")
+    if existing != run_dir and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{where}output_dir: cannot make the run directory {run_dir} (no permission to "
+                         f"write in {existing})\n{hint}")
 
 
 def lock(run_dir: Path, source: str = "", *, per_machine: bool = False) -> None:
@@ -23,37 +70,79 @@ def lock(run_dir: Path, source: str = "", *, per_machine: bool = False) -> None:
 
     ``per_machine``: a job spanning machines that share the run directory holds one lock per machine
     (``.lock-HOSTNAME``): one launcher per machine and run directory."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = f"{source}: " if source else ""
+        raise UsageError(f"{where}output_dir: cannot make the run directory {run_dir} "
+                         f"({e.strerror})\nHINT: output_dir=PATH names a folder on a disk") from None
     name = f".lock-{socket.gethostname()}" if per_machine else ".lock"
-    key = str((run_dir / name).resolve())
+    path = run_dir.absolute() / name
+    key = str(path)
     if key in _held:
         return
-    fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        _take(fd, run_dir, source)
-    except UsageError:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-              .encode(), 0)
-    _held[key] = fd
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    _held[key] = _Held(_take_file(path, source, holder), path, source, holder)
+    if not _watcher:
+        _watcher.append(threading.Thread(target=_watch, name="launcher-rundir-lock", daemon=True))
+        _watcher[0].start()
 
 
 def check_free(run_dir: Path, source: str = "") -> None:
     """:class:`UsageError` naming the holder if a job holds ``run_dir`` now (``launcher submit``: a job that
     would fail at its start, maybe hours later in the queue, is refused at once). Takes nothing."""
     try:
-        fd = os.open(run_dir / ".lock", os.O_RDWR)
-    except (FileNotFoundError, PermissionError):  # no job ran there yet; or not ours to judge here
+        fd = _open(run_dir / ".lock", source, create=False)
+    except FileNotFoundError:  # no job ran there yet
         return
+    except UsageError as e:
+        if isinstance(e.__cause__, PermissionError):  # not ours to judge here: the run will
+            return
+        raise
     try:
-        _take(fd, run_dir, source)
+        _flock(fd, run_dir, source)
     finally:
         os.close(fd)  # releases the lock if it was taken
 
 
-def _take(fd: int, run_dir: Path, source: str) -> None:
+def _take_file(path: Path, source: str, holder: str) -> int:
+    fd = _open(path, source, create=True)
+    try:
+        _flock(fd, path.parent, source)
+    except UsageError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)  # ours: a plain file with no other name (checked in _open)
+    os.pwrite(fd, holder.encode(), 0)
+    return fd
+
+
+def _open(path: Path, source: str, create: bool) -> int:
+    """The lock file, never through a symbolic link, and only a plain file with one name."""
+    where = f"{source}: " if source else ""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            problem = "is a symbolic link (never followed there: the launcher would overwrite its target)"
+        else:
+            problem = f"cannot be opened ({e.strerror})"
+        raise UsageError(f"{where}the run directory's lock file {path} {problem}\n"
+                         f"HINT: remove {path} (the launcher makes its own), or give this run another name=")\
+            from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "has other names (hard links)" if stat.S_ISREG(st.st_mode) else "is not a plain file"
+        raise UsageError(f"{where}the run directory's lock file {path} {what}: the launcher writes to it\n"
+                         f"HINT: remove {path} (the launcher makes its own), or give this run another name=")
+    return fd
+
+
+def _flock(fd: int, run_dir: Path, source: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,3 +152,33 @@ def _take(fd: int, run_dir: Path, source: str) -> None:
             f"({holder})\n"
             "HINT: give this run another name= or output_dir=, or wait until that job ends"
         ) from None
+
+
+def _same_file(held: _Held) -> bool:
+    try:
+        now = os.stat(held.path, follow_symlinks=False)
+    except OSError:
+        return False
+    ours = os.fstat(held.fd)
+    return (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _watch() -> None:
+    """Take the lock again when the lock file has been removed or replaced (the run directory deleted)."""
+    while True:
+        time.sleep(WATCH_S)
+        for held in list(_held.values()):
+            if held.lost or _same_file(held):
+                continue
+            try:
+                held.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = _take_file(held.path, held.source, held.holder)
+            except (OSError, UsageError) as e:
+                print(f"[launcher] {held.path.parent} was removed while this job ran, and its lock could not "
+                      f"be taken again: {e}", file=sys.stderr, flush=True)
+                held.lost = True
+                continue
+            os.close(held.fd)
+            held.fd = fd
+            print(f"[launcher] {held.path.parent} was removed while this job ran: the job goes on and holds "
+                  "it again (what was in it is gone)", file=sys.stderr, flush=True)

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from . import regularfile
+
 #: Largest job file read (bytes); real ones are a few KiB.
 MAX_BYTES = 1 << 20
 #: Most values a job file may expand to once aliases are followed.
@@ -79,8 +81,7 @@ def _count_values(root: yaml.Node) -> int:
 
 def read(path: Path) -> Any:
     """The YAML document in ``path``; :class:`JobFileError` (or ``OSError``) when it cannot be a job file."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_BYTES + 1)
+    raw = regularfile.read_bytes(path, MAX_BYTES + 1)
     if len(raw) > MAX_BYTES:
         raise JobFileError(f"larger than {MAX_BYTES >> 20} MiB: not a job file\n"
                            "HINT: keep data in files the entry point reads; the job file holds settings")
@@ -100,5 +101,8 @@ def read(path: Path) -> Any:
         return loader.construct_document(node)  # type: ignore[no-untyped-call]
     except yaml.YAMLError as e:
         raise JobFileError(f"not valid YAML: {e}") from None
+    except RecursionError:  # PyYAML composes and constructs nested collections recursively
+        raise JobFileError("nested too deeply: not a job file\n"
+                           "HINT: job files are a few levels deep (sections, then settings)") from None
     finally:
         loader.dispose()  # type: ignore[no-untyped-call]

@@ -38,6 +38,15 @@ CASES = [
     (BOMB, [], "YAML aliases"),
     ("name: a\nentry: examples.tiny:main\n# " + "x" * (2 << 20) + "\n", [], "larger than 1 MiB"),
     (b"\xff\xfe" + os.urandom(4094), [], "not UTF-8"),
+    ("name: a\nentry: examples.tiny:main\nx: " + "[" * 5000 + "]" * 5000 + "\n", [], "nested too deeply"),
+    # names that would put the run directory outside output_dir, or nowhere
+    (None, ["name=../x"], "name: '../x' holds a '/'"),
+    (None, ["name=.."], "name: '..' would be output_dir itself"),
+    (None, ["name=/tmp/launcher-abs"], "holds a '/'"),
+    (None, ["name="], "name: '' is empty"),
+    (None, ["name=" + "a" * 300], "is 300 bytes long"),
+    ('name: "a\\0b"\nentry: examples.tiny:main\n', [], "control character"),
+    (None, ["output_dir=/proc/launcher-x"], "output_dir: /proc/launcher-x is under /proc"),
 ]
 
 
@@ -56,7 +65,30 @@ def test_bad_job_is_refused_before_anything_starts(tmp_path, text, extra, named)
     assert r.returncode == 2, r.stdout + r.stderr
     assert named in r.stderr and "HINT" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()  # no run directory, no rank started
+    assert {p.name for p in tmp_path.iterdir()} <= {"job.yaml"}  # nothing beside it either (name=../x)
+    assert not os.path.exists("/tmp/launcher-abs")
     assert "starting" not in r.stdout
+
+
+@pytest.mark.parametrize("what", ["a FIFO job file", "output_dir a file", "run directory a file"])
+def test_what_is_in_the_way_on_disk_is_named_and_nothing_hangs(tmp_path, what):
+    job, output_dir = "jobs/tiny.yaml", tmp_path / "runs"
+    if what == "a FIFO job file":
+        job = str(tmp_path / "job.yaml")
+        os.mkfifo(job)  # open() would wait for a writer forever
+        named = "job.yaml: cannot read the job file (a FIFO, not a plain file)"
+    elif what == "output_dir a file":
+        output_dir.write_text("mine")
+        named = f"output_dir: {output_dir} is a file, not a folder"
+    else:
+        output_dir.mkdir()
+        (output_dir / "tiny").write_text("mine")
+        named = f"the run directory: {output_dir / 'tiny'} is a file"
+    r = subprocess.run(launcher_cmd("run", job, f"output_dir={output_dir}"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 2 and named in r.stderr and "HINT" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not output_dir.is_dir() or [p.name for p in output_dir.iterdir()] == ["tiny"]
 
 
 @pytest.mark.parametrize("argv, named", [

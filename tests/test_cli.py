@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,14 +48,14 @@ def test_the_tiny_job_shows_progress_and_a_finished_job_run_again_says_so(run_ro
     assert len(runs) == 2 and runs[0] < runs[1] and runs[0][:8].isdigit()
 
 
-def start_long_job(run_root, *extra):
+def start_long_job(run_root, *extra, start_new_session=False):
     """The tiny job until it is stopped (its own 2 epochs end after about a second: a signal sent later found
     the job finished, and rank 0's log without a stop line). Short epochs: DataLoader workers start often."""
     return subprocess.Popen(
         launcher_cmd("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=100000",
                      "args.epochs=100000", "args.step_sleep=0.01", "data.num_workers=2", *extra),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=killable_env(run_root.parent),
+        env=killable_env(run_root.parent), start_new_session=start_new_session,
     )
 
 
@@ -113,6 +114,45 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
                                       logs[0].read_text()), err
     finally:
         proc.kill()
+
+
+def semaphores() -> set[str]:
+    """multiprocessing's named semaphores on this machine (DataLoader queues' locks, until unlinked)."""
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
+@pytest.mark.parametrize("group, workers", [(True, 2), (False, 0)], ids=["process group, workers", "pid"])
+def test_sigkill_of_the_launcher_ends_every_rank_and_worker_within_3s(run_root, group, workers):
+    """``kill -9`` of the launcher (or of its process group, as a job controller does): the ranks used to
+    train on for up to 75 s, past the run directory's lock, and the group kill left the DataLoader queues'
+    semaphores in /dev/shm for good (the resource tracker died with the group)."""
+    before = semaphores()
+    proc = start_long_job(run_root, f"data.num_workers={workers}", start_new_session=group)
+    try:
+        assert wait_until(lambda: len(rank_pids(proc.pid)) == 2 and (
+            workers == 0 or ranks_running(proc)), 90), "ranks did not start"
+        tree = descendants(proc.pid)
+        ranks = rank_pids(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+        killed = time.monotonic()
+        gone = wait_until(lambda: not left_behind(tree, ranks), 3, interval=0.02)
+        elapsed = time.monotonic() - killed
+        print(f"every rank and worker gone {elapsed:.2f} s after the launcher's SIGKILL")
+        assert gone, [cmdline(p) for p in left_behind(tree, ranks)]
+        # the resource tracker (alone in its group) unlinks them once the last process of the job is gone
+        assert wait_until(lambda: not semaphores() - before, 5), semaphores() - before
+        step = _last_step(run_root)
+        time.sleep(1)
+        assert _last_step(run_root) == step, "a rank trained on"
+        rerun = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=1")
+        assert rerun.returncode == 0, rerun.stderr
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def _last_step(run_root) -> str:
+    return max((p.name for p in (run_root / "tiny" / "checkpoints").glob("step_*.pt")), default="")
 
 
 def test_ctrl_c_after_the_job_finished_keeps_its_exit_code(run_root):

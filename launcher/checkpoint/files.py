@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .. import internals
+from .. import internals, regularfile
 
 FORMAT = "launcher-checkpoint/1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -173,7 +173,7 @@ def verify(path: Path) -> dict[str, Any]:
     """Check a checkpoint file against its manifest; returns the manifest or raises CheckpointError."""
     manifest_path = path.with_suffix(".json")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(regularfile.read_text(manifest_path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: no readable manifest ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("crc32"), str) \

@@ -20,7 +20,7 @@ from typing import Any
 from ..spec import MAIN_ALIAS
 
 #: Modules a rank's own server for its DataLoader workers imports, besides those of the dataset.
-WORKER_PRELOAD = ["launcher.data.workerpreload", "torch", "launcher.data"]
+WORKER_PRELOAD = ["launcher.rank.serverpreload", "torch", "launcher.data"]
 #: What a worker may receive through the server, pickled (tensors excluded: they go through shared memory).
 WORKER_PICKLE_LIMIT = 16 << 20
 
@@ -33,7 +33,7 @@ def for_workers(*objects: Any) -> BaseContext | None:
     in a fresh interpreter (nothing from ``__main__`` or a script target) and are small (at most
     :data:`WORKER_PICKLE_LIMIT` bytes besides tensors: the server sends them to every worker of every epoch,
     where a fork shares them). The server starts at once, importing torch beside the rank's own set-up, and
-    dies with the thread that calls this (:mod:`launcher.data.workerpreload`): call it from the rank's main
+    dies with the thread that calls this (:mod:`launcher.rank.serverpreload`): call it from the rank's main
     thread.
     """
     import torch.distributed as tdist

@@ -76,9 +76,12 @@ def spawn(
     log_dir = Path(log_dir).absolute()
     log_dir.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()  # sorts by start time
+    multi = nodes != (1, 1)
+    if not multi:  # the run directory is ours (locked): a SIGKILLed launcher's heartbeat folder goes now
+        for stale in log_dir.glob("heartbeat-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     heartbeats = log_dir / f"heartbeat-{run_id}"
     heartbeats.mkdir()
-    multi = nodes != (1, 1)
     meet = machines.Meeting(rdzv_endpoint or "") if multi else None
     threads = {**rankserver.threads_env(nproc), HEARTBEAT_ENV: str(heartbeats), **(meet.env if meet else {})}
     server_env = rankserver.start(nproc) if nproc <= MAX_FORKED_RANKS else None

@@ -28,8 +28,8 @@ from multiprocessing import forkserver
 
 from .. import internals
 
-#: Modules the server imports before it forks any rank.
-PRELOAD = ["launcher.rank.program"]
+#: Modules the server imports before it forks any rank: the server and its ranks die with the launcher first.
+PRELOAD = ["launcher.rank.serverpreload", "launcher.rank.program"]
 
 # The server this process started, and its environment: {pid: environ}.
 _ours: dict[int | None, dict[str, str]] = {}
@@ -60,6 +60,7 @@ def start(nproc: int) -> dict[str, str] | None:
     if running is not None and running not in _ours:
         return None
     with _environ(threads_env(nproc)):
+        internals.start_resource_tracker_alone()  # before the server, which would start one of its own
         multiprocessing.set_forkserver_preload(PRELOAD)
         forkserver.ensure_running()
         pid = internals.forkserver_pid()

@@ -29,9 +29,14 @@ def _prctl(option: int, arg: Any) -> bool:
     return True
 
 
-def die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent dies, even by SIGKILL (a rank: its launcher): no orphans."""
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) and os.getppid() == 1:  # it died before prctl took effect
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: get SIGKILL when the parent dies, even by SIGKILL (a rank: its launcher): no orphans.
+
+    ``parent``: the pid the parent had (known to a fork hook); a parent that died before ``prctl`` took
+    effect is then seen under a subreaper too, not only when the orphan went to init."""
+    if not _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
+        return
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):  # died before prctl took effect
         os._exit(128 + signal.SIGKILL)
 
 
