@@ -35,6 +35,9 @@ REQUIRED = [
     ("torch.multiprocessing.spawn", "ProcessContext.sentinels"),
     ("torch.utils.data.dataloader", "_MultiProcessingDataLoaderIter._workers"),
     ("torch.utils.data.dataloader", "DataLoader._iterator"),
+    ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._get_data"),
+    ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader._get_iterator"),
+    ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader.next_iter_state"),
     ("tarfile", "TarFile.members"),
     ("tarfile", "TarInfo.offset"),
 ]
@@ -200,6 +203,44 @@ def spawn_error_files(agent: Any) -> list[str]:
 def dataloader_workers(iterator: Any) -> list[Any]:
     """The worker processes of a multi-process DataLoader iterator (``_workers``), to say which one died."""
     return list(getattr(iterator, "_workers", None) or [])
+
+
+def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
+    """torchdata's iterator over a StatefulDataLoader with workers
+    (``_StatefulMultiProcessingDataLoaderIter``, made as ``StatefulDataLoader._get_iterator`` makes it,
+    ``next_iter_state`` consumed), whose every wait for its workers (``_get_data``; the start-up handshake of
+    an epoch too) polls their health every ``loader.timeout`` seconds and gives up after ``wait_s`` in all,
+    raising :class:`DataLoaderWaitExpired`."""
+    import time
+
+    from torchdata.stateful_dataloader import stateful_dataloader as sd
+
+    class Patient(sd._StatefulMultiProcessingDataLoaderIter):  # type: ignore[misc, name-defined]
+        def _get_data(self) -> Any:
+            start = time.monotonic()
+            while True:
+                try:
+                    return super()._get_data()
+                except RuntimeError as e:
+                    waited = time.monotonic() - start
+                    if not str(e).startswith("DataLoader timed out"):
+                        raise
+                    if waited >= wait_s:
+                        raise DataLoaderWaitExpired(waited) from e
+                    # nothing yet, every worker alive: wait on (the iterator's state is unchanged)
+
+    loader.check_worker_number_rationality()
+    it = Patient(loader, loader.next_iter_state)
+    loader.next_iter_state = None
+    return it
+
+
+class DataLoaderWaitExpired(RuntimeError):
+    """No batch (or start-up answer) from any DataLoader worker for ``waited`` seconds, all of them alive."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(f"DataLoader timed out after {waited:.0f} seconds")
+        self.waited = waited
 
 
 def dataloader_iterator(loader: Any) -> Any:

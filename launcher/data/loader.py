@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -53,8 +52,8 @@ def make_loader(
             num_workers=num_workers,
             pin_memory=pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
-            # torch checks whether its workers are alive only when a wait for data times out: poll often,
-            # and let _Watched stretch the wait to the real bound.
+            # torch checks whether its workers are alive only when a wait for data times out: poll often;
+            # the iterator (internals.stateful_workers_iterator) stretches each wait to the real bound.
             timeout=min(POLL_S, wait_s) if num_workers > 0 else 0,
             **kw,
         )
@@ -70,7 +69,8 @@ PLAN = "launcher.data.plan"
 
 @functools.cache
 def _watched_class(base: type) -> type:
-    """``base`` (torchdata's StatefulDataLoader) whose iterators are :class:`_Watched`."""
+    """``base`` (torchdata's StatefulDataLoader) whose waits for workers have one bound, ``wait_s``, and whose
+    iterators explain their errors (:class:`_Explained`)."""
 
     class WatchedLoader(base):  # type: ignore[misc, valid-type]
         wait_s: float = 600.0
@@ -99,42 +99,41 @@ def _watched_class(base: type) -> type:
             return self.dataset.continue_from(record, [p for s in known for p in positions(s)])
 
 
+        def _get_iterator(self) -> Any:
+            if self.num_workers == 0:
+                return super()._get_iterator()
+            return internals.stateful_workers_iterator(self, self.wait_s)
+
         def __iter__(self) -> Any:
             if self.num_workers == 0:
                 return super().__iter__()
             try:
-                it = super().__iter__()  # starting the workers waits for them too
+                return _Explained(super().__iter__())  # starting the workers waits for them too
             except RuntimeError as e:
                 it = internals.dataloader_iterator(self)
                 it = _iterator_in(e) if it is None else it  # (not `or`: truth calls the loader's len())
-                raise RuntimeError(_explain(it, self.wait_s, str(e))) from e
-            return _Watched(it, self.wait_s)
+                raise RuntimeError(_explain(it, e)) from e
 
     return WatchedLoader
 
 
-class _Watched:
-    """A DataLoader iterator whose wait for a batch polls the workers' health, up to ``wait_s`` in all."""
+class _Explained:
+    """A DataLoader iterator whose errors say which worker died and how, or how long the rank waited."""
 
-    def __init__(self, it: Any, wait_s: float) -> None:
-        self.it, self.wait_s = it, wait_s
+    def __init__(self, it: Any) -> None:
+        self.it = it
 
-    def __iter__(self) -> _Watched:
+    def __iter__(self) -> _Explained:
         return self
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.it, name)
 
     def __next__(self) -> Any:
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                return next(self.it)
-            except RuntimeError as e:
-                text = str(e)
-                if text.startswith("DataLoader timed out") and time.monotonic() < deadline:
-                    continue  # nothing yet, every worker alive: wait on (the iterator's state is unchanged)
-                raise RuntimeError(_explain(self.it, self.wait_s, text)) from e
+        try:
+            return next(self.it)
+        except RuntimeError as e:
+            raise RuntimeError(_explain(self.it, e)) from e
 
 
 def _iterator_in(error: BaseException) -> Any:
@@ -150,11 +149,11 @@ def _iterator_in(error: BaseException) -> Any:
     return None
 
 
-def _explain(iterator: Any, wait_s: float, text: str) -> str:
+def _explain(iterator: Any, error: RuntimeError) -> str:
     """The rank's own words for a DataLoader error: which worker died and how, or how long it waited."""
-    rank = dist.get_rank()
-    if text.startswith("DataLoader timed out"):
-        return (f"rank {rank}: no batch from its DataLoader workers for {wait_s:g} s (workers "
+    rank, text = dist.get_rank(), str(error)
+    if isinstance(error, internals.DataLoaderWaitExpired):
+        return (f"rank {rank}: no batch from its DataLoader workers for {error.waited:.0f} s (workers "
                 "alive but stuck)\nHINT: a slow first batch needs distributed.startup_timeout_s; "
                 "otherwise look for a worker blocked on storage or a lock (py-spy dump --pid WORKER)")
     if "exited unexpectedly" not in text:
