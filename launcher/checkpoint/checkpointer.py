@@ -124,11 +124,14 @@ class Checkpointer:
         self.stop_if_requested(state)
 
     def finish(self, state: TrainState, metric: float | None = None) -> Path | None:
-        """*Collective.* Save the final state (without the data position, which is of no use at the end) and
-        wait until it is on disk. Nothing is written when ``state`` is already the last checkpoint's."""
+        """*Collective.* Save the final state, the data position included, and wait until it is on disk.
+        Nothing is written when ``state`` is already the last checkpoint's.
+
+        A run stopped by ``max_steps`` in the middle of an epoch is resumed from here when ``max_steps`` is
+        raised: without the position, the epoch was replayed from its start (samples trained twice)."""
         path = None
         if self._last_counters != (state.step, state.epoch):
-            path = self.save(state, metric, per_rank=False)
+            path = self.save(state, metric)
         self.close()
         return path
 
