@@ -7,6 +7,7 @@ the time bound, the rank and cause named in the report, and that no process of t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -125,3 +126,35 @@ def test_on_a_second_machine_the_stall_report_names_global_ranks(tmp_path):
         "RuntimeError: [../unbound_buffer.cc:129] Timed out waiting 6000ms for recv operation to complete"))
     report = stall_report([gloo], tmp_path, agent.states_at_failure)
     assert report.startswith("rank 3 stopped making progress (last step 12"), report
+
+
+FILL_THE_DISK = """
+mount -t tmpfs -o size=3m tmpfs "$1"
+{launcher} run jobs/tiny.yaml output_dir="$1" args.max_steps=100000 args.epochs=1000 args.step_sleep=0.01 \\
+  checkpoint.every_steps=20 data.num_workers=0 2> "$2" &
+for i in $(seq 600); do [ -e "$1/tiny/checkpoints/latest" ] && break; sleep 0.1; done
+dd if=/dev/zero of="$1/filler" bs=64k count=100 2>/dev/null
+wait $!
+"""
+
+
+def test_a_full_disk_under_the_run_directory_is_reported_as_such(tmp_path):
+    """The disk fills while the job runs: the failing rank's error file (in the run directory's logs) is
+    empty, and torch's agent used to crash reading it (a JSONDecodeError traceback, no rank named)."""
+    import shutil
+    import subprocess
+
+    from .conftest import ROOT, launcher_cmd
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private tmpfs")
+    (tmp_path / "small").mkdir()
+    err = tmp_path / "err"
+    script = FILL_THE_DISK.format(launcher=launcher_cmd()[0])
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                        str(tmp_path / "small"), str(err)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=180, check=False)
+    said = err.read_text()
+    assert r.returncode == 1, (r.returncode, r.stderr, said)
+    assert "no space left on the device that holds the run directory" in said and "HINT" in said, said
+    assert re.search(r"rank [01] failed first", said) and "Traceback" not in said, said

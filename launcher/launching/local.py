@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -146,6 +147,11 @@ def spawn(
             except RendezvousError as e:  # the machine hosting the store is gone (or unreachable)
                 why = agent.roster.lost() if agent.roster else ""
                 raise LaunchError(f"the rendezvous at {rdzv.endpoint} failed: {why or e}") from None
+            except ValueError as e:  # torch reads a failed rank's error file as JSON: empty on a full disk
+                failures = _unreadable_reports(agent, log_dir)
+                if not failures:
+                    raise
+                raise RankFailure(failures) from e
             finally:
                 restore()
                 _kill_groups(agent.rank_pids)  # a rank's DataLoader workers, left when the agent stopped it
@@ -376,6 +382,36 @@ def stall_report(failures: list[Failure], heartbeats: Path, states: dict[int, st
     if states.get(behind) in _STATES:
         what.append(f"process {_STATES[states[behind]]}")
     return f"rank {behind} stopped making progress ({'; '.join(what)}), and its peers' collectives timed out"
+
+
+def _unreadable_reports(agent: _Agent, log_dir: Path) -> list[Failure]:
+    """The ranks of the last attempt whose error file is there but not JSON (the rank failed, and its report
+    could not be written): each named, with the free space left where the run directory is."""
+    error_files, _ = internals.agent_processes(agent)
+    to_global = {w.local_rank: w.global_rank for w in agent.get_worker_group().workers}
+    try:
+        free = shutil.disk_usage(log_dir).free
+    except OSError:
+        free = -1
+    full = 0 <= free < (1 << 20)
+    why = (f"no space left on the device that holds the run directory ({log_dir}: {free >> 10} KiB free)\n"
+           "HINT: free space there, or point output_dir at a larger file system") if full else \
+        f"its error report {{}} is unreadable (the run directory's file system: {log_dir})"
+    failures = []
+    for local, path in sorted(error_files.items()):
+        try:
+            with open(path) as f:
+                json.load(f)
+            continue
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            pass
+        rank = to_global.get(local, local)
+        message = f"rank {rank} failed, and its traceback was lost: {why.format(path)}"
+        failures.append(Failure(rank=rank, host=socket.gethostname(), exitcode=1, signal=None,
+                                timestamp=int(time.time()), message=message, traceback=""))
+    return failures
 
 
 def _failure(rank: int, pf: ProcessFailure) -> Failure:
