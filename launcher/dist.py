@@ -144,6 +144,16 @@ def _heartbeat(step: int) -> None:
     os.pwrite(_beat["fd"], f"{step} {now:.3f}".ljust(40).encode(), 0)
 
 
+def note_ended() -> None:
+    """This rank's work has ended without an error (the target returned, or exited with code 0): said in the
+    heartbeat folder, so that a peer failing afterwards is not blamed for the rank that left early."""
+    folder = os.environ.get(HEARTBEAT_ENV)
+    if folder:
+        step = _state["step"]
+        with open(os.path.join(folder, f"ended-rank{get_rank()}"), "w") as f:
+            f.write("" if step is None else str(step))
+
+
 def current_step() -> int | None:
     """The last step passed to :func:`note_step` (None before the first)."""
     return _state["step"]

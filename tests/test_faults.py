@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+import examples.tiny
+
 from .conftest import children_of, cmdline, descendants, left_behind, wait_until
 from .test_cli import ranks_running, start_long_job
 
@@ -158,3 +160,24 @@ def test_a_full_disk_under_the_run_directory_is_reported_as_such(tmp_path):
     assert r.returncode == 1, (r.returncode, r.stderr, said)
     assert "no space left on the device that holds the run directory" in said and "HINT" in said, said
     assert re.search(r"rank [01] failed first", said) and "Traceback" not in said, said
+
+
+def exit_early(job, args: examples.tiny.TinyArgs):
+    """Entry point: rank 1 leaves with sys.exit(0) before training while rank 0 trains."""
+    import sys
+
+    import launcher
+
+    if launcher.get_rank() == 1:
+        sys.exit(0)
+    return examples.tiny.main(job, args)
+
+
+def test_a_rank_that_exits_0_early_is_named_not_its_healthy_peer(run_root):
+    from .conftest import run_cli
+
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "entry=tests.test_faults:exit_early",
+                "data.num_workers=0", "distributed.timeout_s=30")
+    assert r.returncode == 1, r.stderr
+    first = r.stderr.split("launcher: job failed: ", 1)[1].splitlines()[0]
+    assert first.startswith("rank 1 ended its work without an error before its first step"), r.stderr

@@ -160,7 +160,8 @@ def spawn(
         if result.is_failed():
             failures = [_failure(r, f) for r, f in _all_failures(agent, result.failures).items()]
             why = agent.roster.lost() if agent.roster else ""
-            stalled = why or stall_report(failures, heartbeats, agent.states_at_failure)
+            stalled = why or left_early(failures, heartbeats) or \
+                stall_report(failures, heartbeats, agent.states_at_failure)
             raise RankFailure(failures, stalled=stalled)
     finally:
         os.environ.clear()
@@ -348,6 +349,25 @@ def _timed_out(f: Failure) -> bool:
     indented, do not count; nor does a DataLoader's own wait)."""
     said = [line for line in f.traceback.splitlines() if line and not line[0].isspace()] + [f.message]
     return any(t in line and "DataLoader" not in line for line in said for t in _TIMEOUT)
+
+
+def left_early(failures: list[Failure], heartbeats: Path) -> str:
+    """When a rank's work ended without an error while its peers still ran (a ``return`` or ``sys.exit(0)``
+    in one rank only): that rank, which the failures of its peers' collectives would otherwise hide."""
+    causes = {f.rank for f in failures if not f.secondary}
+    ended = {}
+    for path in heartbeats.glob("ended-rank*"):
+        with contextlib.suppress(ValueError, OSError):
+            ended[int(path.name[len("ended-rank"):])] = path.read_text().strip()
+    early = sorted(r for r in ended if r not in causes)
+    if not early or causes - set(ended):  # a rank that failed on its own is the cause
+        return ""
+    if {f.rank for f in failures} <= set(ended):  # every rank got to the end
+        return ""
+    rank = early[0]
+    when = f"after step {ended[rank]}" if ended[rank] else "before its first step"
+    return (f"rank {rank} ended its work without an error {when} (it returned or exited with code 0) while "
+            "its peers still ran, and their collectives failed")
 
 
 def stall_report(failures: list[Failure], heartbeats: Path, states: dict[int, str]) -> str:

@@ -115,7 +115,9 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
             seed_everything(spec.seed + rank)
         fn = fn or resolve(spec.target, spec.main_file)
         with _reported(rank):
-            return fn(*spec.args, **spec.kwargs)
+            result = fn(*spec.args, **spec.kwargs)
+        dist.note_ended()
+        return result
     finally:
         stop.uninstall(leaving)
         dist.teardown()
@@ -161,6 +163,7 @@ def _reported(rank: int, counts_steps: bool = True) -> Iterator[None]:
     except BaseException as e:
         process.kill_children()  # DataLoader workers are ended, not waited for
         if isinstance(e, SystemExit) and e.code in (0, None):
+            dist.note_ended()
             raise
         step = dist.current_step()
         where = f"after step {step}" if step is not None else "before the first step" if counts_steps else ""
@@ -187,6 +190,7 @@ def _run_script(spec: RankSpec, environment: env_mod.ClusterEnvironment) -> Any:
                 runpy.run_path(spec.script, run_name="__main__")
             else:
                 runpy.run_module(spec.module or "", run_name="__main__", alter_sys=True)
+        dist.note_ended()
     finally:
         dist.teardown()
     return None
