@@ -40,6 +40,7 @@ REQUIRED = [
     ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader.next_iter_state"),
     ("tarfile", "TarFile.members"),
     ("tarfile", "TarInfo.offset"),
+    ("tarfile", "TarInfo.offset_data"),
 ]
 
 
@@ -268,3 +269,8 @@ def tar_forget_members(tar: Any) -> None:
 def tar_member_offset(member: Any) -> int:
     """Where a tar member's header starts in the archive (``TarInfo.offset``)."""
     return int(member.offset)
+
+
+def tar_member_data_end(member: Any) -> int:
+    """Where a tar member's data ends in the archive, padded to 512 bytes (``TarInfo.offset_data``)."""
+    return int(member.offset_data) + -(-int(member.size) // 512) * 512

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from launcher.data.tar import DecodeImage, open_shards, read_tar
+from launcher.data.tar import DecodeImage, ShardError, open_shards, read_tar
 from launcher.tools.tarshards import image_folder_samples, main, write_shards
 
 
@@ -123,3 +123,26 @@ def test_any_sample_is_reached_through_the_offsets_and_foreign_shards_can_be_ind
     assert "indexed 25 samples in 3 shards" in capsys.readouterr().out
     assert open_shards(tmp_path)[1] == sizes and all(Path(f"{p}.offsets").exists() for p in paths)
     assert main([str(tmp_path / "empty"), "--index"]) == 2
+
+
+def test_a_wrong_offsets_file_or_a_truncated_shard_is_named_never_read_silently(tmp_path):
+    """Another shard's offsets file used to shift the samples read without a word."""
+    samples = [(f"{i:03d}", png((i, 0, 0)) * (1 + i % 4), "png", i % 3) for i in range(20)]
+    write_shards(iter(samples), tmp_path, per_shard=10)
+    paths, _, _ = open_shards(tmp_path)
+    first = Path(f"{paths[0]}.offsets")
+    first.write_bytes(Path(f"{paths[1]}.offsets").read_bytes()[::-1])  # garbage of the right length
+    with pytest.raises(ShardError, match=r"offsets: sample 4 has offset .* does not belong to"):
+        list(read_tar(paths[0], 3))
+    Path(f"{paths[1]}.offsets").write_bytes(b"\0" * 8)  # one entry: too short
+    with pytest.raises(ShardError, match=r"sample 6 has no entry"):
+        list(read_tar(paths[1], 5))
+    whole = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(whole[: len(whole) // 2 + 100])  # cut inside a sample
+    with pytest.raises(ShardError, match=r"(?s)truncated or corrupt tar shard.*HINT") as e:
+        list(read_tar(paths[1]))
+    assert paths[1] in str(e.value)
+    cut = len(whole) // 2 + 100 - 400  # inside a member's data
+    Path(paths[1]).write_bytes(whole[:cut])
+    with pytest.raises(ShardError, match=r"(?s)truncated .*the file ends first.*HINT"):
+        list(read_tar(paths[1]))

@@ -222,9 +222,10 @@ class ShardedIterableDataset(IterableDataset):
                     yield raw
                 if n < b - a:
                     raise ValueError(
-                        f"shard {self.shards[shard]!r} has {a + n} samples but sizes says {self.sizes[shard]}"
-                        "\nHINT: pass the shards' real sizes (the tar index lists them: "
-                        "launcher.data.tar.open_shards)")
+                        f"shard {self.shards[shard]!r} has {a + n} samples but sizes says "
+                        f"{self.sizes[shard]} (a truncated file, or sizes of other shards)\nHINT: pass the "
+                        "shards' real sizes (the tar index lists them: launcher.data.tar.open_shards), or "
+                        "write the shard again")
             finally:
                 close = getattr(it, "close", None)
                 if close is not None:

@@ -55,28 +55,60 @@ def open_shards(directory: str | os.PathLike[str]) -> tuple[list[str], list[int]
 def read_tar(path: str, start: int = 0) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard in order from sample ``start``: ``{"key", "image": bytes, "label": int}``
     (nothing decoded). The reader seeks to sample ``start`` through the shard's :data:`OFFSETS` file; without
-    one, it walks the earlier members' headers (their data is never read)."""
+    one, it walks the earlier members' headers (their data is never read).
+
+    Raises:
+        ShardError: the shard is truncated or corrupt, or its offsets file does not belong to it.
+    """
     with open_file(path) as f:
-        at = _sample_offset(path, start)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        at = _sample_offset(path, start, size)
         if at is not None:
             f.seek(at)  # a TarFile starts reading where its file is
             start = 0
-        tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f); seekable: skip = one header
-        current: dict[str, Any] = {}
-        for index, key, member in _members(tar):
-            if current and current["key"] != key:
-                yield current
-                current = {}
-            if index < start:
-                continue
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            current["key"] = key
-            if member.name.endswith(".cls"):
-                current["label"] = int(data.decode())
-            else:
-                current["image"] = data
+        index = -1
+        try:
+            # closed with f; seekable: a skip is one header read
+            tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115
+            current: dict[str, Any] = {}
+            for index, key, member in _members(tar):
+                if current and current["key"] != key:
+                    yield current
+                    current = {}
+                end = internals.tar_member_data_end(member)
+                if end > size:  # tarfile reads what is there, silently
+                    raise tarfile.ReadError(f"{member.name} needs {member.size} bytes, the file ends first")
+                if index < start:
+                    continue
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                current["key"] = key
+                if member.name.endswith(".cls"):
+                    current["label"] = int(data.decode())
+                else:
+                    current["image"] = data
+            # tarfile takes a file that ends at a member's boundary for the archive's end: a tar ends with
+            # zero blocks, and a shard cut there has none
+            if index >= 0:
+                f.seek(end)
+                if f.read(1024) != bytes(1024):
+                    raise tarfile.ReadError("no end-of-archive blocks after the last member")
+        except (tarfile.TarError, EOFError) as e:
+            if at is not None and index < 0:
+                raise ShardError(f"{path}{OFFSETS}: sample {start + 1}'s offset {at} is not where a sample "
+                                 f"starts in {path} ({e}): the offsets file does not belong to this shard\n"
+                                 f"{_REWRITE}") from None
+            raise ShardError(f"{path}: truncated or corrupt tar shard ({e})\n{_REWRITE}") from None
         if current:
             yield current
+
+
+class ShardError(ValueError):
+    """A tar shard or its offsets file cannot be read as written; the message names the file."""
+
+
+_REWRITE = ("HINT: write the shard again, or its offsets and index: python -m launcher.tools.tarshards "
+            "--index FOLDER")
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, tarfile.TarInfo]]:
@@ -93,16 +125,27 @@ def _members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, tarfile.TarInfo]]
         yield index, name, member
 
 
-def _sample_offset(path: str, start: int) -> int | None:
+def _sample_offset(path: str, start: int, size: int) -> int | None:
+    """Where sample ``start`` begins, from the shard's offsets file (None without one). An offset past the
+    shard's end, or a file too short, is a wrong offsets file (another shard's, an old one): refused, never
+    read from the wrong place."""
     if start == 0:
         return None
     try:
         with open_file(f"{path}{OFFSETS}") as f:
+            entries = f.seek(0, os.SEEK_END) // 8
             f.seek(8 * start)
             raw = f.read(8)
     except OSError:
         return None
-    return int.from_bytes(raw, "little") if len(raw) == 8 else None
+    if start == entries:  # just past the last sample: nothing to read
+        return None
+    at = int.from_bytes(raw, "little") if len(raw) == 8 else None
+    if at is None or at % 512 or at >= size:
+        has = "no entry" if at is None else f"offset {at}, not a header of the {size}-byte shard"
+        raise ShardError(f"{path}{OFFSETS}: sample {start + 1} has {has}: the offsets file does not "
+                         f"belong to {path}\n{_REWRITE}")
+    return at
 
 
 def sample_offsets(path: str) -> list[int]:
