@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from . import entry as entry_mod
@@ -53,7 +54,9 @@ def cmd_run(job: config_mod.Job) -> int:
     print(f"[launcher] {job.name}: starting {nproc} rank(s) of {what}{where}; logs in {job.run_dir / 'logs'}",
           flush=True)
     try:
+        console = set(range(nproc)) if d.console == "all" else {0}
         results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=d.max_restarts, nodes=nodes,
+                        console_ranks=console,
                         rdzv_endpoint=d.rdzv_endpoint, rdzv_id=d.rdzv_id or job.name)
     except SignalException as e:
         print(f"launcher: stopped by {e.sigval.name}; all ranks were stopped", file=sys.stderr)
@@ -133,6 +136,38 @@ launcher run [options] train.py [script args]   a torchrun script, unchanged
 launcher run [options] -m pkg.train [args]      a module, as python -m / torchrun -m run it
 """
 
+#: torchrun's rendezvous backends; only c10d (torchrun's default) is ours.
+RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``launcher run``, torchrun's spellings accepted (dashes or underscores)."""
+    def add(*names: str, **kw: Any) -> None:
+        flags = [n for name in names for n in dict.fromkeys((name, "--" + name[2:].replace("-", "_")))]
+        parser.add_argument(*flags, **kw)
+
+    add("--nproc-per-node", dest="nproc",
+        help="ranks on this machine: N, or gpu (one per GPU), cpu (one per core), auto (gpu if any, "
+        "else cpu) (distributed.nproc_per_node)")
+    add("--max-restarts", dest="max_restarts", type=int,
+        help="restart all ranks this many times after a failure (distributed.max_restarts)")
+    add("--nnodes", help="machines: N or MIN:MAX (distributed.nnodes)")
+    add("--rdzv-endpoint", dest="rdzv_endpoint",
+        help="HOST:PORT where the machines meet (distributed.rdzv_endpoint)")
+    add("--rdzv-id", dest="rdzv_id",
+        help="the run's name at the rendezvous, the same on every machine (distributed.rdzv_id)")
+    add("--rdzv-backend", dest="rdzv_backend", choices=RDZV_BACKENDS, help="c10d (torchrun's default) only")
+    add("--master-addr", dest="master_addr", help="with --master-port: the rendezvous endpoint, as torchrun")
+    add("--master-port", dest="master_port", type=int, help="with --master-addr (see there)")
+    add("--node-rank", dest="node_rank", type=int,
+        help="accepted for torchrun's command lines; the c10d rendezvous numbers the machines")
+    add("--standalone", action="store_true", help="one machine, rendezvous on this one (the default)")
+    add("--tee", help="show every rank's output on the console (torchrun's 0-3; default: rank 0 only)")
+    add("--run-path", dest="run_path", action="store_true", help="the target is a script path, any suffix")
+    add("--name", help="the run's name (name=; a script's defaults to the script's name)")
+    add("--output-dir", dest="output_dir", help="parent folder of run directories (output_dir=)")
+    parser.add_argument("-m", "--module", action="store_true", help="the target is a module, run as __main__")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -141,18 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the job on this machine (or as one rank under torchrun / srun)",
                          usage=RUN_HELP, allow_abbrev=False)
-    run.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
-                     help="ranks on this machine (distributed.nproc_per_node)")
-    run.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int,
-                     help="restart all ranks this many times after a failure (distributed.max_restarts)")
-    run.add_argument("--nnodes", help="machines: N or MIN:MAX (distributed.nnodes)")
-    run.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint",
-                     help="HOST:PORT where the machines meet (distributed.rdzv_endpoint)")
-    run.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id",
-                     help="the run's name at the rendezvous, the same on every machine (distributed.rdzv_id)")
-    run.add_argument("-m", "--module", action="store_true", help="the target is a module, run as __main__")
+    _run_options(run)
     run.add_argument("target", help="job file (YAML), script (.py) or, with -m, a module")
-    run.add_argument("rest", nargs=argparse.REMAINDER, help="overrides (job file) or the script's arguments")
+    run.add_argument("rest", nargs=argparse.REMAINDER,
+                     help="overrides and options (job file), or the script's arguments")
     for name, text in (
         ("config", "print the resolved job file"),
         ("submit", "submit the job to SLURM through submitit"),
@@ -166,17 +193,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, overrides accepted anywhere after the job file (``submit job.yaml --wait a=1``), and
+    ``launcher run JOB.yaml``'s options after it too; a script's arguments are its own, as under torchrun."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        if not _is_script(args):
+            options = argparse.ArgumentParser(prog="launcher run", usage=RUN_HELP, allow_abbrev=False)
+            _run_options(options)
+            later, rest = options.parse_known_args(args.rest + extra, argparse.Namespace(**vars(args)))
+            extra = [a for a in rest if a.startswith("-")]
+            later.rest = [a for a in rest if not a.startswith("-")]
+            args = later
+    else:
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if "=" not in a or a.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_script(args: argparse.Namespace) -> bool:
+    return bool(args.module or args.run_path or args.target.endswith(".py"))
+
+
+def _nproc(value: str) -> int:
+    """``--nproc-per-node``: a count, or torchrun's gpu / cpu / auto."""
+    if value.isdigit():
+        return int(value)
+    if value not in ("gpu", "cpu", "auto"):
+        raise UsageError(f"--nproc-per-node {value}: expected a number, gpu, cpu or auto\n"
+                         "HINT: --nproc-per-node 2, or gpu for one rank per GPU")
+    gpus = 0
+    if value != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if value == "gpu" and gpus == 0:
+        raise UsageError("--nproc-per-node gpu: this machine has no CUDA device\n"
+                         "HINT: --nproc-per-node cpu (one rank per core) or a number")
+    return gpus or len(os.sched_getaffinity(0))
+
+
 def load_run_job(args: argparse.Namespace) -> config_mod.Job:
     """The job ``launcher run`` was given: a job file with overrides, or a script with its arguments."""
     options = []
     if args.nproc is not None:
-        options.append(f"distributed.nproc_per_node={args.nproc}")
+        options.append(f"distributed.nproc_per_node={_nproc(str(args.nproc))}")
     if args.max_restarts is not None:
         options.append(f"distributed.max_restarts={args.max_restarts}")
+    if args.rdzv_backend not in (None, "c10d"):
+        raise UsageError(f"--rdzv-backend {args.rdzv_backend}: the launcher's machines meet through c10d "
+                         "(torchrun's default)\nHINT: drop --rdzv-backend, or say --rdzv-backend c10d")
+    # One machine: the rendezvous is on loopback, port 0 (no port to pick, none to collide): ignored there.
+    if args.nnodes not in (None, "1", "1:1") and args.rdzv_endpoint is None and (
+            args.master_addr is not None or args.master_port is not None):
+        if args.master_addr is None or args.master_port is None:
+            raise UsageError("--master-addr and --master-port go together (the machine where all meet)\n"
+                             "HINT: give both, or --rdzv-endpoint HOST:PORT")
+        args.rdzv_endpoint = f"{args.master_addr}:{args.master_port}"  # torchrun's static rendezvous, as c10d
+    if args.standalone and args.nnodes not in (None, "1", "1:1"):
+        raise UsageError(f"--standalone runs on this one machine, --nnodes says {args.nnodes}\n"
+                         "HINT: drop one of them")
     for key in ("nnodes", "rdzv_endpoint", "rdzv_id"):
         if getattr(args, key) is not None:
             options.append(f"distributed.{key}={json.dumps(str(getattr(args, key)))}")  # a string, as given
-    if args.module or args.target.endswith(".py"):
+    for key in ("name", "output_dir"):
+        if getattr(args, key) is not None:
+            options.append(f"{key}={json.dumps(getattr(args, key))}")
+    if args.tee is not None:
+        options.append("distributed.console=all")
+    if _is_script(args):
         script = f"-m {args.target}" if args.module else args.target
         name = args.target.rsplit(".", 1)[-1] if args.module else Path(args.target).stem
         data = {"name": name, "script": script, "script_args": list(args.rest)}
@@ -186,7 +274,7 @@ def load_run_job(args: argparse.Namespace) -> config_mod.Job:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``launcher`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(load_run_job(args))

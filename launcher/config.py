@@ -3,7 +3,7 @@
 ``load(path, overrides)`` is the only entry point. Every section is a dataclass with a docstring under each
 field; unknown keys, wrong types and missing required keys raise :class:`ConfigError`, which names the file,
 the key path, what was expected and the valid keys. Overrides are ``key.path=value`` with the value parsed
-as YAML (``train.max_steps=20``, ``slurm.partition=gpu``, ``args.width='[64, 64]'``).
+as YAML (``args.max_steps=20``, ``slurm.partition=gpu``, ``args.width='[64, 64]'``).
 The strict conversion itself is :mod:`launcher.typed`.
 """
 
@@ -54,6 +54,8 @@ class DistributedConfig:
     store (torchrun's ``--rdzv-endpoint``)."""
     rdzv_id: str | None = None
     """Names the run at the rendezvous, the same on every machine; defaults to the job's name."""
+    console: Literal["rank0", "all"] = field(default="rank0", metadata=IGNORED)
+    """Whose output the console shows besides the logs: rank 0's, or every rank's (torchrun's ``--tee``)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: NCCL when every rank has its own CUDA device, Gloo otherwise."""
     sync_batchnorm: bool = True
@@ -278,7 +280,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.path=value\nHINT: e.g. train.max_steps=20")
+            raise ConfigError(f"override {item!r}: expected key.path=value\n"
+                              "HINT: e.g. args.max_steps=20 (launcher config JOB.yaml prints every key)")
         try:
             value = yamlfile.parse_value(raw) if raw != "" else ""
         except yaml.YAMLError as e:

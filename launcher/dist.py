@@ -70,6 +70,22 @@ def resolve_backend(backend: str, local_world_size: int) -> str:
     return "gloo"
 
 
+def attempt_store(addr: str, port: int, world_size: int, timeout_s: float) -> Any:
+    """In an attempt after a restart by the elastic agent (``launcher run --max-restarts``): the agent's
+    store, seen through a namespace of this attempt's own; None in a first attempt or without it.
+
+    The agent's store outlives a restart (ours is kept open on purpose), and torch's ``env://`` uses it
+    without a namespace: Gloo read the dead ranks' addresses of the previous attempt and failed to connect,
+    or waited for them (a script's restarts failed or hung in 3 of 7 trials).
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = tdist.TCPStore(addr, port, world_size, is_master=False,
+                           timeout=datetime.timedelta(seconds=timeout_s))
+    return tdist.PrefixStore(f"launcher/attempt_{restart}", store)
+
+
 def init(env: ClusterEnvironment, backend: str, startup_timeout_s: float, step_timeout_s: float) -> str:
     """Create the default process group for ``env``; returns the backend used.
 
@@ -80,16 +96,12 @@ def init(env: ClusterEnvironment, backend: str, startup_timeout_s: float, step_t
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank())
     kwargs: dict[str, Any] = {}
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         # srun step or another launcher that does not export MASTER_ADDR/PORT: say it explicitly.
         kwargs["init_method"] = f"tcp://{env.master_addr()}:{env.master_port()}"
-    elif restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # The agent's store outlives a restart (ours is kept open on purpose): without a namespace per
-        # attempt, Gloo would read the dead ranks' addresses from the previous attempt and fail to connect.
-        store = tdist.TCPStore(env.master_addr(), env.master_port(), env.world_size(), is_master=False,
-                               timeout=datetime.timedelta(seconds=startup_timeout_s))
-        kwargs["store"] = tdist.PrefixStore(f"launcher/attempt_{restart}", store)
+    elif (store := attempt_store(env.master_addr(), env.master_port(), env.world_size(),
+                                 startup_timeout_s)) is not None:
+        kwargs["store"] = store
     tdist.init_process_group(
         backend=backend,
         rank=env.rank(),

@@ -28,6 +28,9 @@ REQUIRED = [
     ("torch.nn.modules._functions", "SyncBatchNorm"),
     ("torch.distributed.distributed_c10d", "_set_pg_timeout"),
     ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._start_workers"),
+    ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._monitor_workers"),
+    ("torch.distributed.elastic.agent.server.api", "SimpleElasticAgent._restart_workers"),
+    ("torch.distributed.elastic.agent.server.api", "SimpleElasticAgent._remaining_restarts"),
     ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._pcontext"),
     ("torch.distributed.elastic.multiprocessing.api", "MultiprocessContext._pc"),
     ("torch.multiprocessing.spawn", "ProcessContext.error_files"),
@@ -159,6 +162,11 @@ def set_group_timeout(timeout: Any, group: Any = None) -> None:
 
     setter = getattr(tdist, "set_timeout", None) or distributed_c10d._set_pg_timeout
     setter(timeout, group)
+
+
+def agent_restarts_done(agent: Any) -> int:
+    """How many times the elastic agent has restarted its ranks (``max_restarts - _remaining_restarts``)."""
+    return int(agent.get_worker_group().spec.max_restarts - agent._remaining_restarts)
 
 
 def _process_context(agent: Any) -> Any:

@@ -150,7 +150,8 @@ def _flock(fd: int, run_dir: Path, source: str) -> None:
         raise UsageError(
             f"{source + ': ' if source else ''}the run directory {run_dir} is in use by another job "
             f"({holder})\n"
-            "HINT: give this run another name= or output_dir=, or wait until that job ends"
+            "HINT: give this run another name (name=, or --name for a script) or output_dir, or wait until "
+            "that job ends"
         ) from None
 
 

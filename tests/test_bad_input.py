@@ -102,6 +102,32 @@ def test_missing_script_or_module_is_refused(tmp_path, argv, named):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["--rdzv-backend", "static", "x.py"], "--rdzv-backend static"),
+    (["--nnodes", "2", "--master-addr", "10.0.0.1", "x.py"], "--master-addr and --master-port go together"),
+    (["--standalone", "--nnodes", "2", "--rdzv-endpoint", "h:1", "x.py"], "--standalone runs on this one"),
+    (["--nproc-per-node", "many", "x.py"], "--nproc-per-node many"),
+])
+def test_torchrun_options_that_cannot_work_are_refused(tmp_path, argv, named):
+    (tmp_path / "x.py").write_text("print('ran')\n")
+    r = subprocess.run(launcher_cmd("run", *argv), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 2 and named in r.stderr and "HINT" in r.stderr, r.stderr
+    assert "ran" not in r.stdout and not (tmp_path / "runs").exists()
+
+
+def test_options_and_overrides_go_anywhere_after_the_job_file(tmp_path):
+    r = subprocess.run(launcher_cmd("config", "jobs/tiny.yaml", "args.lr=0.3"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 0 and "lr: 0.3" in r.stdout, r.stderr
+    from launcher.cli import load_run_job, parse_args
+
+    job = load_run_job(parse_args(["run", "jobs/tiny.yaml", "args.lr=0.2", "--nproc-per-node", "3",
+                                   "--name", "b", "args.epochs=5"]))
+    assert (job.args["lr"], job.args["epochs"], job.distributed.nproc_per_node, job.name) == (0.2, 5, 3, "b")
+    assert parse_args(["submit", "jobs/tiny.yaml", "--wait", "args.lr=0.2"]).overrides == ["args.lr=0.2"]
+
+
 def test_submit_without_a_controller_is_refused(tmp_path):
     env = {**os.environ, "SLURM_CONF": str(tmp_path / "no-such-slurm.conf"), "PATH": os.environ["PATH"]}
     r = subprocess.run(launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={tmp_path}"), cwd=ROOT, env=env,

@@ -106,8 +106,8 @@ def test_a_run_stopped_by_max_steps_resumes_exactly_once_whatever_max_steps_was(
     """max_steps 7 (mid-epoch), then 16 (the epoch's last batch), then 40: the same weights as 40 straight.
     The final save held no data position: a raised max_steps replayed the epoch (224 samples twice)."""
     common = ["jobs/tiny.yaml", "args.epochs=3", "checkpoint.every_steps=100"]
-    ref = subprocess.Popen(launcher_cmd("run", *common, "args.max_steps=40", f"output_dir={tmp_path / 'ref'}"),
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    straight = launcher_cmd("run", *common, "args.max_steps=40", f"output_dir={tmp_path / 'ref'}")
+    ref = subprocess.Popen(straight, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for max_steps in (7, 16, 40):
             r = run_cli("run", *common, f"args.max_steps={max_steps}", f"output_dir={tmp_path / 'parts'}")

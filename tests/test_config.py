@@ -123,3 +123,14 @@ def test_cli_config_prints_resolved_job():
     assert r.returncode == 0, r.stderr
     data = __import__("yaml").safe_load(r.stdout)
     assert data["args"]["max_steps"] == 3 and data["name"] == "tiny"
+
+
+def test_the_override_hint_names_a_key_that_exists():
+    import re
+
+    from launcher import config
+
+    with pytest.raises(config.ConfigError) as e:
+        config.parse_overrides(["max_steps"])
+    example = re.search(r"HINT: e\.g\. (\S+)", str(e.value)).group(1)
+    assert config.load(ROOT / "jobs" / "tiny.yaml", [example])  # the hinted key is a real one

@@ -108,3 +108,16 @@ def test_importing_the_launching_side_changes_no_logging_setting():
             "print(logging.getLogger('torch.distributed.elastic').level)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(logging.NOTSET)
+
+
+def test_the_declared_python_floor_is_the_one_the_suite_runs_on():
+    """pyproject's requires-python is tested, not hoped for: the suite (and CI) runs on that very version.
+    It said 3.10 while failure reports use BaseException.add_note (3.11): a report on 3.10 crashed itself."""
+    import re
+    import sys
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'requires-python = ">=(\d+)\.(\d+)"', text)
+    assert floor, "requires-python must be a plain >=X.Y floor"
+    assert tuple(map(int, floor.groups())) == sys.version_info[:2], (
+        f"requires-python says {floor.group(0)}, the suite runs on {sys.version_info[:2]}: test the floor")

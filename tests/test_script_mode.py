@@ -94,3 +94,63 @@ def test_an_entry_function_that_calls_init_process_group_itself_works(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0 returned 3.0" in r.stdout
+
+
+def test_a_restarted_script_is_announced_with_its_cause_and_resumes(tmp_path):
+    """torchrun's --max-restarts with an unmodified script: the restart is said on the console, with the
+    original cause, and the script resumes from its own snapshot; __file__ is absolute, as under torchrun."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.read_text().replace(
+        'if __name__ == "__main__":', 'print(f"FILE {__file__}")\nif __name__ == "__main__":'))
+    r = subprocess.run(
+        launcher_cmd("run", "--max-restarts", "1", "--nproc-per-node", "2", "train.py", "4", "1",
+                     "--fail-on-rank", "1", "--fail-at-epoch", "2"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False, env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[launcher] rank 1 failed (exit code 1): RuntimeError: injected failure on rank 1 at epoch 2\n" \
+           "[launcher] restarting all ranks (restart 1 of 1)" in r.stderr, r.stderr[-3000:]
+    assert "Resuming training from snapshot at Epoch 1" in r.stdout
+    assert f"FILE {script}" in r.stdout
+
+
+def test_torchruns_own_command_line_runs_as_given(tmp_path):
+    """The options of a typical torchrun line, a run name and folder for a script, every rank on the
+    console (--tee)."""
+    r = subprocess.run(
+        launcher_cmd("run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "--master_port=29500",
+                     "--node_rank", "0", "--rdzv-backend", "c10d", "--tee", "3", "--name", "tut",
+                     "--output-dir", "out", str(SCRIPT), "2", "1"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False, env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[rank1]:RESULT rank=1" in r.stdout and "[rank0]:RESULT rank=0" in r.stdout
+    assert (tmp_path / "out" / "tut" / "job.yaml").exists()
+
+
+def test_a_stopped_script_rank_is_named_within_the_start_up_timeout(tmp_path):
+    """A script's own process group gets distributed.startup_timeout_s, not torch's 30 minutes: a SIGSTOPped
+    rank is named, the job ends."""
+    import signal
+    import time
+
+    from .conftest import rank_pids, wait_until
+
+    shutil.copy(SCRIPT, tmp_path / "train.py")
+    (tmp_path / "job.yaml").write_text(
+        "name: stall\nscript: train.py\nscript_args: ['100000', '100000']\n"
+        "distributed: {nproc_per_node: 2, startup_timeout_s: 15}\n")
+    proc = subprocess.Popen(launcher_cmd("run", "job.yaml"), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    try:
+        assert wait_until(lambda: (tmp_path / "snapshot.pt").exists(), 120), "the script did not start"
+        ranks = rank_pids(proc.pid)
+        assert len(ranks) == 2
+        rank1 = [p for p in ranks if Path(f"/proc/{p}/comm").read_text().strip() == "launcher-rank1"]
+        os.kill(rank1[0], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "rank 1 stopped making progress" in err and "process stopped (SIGSTOP" in err, err[-3000:]
+    assert took < 15 + 10, took

@@ -244,6 +244,25 @@ class _Agent(LocalElasticAgent):
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
+    def _monitor_workers(self, worker_group: Any) -> Any:
+        self.last_result = super()._monitor_workers(worker_group)
+        return self.last_result
+
+    def _restart_workers(self, worker_group: Any) -> None:
+        """Say why before each restart: the job goes on, and the cause would otherwise be in a log only."""
+        result = getattr(self, "last_result", None)
+        if result is not None and result.is_failed():
+            failure = RankFailure([_failure(r, f) for r, f in _all_failures(self, result.failures).items()])
+            f = failure.first
+            how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
+            said = (f.traceback or f.message or "").strip().splitlines()
+            lines = [line for line in said if not line.startswith("[launcher]")]  # our own notes
+            cause = f": {lines[-1]}" if lines else ""
+            done = internals.agent_restarts_done(self)
+            print(f"[launcher] rank {f.rank} failed ({how}){cause}\n[launcher] restarting all ranks "
+                  f"(restart {done} of {worker_group.spec.max_restarts})", file=sys.stderr, flush=True)
+        super()._restart_workers(worker_group)
+
     def _start_workers(self, worker_group: Any) -> dict[int, Any]:
         _kill_groups(self.rank_pids)  # a restart: what is left of the ranks stopped before it
         self.remove_error_files()

@@ -177,17 +177,51 @@ def _reported(rank: int, counts_steps: bool = True) -> Iterator[None]:
         raise
 
 
+def _script_group_defaults(spec: RankSpec) -> None:
+    """What a script's own ``init_process_group()`` gets that torchrun does not give it, patched in this
+    rank's process only, before the script imports it:
+
+    * a collective timeout of ``distributed.startup_timeout_s`` unless the script passes one (torch's default
+      is 30 minutes: a stopped rank left its peers waiting that long, silently);
+    * in a restarted attempt, this attempt's namespace of the agent's store for ``env://``, as the launcher's
+      own group has (:func:`launcher.dist.attempt_store`).
+    """
+    import datetime
+    import functools
+
+    import torch.distributed as tdist
+
+    original = tdist.init_process_group
+
+    @functools.wraps(original)
+    def init_process_group(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = datetime.timedelta(seconds=spec.startup_timeout_s)
+        if kwargs.get("store") is None and kwargs.get("init_method") in (None, "env://") and len(args) < 2:
+            store = dist.attempt_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       int(os.environ["WORLD_SIZE"]), spec.startup_timeout_s)
+            if store is not None:
+                kwargs.update(store=store, rank=int(os.environ["RANK"]),
+                              world_size=int(os.environ["WORLD_SIZE"]))
+                kwargs.pop("init_method", None)
+        return original(*args, **kwargs)
+
+    tdist.init_process_group = init_process_group
+
+
 def _run_script(spec: RankSpec, environment: env_mod.ClusterEnvironment) -> Any:
     """Run a torchrun-style script as ``__main__`` with its arguments: it sets up the process group itself."""
     if isinstance(environment, env_mod.SlurmEnvironment):
         _slurm_threads()
     name = spec.script or spec.module or ""
     sys.argv = [name, *spec.argv]
+    _script_group_defaults(spec)
     try:
         with _reported(environment.rank(), counts_steps=False):  # scripts do not report their steps
             if spec.script is not None:
-                sys.path.insert(0, os.path.dirname(os.path.abspath(spec.script)))  # as `python script.py`
-                runpy.run_path(spec.script, run_name="__main__")
+                script = os.path.abspath(spec.script)  # __file__ is absolute, as under python and torchrun
+                sys.path.insert(0, os.path.dirname(script))  # as `python script.py`
+                runpy.run_path(script, run_name="__main__")
             else:
                 runpy.run_module(spec.module or "", run_name="__main__", alter_sys=True)
         dist.note_ended()
