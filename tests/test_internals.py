@@ -41,3 +41,42 @@ def test_accessors_work_in_this_process():
     assert internals.forkserver_pid() is None or isinstance(internals.forkserver_pid(), int)
     assert internals.batchnorm_base().__name__ == "_BatchNorm"
     assert internals.agent_processes(object()) == ({}, [])
+
+
+#: Names with a leading underscore that are public API all the same (namedtuple's ``_fields``).
+PUBLIC_UNDERSCORED = {"os._exit", "_fields"}
+
+
+def _private(name: str) -> bool:
+    return len(name) > 1 and name[0] == "_" and name[1] != "_" and name not in PUBLIC_UNDERSCORED
+
+
+def test_no_private_attribute_is_touched_outside_internals():
+    """Private names of CPython and torch are used in launcher/internals.py only (listed in REQUIRED): an
+    attribute with a leading underscore on anything but ``self``/``cls`` elsewhere fails here, as does a
+    string naming one (``getattr(x, "_y")``). Overriding a private method is allowed when REQUIRED lists
+    it."""
+    import ast
+    from pathlib import Path
+
+    required = {path.rsplit(".", 1)[-1] for _, path in internals.REQUIRED}
+    package = Path(internals.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "internals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = None
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                base = ast.unparse(node.value)
+                allowed = base in ("self", "cls") or (base == "super()" and node.attr in required)
+                if not allowed and f"{base}.{node.attr}" not in PUBLIC_UNDERSCORED:
+                    name = f"{base}.{node.attr}"
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if _private(node.value) and node.value.isidentifier():
+                    name = repr(node.value)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                name = next((f"{node.module}.{a.name}" for a in node.names if _private(a.name)), None)
+            if name:
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {name}")
+    assert not found, "private names outside launcher/internals.py:\n" + "\n".join(found)

@@ -143,7 +143,7 @@ def _iterator_in(error: BaseException) -> Any:
     tb = error.__traceback__
     while tb is not None:
         candidate = tb.tb_frame.f_locals.get("self")
-        if candidate is not None and hasattr(candidate, "_workers"):
+        if candidate is not None and internals.dataloader_workers(candidate):
             return candidate
         tb = tb.tb_next
     return None

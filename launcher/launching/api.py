@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import inspect
 import sys
 import tempfile
 from collections.abc import Callable
@@ -39,7 +40,7 @@ def launch(
     """
     settings: dict[str, Any] = {"backend": backend, "timeout_s": timeout_s,
                                 "startup_timeout_s": startup_timeout_s, "seed": seed}
-    _refuse_unguarded_main(sys._getframe(1))
+    _refuse_unguarded_main(inspect.currentframe().f_back)  # type: ignore[union-attr]
     environment = detect()
     if not environment.spawns_here():
         from ..rank.program import execute  # this process is the rank: nothing crosses a process boundary
