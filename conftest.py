@@ -1,4 +1,4 @@
-"""The README's Python blocks are tests (Sybil): each one is saved as a file and run as a user would run it.
+"""The Python blocks of the README and docs/ are tests (Sybil): each is saved as a file and run as users do.
 
 A block runs as ``python block.py`` from the repository root, or under pytest when it defines ``test_``
 functions. A block that is deliberately partial (a fragment of a loop) starts with ``# partial`` and is only
@@ -39,5 +39,5 @@ def run_block(example) -> None:
 
 pytest_collect_file = Sybil(
     parsers=[CodeBlockParser(language="python", evaluator=run_block), SkipParser()],
-    patterns=["README.md"],
+    patterns=["README.md", "docs/*.md"],
 ).pytest()

@@ -82,7 +82,7 @@ def test_a_stopped_rank_is_named_and_the_job_ends_within_the_timeout_plus_5s(run
 
 def test_the_stall_report_reads_exception_messages_not_code_lines(tmp_path):
     from launcher.errors import Failure
-    from launcher.launching.local import stall_report
+    from launcher.launching.failures import stall_report
 
     (tmp_path / "rank0").write_text("12 0.0")
     (tmp_path / "rank1").write_text("40 0.0")
@@ -106,7 +106,8 @@ def test_on_a_second_machine_the_stall_report_names_global_ranks(tmp_path):
     import time
 
     from launcher.errors import Failure
-    from launcher.launching.local import _Agent, stall_report
+    from launcher.launching.failures import stall_report
+    from launcher.launching.local import _Agent
 
     ranks = [subprocess.Popen(["sleep", "30"], start_new_session=True) for _ in range(2)]
     try:

@@ -1,5 +1,6 @@
 """Every shell command of the README's Quick tour, Coming from torchrun, Examples and laptop-to-cluster
-walkthrough runs here as written, through the installed console script, bounded with appended overrides.
+walkthrough runs here as written, through the installed console script, bounded with appended overrides, or
+names the test that runs it already (the same command with bounds: not run twice).
 
 ``COMMANDS`` maps each command, exactly as the README spells it, to how the test bounds it. A command added to
 those sections without an entry here fails ``test_every_readme_command_is_covered``. (The README's Python
@@ -27,18 +28,22 @@ CLASSIFY = ["args.max_steps=2", "args.epochs=1", "data.num_workers=0", "args.dat
 #: README command -> (overrides appended, or None to run as written; where to run it). ``{tmp}``, ``{data}``
 #: are filled in. Commands that need a SLURM cluster name the test that runs them there.
 COMMANDS: dict[str, tuple[list[str] | None, str] | str] = {
-    "launcher run jobs/tiny.yaml": (TINY, "root"),
-    "launcher run jobs/tiny.yaml args.max_steps=100": (["args.max_steps=4"], "root"),
+    "launcher run jobs/tiny.yaml": "tests/test_cli.py::test_two_rank_run_succeeds_and_every_rank_ran",
+    "launcher run jobs/tiny.yaml args.epochs=4": (TINY, "root"),
     "launcher config jobs/classify.yaml args.lr=0.05": ([], "root"),
+    "launcher run --nproc-per-node 2 examples/ddp_tutorial.py 4 1 --snapshot_path runs/snapshot.pt":
+        (None, "scripts"),
+    "torchrun --standalone --nproc-per-node 2 -m launcher run jobs/tiny.yaml name=tiny-torchrun":
+        "tests/test_cli.py::test_torchrun_runs_the_same_job_in_place",
+    "python -m launcher run jobs/tiny.yaml name=tiny-module": (TINY, "root"),
     "launcher run jobs/classify.yaml distributed.nproc_per_node=8 args.model=resnet18":
         ([*CLASSIFY, "args.max_steps=1", "args.batch_size=2", "distributed.startup_timeout_s=120"], "root"),
-    "launcher run --nproc-per-node 2 train.py 10 5": (None, "scripts"),
-    "torchrun --standalone --nproc-per-node 2 -m launcher run jobs/tiny.yaml": (TINY, "root"),
     "srun --ntasks-per-node 4 launcher run jobs/tiny.yaml":
         "tests/test_slurm.py::test_srun_launcher_run_inside_an_allocation",
-    "python -m launcher run jobs/tiny.yaml": (TINY, "root"),
-    "torchrun --standalone --nproc-per-node 2 train.py 10 5 --batch_size 32": (None, "scripts"),
-    "launcher run --nproc-per-node 2 train.py 10 5 --batch_size 32": (None, "scripts"),
+    "torchrun --standalone --nproc-per-node 2 train.py 10 5 --batch_size 32":
+        "tests/test_script_mode.py::test_the_script_runs_unchanged_and_trains_as_under_torchrun",
+    "launcher run --nproc-per-node 2 train.py 10 5 --batch_size 32":
+        "tests/test_script_mode.py::test_the_script_runs_unchanged_and_trains_as_under_torchrun",
     "launcher run --nproc-per-node 2 -m mypkg.train 10 5": (None, "scripts"),
     "python -m launcher.tools.tarshards ~/data/cifar10 data/cifar10 --format cifar10": (None, "home"),
     "python -m launcher.tools.tarshards ~/data/flowers data/flowers --val-fraction 0.1": (None, "home"),
@@ -71,7 +76,7 @@ def readme_commands() -> list[str]:
                 if cmd:
                     out.append(cmd)
         prose = re.sub(r"```.*?```", "", section, flags=re.DOTALL)
-        out += [c for c in re.findall(r"`((?:launcher|torchrun) [^`]+)`", prose.replace("\n   ", " "))
+        out += [c for c in re.findall(r"`((?:launcher|torchrun|srun) [^`]+)`", prose.replace("\n   ", " "))
                 if len(c.split()) > 2 and (".yaml" in c or ".py" in c)]
     return list(dict.fromkeys(" ".join(c.split()) for c in out))
 
@@ -86,11 +91,12 @@ def test_every_readme_command_is_covered():
 def test_the_readme_lists_exactly_what_import_launcher_gives():
     import launcher
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "api.md").read_text()
     listed = text.split("`import launcher` gives everything a loop needs", 1)[1].split("\n\n", 1)[0]
     names = set(re.findall(r"`([A-Za-z_]+)`", listed)) - {"__all__"}
     assert names == set(launcher.__all__)
-    used = set(re.findall(r"\blauncher\.([A-Za-z_]+)\(", text))  # every launcher.name(...) the README calls
+    text += (ROOT / "README.md").read_text()
+    used = set(re.findall(r"\blauncher\.([A-Za-z_]+)\(", text))  # every launcher.name(...) the docs call
     assert used <= set(launcher.__all__), used - set(launcher.__all__)
     for name in launcher.__all__:
         getattr(launcher, name)
@@ -137,8 +143,10 @@ def _scripts(tmp: Path) -> Path:
     """A folder holding the user's train.py and mypkg/train.py (the DDP-tutorial-style test script)."""
     where = tmp / "scripts"
     (where / "mypkg").mkdir(parents=True)
-    shutil.copy(ROOT / "tests" / "scripts" / "ddp_tutorial.py", where / "train.py")
-    shutil.copy(ROOT / "tests" / "scripts" / "ddp_tutorial.py", where / "mypkg" / "train.py")
+    shutil.copy(ROOT / "examples" / "ddp_tutorial.py", where / "train.py")
+    shutil.copy(ROOT / "examples" / "ddp_tutorial.py", where / "mypkg" / "train.py")
+    (where / "examples").mkdir()
+    shutil.copy(ROOT / "examples" / "ddp_tutorial.py", where / "examples" / "ddp_tutorial.py")
     (where / "mypkg" / "__init__.py").write_text("")
     return where
 
@@ -176,7 +184,7 @@ def test_readme_command_runs_as_written(command, tmp_path, shapes, monkeypatch):
     out = r.stdout + r.stderr
     if command.startswith(("launcher run jobs", "python -m launcher run")):
         assert "finished on" in out, out[-2000:]
-    if "train.py" in command or "mypkg" in command:
+    if "train.py" in command or "mypkg" in command or "ddp_tutorial" in command:
         assert "RESULT rank=0 world=2" in out, out[-2000:]
     if "tarshards" in command:
         assert "wrote" in out and "/val" in out, out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .conftest import ROOT, launcher_cmd
 
-SCRIPT = ROOT / "tests" / "scripts" / "ddp_tutorial.py"
+SCRIPT = ROOT / "examples" / "ddp_tutorial.py"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import inspect
-import sys
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,9 @@ def launch(
     """
     settings: dict[str, Any] = {"backend": backend, "timeout_s": timeout_s,
                                 "startup_timeout_s": startup_timeout_s, "seed": seed}
-    _refuse_unguarded_main(inspect.currentframe().f_back)  # type: ignore[union-attr]
+    caller = inspect.currentframe()
+    assert caller is not None and caller.f_back is not None  # CPython keeps frames
+    _refuse_unguarded_main(caller.f_back)
     environment = detect()
     if not environment.spawns_here():
         from ..rank.program import execute  # this process is the rank: nothing crosses a process boundary

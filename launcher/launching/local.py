@@ -18,12 +18,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,15 +32,14 @@ from typing import Any
 from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
-from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from .. import internals
 from ..dist import HEARTBEAT_ENV
-from ..errors import Failure, LaunchError, RankFailure
+from ..errors import LaunchError, RankFailure
 from ..spec import Process, RankSpec, rank_function
-from . import machines, rankserver
+from . import failures, machines, rankserver
 
 #: Most ranks started from the fork server: torch's process context sends every rank the result queues of
 #: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many
@@ -148,21 +145,21 @@ def spawn(
                 why = agent.roster.lost() if agent.roster else ""
                 raise LaunchError(f"the rendezvous at {rdzv.endpoint} failed: {why or e}") from None
             except ValueError as e:  # torch reads a failed rank's error file as JSON: empty on a full disk
-                failures = _unreadable_reports(agent, log_dir)
-                if not failures:
+                lost = failures.unreadable_reports(agent, log_dir)
+                if not lost:
                     raise
-                raise RankFailure(failures) from e
+                raise RankFailure(lost) from e
             finally:
                 restore()
                 _kill_groups(agent.rank_pids)  # a rank's DataLoader workers, left when the agent stopped it
                 with contextlib.suppress(Exception):  # the run's outcome matters more than closing the store
                     worker_spec.rdzv_handler.shutdown()
         if result.is_failed():
-            failures = [_failure(r, f) for r, f in _all_failures(agent, result.failures).items()]
+            failed = failures.of_attempt(agent, result.failures)
             why = agent.roster.lost() if agent.roster else ""
-            stalled = why or left_early(failures, heartbeats) or \
-                stall_report(failures, heartbeats, agent.states_at_failure)
-            raise RankFailure(failures, stalled=stalled)
+            stalled = why or failures.left_early(failed, heartbeats) or \
+                failures.stall_report(failed, heartbeats, agent.states_at_failure)
+            raise RankFailure(failed, stalled=stalled)
     finally:
         os.environ.clear()
         os.environ.update(environ)
@@ -227,14 +224,14 @@ class _Agent(LocalElasticAgent):
     def ranks_gone(self) -> bool:
         """This attempt's ranks have all ended (for the watchdog of a multi-machine run)."""
         pids = self.current_pids
-        return bool(pids) and all(_process_state(pid) in ("Z", "X", "?") for pid in pids)
+        return bool(pids) and all(failures.process_state(pid) in ("Z", "X", "?") for pid in pids)
 
     def _note_states(self, pids: list[int]) -> None:
         """A rank has ended: note every rank's process state; one the kernel shows stopped cannot act on
         SIGTERM, so it is killed at once instead of after the grace."""
         if not self.states_at_failure:
             ranks = self.global_ranks or list(range(len(pids)))  # by global rank, as failures and heartbeats
-            self.states_at_failure = {rank: _process_state(pid) for rank, pid in zip(ranks, pids)}
+            self.states_at_failure = {rank: failures.process_state(pid) for rank, pid in zip(ranks, pids)}
             states = self.states_at_failure
             _kill_groups([pid for rank, pid in zip(ranks, pids) if states[rank] in ("T", "t")])
 
@@ -252,8 +249,7 @@ class _Agent(LocalElasticAgent):
         """Say why before each restart: the job goes on, and the cause would otherwise be in a log only."""
         result = getattr(self, "last_result", None)
         if result is not None and result.is_failed():
-            failure = RankFailure([_failure(r, f) for r, f in _all_failures(self, result.failures).items()])
-            f = failure.first
+            f = RankFailure(failures.of_attempt(self, result.failures)).first
             how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
             said = (f.traceback or f.message or "").strip().splitlines()
             lines = [line for line in said if not line.startswith("[launcher]")]  # our own notes
@@ -324,166 +320,3 @@ def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
     return restore
 
 
-def _all_failures(agent: _Agent, reported: dict[int, ProcessFailure]) -> dict[int, ProcessFailure]:
-    """The failure the agent reports, plus every other rank of the last attempt that wrote an error file.
-
-    The agent reports the first failed rank it notices; when one rank's error makes a peer fail a moment
-    later (a closed connection), that may be the peer. Each rank that raised wrote its traceback and time, so
-    :class:`RankFailure` can still name the root cause.
-    """
-    failures = dict(reported)  # by global rank
-    error_files, processes = internals.agent_processes(agent)  # by local rank
-    to_global = {w.local_rank: w.global_rank for w in agent.get_worker_group().workers}
-    for local, path in error_files.items():
-        rank = to_global.get(local, local)
-        if rank not in failures and os.path.isfile(path):
-            # it raised
-            failures[rank] = ProcessFailure(local_rank=local, pid=-1, exitcode=1, error_file=path)
-    # Forked ranks (multiprocessing's process context) report one failure: a rank killed by a signal (OOM
-    # killer, kill -9) wrote no error file, and its peer's "connection reset" may be the one reported.
-    for local, proc in enumerate(processes):
-        rank = to_global.get(local, local)
-        if rank not in failures and (proc.exitcode or 0) < 0:
-            failures[rank] = ProcessFailure(local_rank=local, pid=proc.pid, exitcode=proc.exitcode,
-                                            error_file=error_files.get(local, ""))
-    return failures
-
-
-def _process_state(pid: int) -> str:
-    """The kernel's one-letter state of ``pid`` (R running, S sleeping, D disk wait, T stopped, Z zombie)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "?"
-
-
-_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger",
-           "D": "in uninterruptible I/O (a hung file system?)"}
-#: How a collective's timeout reads in an exception message (Gloo, NCCL's watchdog, the c10d store).
-_TIMEOUT = ("Timed out waiting", "collective operation timeout", "Socket Timeout", "timed out after")
-
-
-def _timed_out(f: Failure) -> bool:
-    """The rank's exception says one of its collectives timed out (code lines of the traceback, which are
-    indented, do not count; nor does a DataLoader's own wait)."""
-    said = [line for line in f.traceback.splitlines() if line and not line[0].isspace()] + [f.message]
-    return any(t in line and "DataLoader" not in line for line in said for t in _TIMEOUT)
-
-
-def left_early(failures: list[Failure], heartbeats: Path) -> str:
-    """When a rank's work ended without an error while its peers still ran (a ``return`` or ``sys.exit(0)``
-    in one rank only): that rank, which the failures of its peers' collectives would otherwise hide."""
-    causes = {f.rank for f in failures if not f.secondary}
-    ended = {}
-    for path in heartbeats.glob("ended-rank*"):
-        with contextlib.suppress(ValueError, OSError):
-            ended[int(path.name[len("ended-rank"):])] = path.read_text().strip()
-    early = sorted(r for r in ended if r not in causes)
-    if not early or causes - set(ended):  # a rank that failed on its own is the cause
-        return ""
-    if {f.rank for f in failures} <= set(ended):  # every rank got to the end
-        return ""
-    rank = early[0]
-    when = f"after step {ended[rank]}" if ended[rank] else "before its first step"
-    return (f"rank {rank} ended its work without an error {when} (it returned or exited with code 0) while "
-            "its peers still ran, and their collectives failed")
-
-
-def stall_report(failures: list[Failure], heartbeats: Path, states: dict[int, str]) -> str:
-    """When a collective timed out: which rank stopped making progress, its last step and what it was doing.
-
-    The rank whose wait expired is the one reporting the timeout; the one behind is the rank with the oldest
-    heartbeat (``launcher.note_step`` writes one a second), or a rank the kernel shows stopped.
-    """
-    timed_out = {f.rank for f in failures if _timed_out(f)}
-    if not timed_out:
-        return ""
-    beats: dict[int, tuple[int, float]] = {}
-    for path in heartbeats.glob("rank*"):
-        with contextlib.suppress(ValueError, OSError):
-            words = path.read_text().split()
-            beats[int(path.name[4:])] = (int(words[0]), float(words[1]))
-    ranks = sorted(set(states) | set(beats))
-    candidates = [r for r in ranks if r not in timed_out] or ranks
-    stopped = [r for r in candidates if states.get(r) in _STATES]
-    if stopped:
-        behind = stopped[0]
-    elif any(r in beats for r in candidates):
-        behind = min(candidates, key=lambda r: beats.get(r, (-1, 0.0)))
-    else:
-        return ""
-    what = []
-    if behind in beats:
-        step, at = beats[behind]
-        what.append(f"last step {step}, {time.time() - at:.0f} s before this report")
-    else:
-        what.append("before its first step")
-    if states.get(behind) in _STATES:
-        what.append(f"process {_STATES[states[behind]]}")
-    return f"rank {behind} stopped making progress ({'; '.join(what)}), and its peers' collectives timed out"
-
-
-def _unreadable_reports(agent: _Agent, log_dir: Path) -> list[Failure]:
-    """The ranks of the last attempt whose error file is there but not JSON (the rank failed, and its report
-    could not be written): each named, with the free space left where the run directory is."""
-    error_files, _ = internals.agent_processes(agent)
-    to_global = {w.local_rank: w.global_rank for w in agent.get_worker_group().workers}
-    try:
-        free = shutil.disk_usage(log_dir).free
-    except OSError:
-        free = -1
-    full = 0 <= free < (1 << 20)
-    why = (f"no space left on the device that holds the run directory ({log_dir}: {free >> 10} KiB free)\n"
-           "HINT: free space there, or point output_dir at a larger file system") if full else \
-        f"its error report {{}} is unreadable (the run directory's file system: {log_dir})"
-    failures = []
-    for local, path in sorted(error_files.items()):
-        try:
-            with open(path) as f:
-                json.load(f)
-            continue
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError):
-            pass
-        rank = to_global.get(local, local)
-        message = f"rank {rank} failed, and its traceback was lost: {why.format(path)}"
-        failures.append(Failure(rank=rank, host=socket.gethostname(), exitcode=1, signal=None,
-                                timestamp=int(time.time()), message=message, traceback=""))
-    return failures
-
-
-def _failure(rank: int, pf: ProcessFailure) -> Failure:
-    message, tb = "", ""
-    data = pf.message
-    if isinstance(data, dict):
-        message = str(data.get("message", ""))
-        tb = str(data.get("extraInfo", {}).get("py_callstack", ""))
-    elif data:
-        message = str(data)
-    signame = None
-    if pf.exitcode < 0:
-        try:
-            signame = signal.Signals(-pf.exitcode).name
-        except ValueError:
-            signame = str(-pf.exitcode)
-    return Failure(
-        rank=rank,
-        host=socket.gethostname(),
-        exitcode=pf.exitcode,
-        signal=signame,
-        timestamp=pf.timestamp,
-        message=message,
-        traceback=tb,
-        log_tail=_log_tail(pf),
-    )
-
-
-def _log_tail(pf: ProcessFailure, lines: int = 30) -> str:
-    if not pf.error_file:
-        return ""
-    stderr = Path(pf.error_file).parent / "stderr.log"
-    try:
-        return "\n".join(stderr.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
