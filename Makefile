@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv bench gpu-check clean slurm-up slurm-down slurm-demo
+.PHONY: demo test quick lint venv bench gpu-check clean slurm-up slurm-down slurm-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=30
+
+# The quick tier: no process started, under a minute (conftest.py enforces the bound).
+quick: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=10
 
 # House style (../shared/STYLE.md): ruff (lines <= 110) and mypy clean; settings in pyproject.toml.
 lint: $(STAMP)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from sybil import Sybil
@@ -35,6 +36,42 @@ def run_block(example) -> None:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert r.returncode == 0, (
             f"README block at line {example.line} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+#: Modules whose every test starts the launcher, ranks, a cluster or network namespaces: the slow tier.
+SLOW_MODULES = {
+    "test_cli", "test_faults", "test_multinode", "test_slurm", "test_slurm_nodes", "test_script_mode",
+    "test_readme", "test_classify", "test_recipes", "test_byo_loop", "test_spawn", "test_gpu_check",
+    "test_checkpoint", "test_checkpoint_robustness", "test_syncbn", "test_forkserver", "test_data",
+    "test_hostmem", "test_interrupt", "test_bad_input",
+}
+#: ``make quick`` (``-m "not slow"``) must stay under this many seconds.
+QUICK_BOUND_S = 60.0
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tiers: ``slow`` marks every test that starts processes (its module, a ``run_root`` or
+    ``distributed`` fixture, a README/docs block); the rest is the quick tier, ``make quick``."""
+    import pytest
+
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        block = item.path.suffix == ".md"
+        if item.path.stem in SLOW_MODULES or block or fixtures & {"run_root", "distributed"}:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_sessionstart(session) -> None:
+    session.started_at = time.monotonic()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The quick tier's bound is a test of its own: over it, the run fails and says which tests to mark."""
+    took = time.monotonic() - getattr(session, "started_at", time.monotonic())
+    if session.config.getoption("markexpr") == "not slow" and took > QUICK_BOUND_S and exitstatus == 0:
+        print(f"\nFAILED the quick tier took {took:.0f} s, over its {QUICK_BOUND_S:.0f} s: mark the slowest "
+              "tests slow (see --durations)")
+        session.exitstatus = 1
 
 
 pytest_collect_file = Sybil(

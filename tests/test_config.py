@@ -110,6 +110,7 @@ def test_every_field_has_a_docstring():
                     )
 
 
+@pytest.mark.slow  # starts a process that imports torch
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     p = write(tmp_path, "name: a\nentry: examples.tiny:main\nargs:\n  epochz: 1\n")
     r = run_cli("run", str(p), f"output_dir={tmp_path}")

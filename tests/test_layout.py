@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "launcher"
 
 
@@ -99,6 +101,7 @@ def test_how_it_works_names_every_module():
         assert rel in section, f"docs/how-it-works.md does not mention launcher/{rel}"
 
 
+@pytest.mark.slow  # starts a process that imports torch
 def test_importing_the_launching_side_changes_no_logging_setting():
     import logging
     import subprocess
