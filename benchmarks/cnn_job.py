@@ -77,7 +77,7 @@ def main(job: launcher.Job, args: CnnArgs) -> float:
                                 batch_size=batch, seed=job.seed)
     for shard in range(SHARDS):
         read(shard)
-    loader = launcher.make_loader(ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
+    loader = launcher.make_loader(ds, job=job)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     ckpt = launcher.Checkpointer(job.checkpoint_dir, job=job, per_rank={"data": loader}, model=model,
                                  optimizer=opt)

@@ -107,11 +107,11 @@ def sharded(root: Path, job: launcher.Job, args: ClassifyArgs,
         tf = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
     else:
         tf = transforms.Compose([transforms.ToTensor(), norm])
-    ds = launcher.ShardedIterableDataset(
-        paths, read_tar, sizes=sizes, batch_size=args.batch_size, transform=DecodeImage(tf),
-        seed=job.seed, shuffle=train, shuffle_buffer=job.data.shuffle_buffer if train else 0,
-        uneven=job.data.uneven if train else "none",  # evaluation runs no collective: every sample once
-    )
+    # evaluation runs no collective: every sample once, in order
+    evaluation = {} if train else {"shuffle": False, "shuffle_buffer": 0, "uneven": "none"}
+    ds = launcher.ShardedIterableDataset.for_job(job, paths, read_tar, sizes=sizes,
+                                                 batch_size=args.batch_size, transform=DecodeImage(tf),
+                                                 **evaluation)
     return ds, classes
 
 
@@ -191,10 +191,9 @@ def main(job: launcher.Job, args: ClassifyArgs) -> dict[str, Any]:
     torch.manual_seed(job.seed)  # identical initial weights on every rank
     model = launcher.wrap_for_job(build_model(args, num_classes), job)
     opt = torch.optim.SGD(recipes.param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    loader = launcher.make_loader(train_ds, num_workers=job.data.num_workers, pin_memory=job.data.pin_memory)
-    val_loader = launcher.make_loader(val_ds, num_workers=job.data.num_workers,
-                                      pin_memory=job.data.pin_memory)
-    steps_per_epoch = train_ds.batches_per_rank(job.data.num_workers) // args.grad_accum
+    loader = launcher.make_loader(train_ds, job=job)
+    val_loader = launcher.make_loader(val_ds, job=job)
+    steps_per_epoch = train_ds.batches_per_rank(loader.num_workers) // args.grad_accum
     total = min(args.max_steps or 10**12, args.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: recipes.warmup_cosine(s, args.warmup_steps, total))

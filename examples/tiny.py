@@ -69,10 +69,9 @@ def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
     model = launcher.wrap_for_job(model, job)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     shard_list, sizes = shards(args.num_samples)
-    ds = launcher.ShardedIterableDataset(shard_list, read_shard, sizes=sizes, batch_size=args.batch_size,
-                                         seed=job.seed, uneven=job.data.uneven,
-                                         shuffle_buffer=job.data.shuffle_buffer)
-    loader = launcher.make_loader(ds, num_workers=job.data.num_workers)
+    ds = launcher.ShardedIterableDataset.for_job(job, shard_list, read_shard, sizes=sizes,
+                                                 batch_size=args.batch_size)
+    loader = launcher.make_loader(ds, job=job)
     ckpt = launcher.Checkpointer.for_job(job, per_rank={"data": loader}, model=model, optimizer=opt)
     state = ckpt.resume()
     max_steps = args.max_steps or 10**12

@@ -89,6 +89,16 @@ class ShardedIterableDataset(IterableDataset):
         self._pending: dict[str, int] | None = None  # position restored by load_state_dict, used by __iter__
         self.plan(1)  # an epoch with no batch at all is an error now, not a silent no-op later
 
+    @classmethod
+    def for_job(cls, job: Any, shards: Sequence[Any], read: Callable[..., Iterable[Any]], *, batch_size: int,
+                **kw: Any) -> ShardedIterableDataset:
+        """The dataset with the job's ``data:`` section and seed applied (``uneven``, ``shuffle_buffer``,
+        ``seed``); a keyword given here wins (an evaluation set: ``uneven="none"``, ``shuffle_buffer=0``)."""
+        for key, value in (("seed", job.seed), ("uneven", job.data.uneven),
+                           ("shuffle_buffer", job.data.shuffle_buffer)):
+            kw.setdefault(key, value)
+        return cls(shards, read, batch_size=batch_size, **kw)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (shuffling order); call before iterating each epoch, on every rank."""
         self.epoch = epoch

@@ -18,9 +18,13 @@ from .dataset import ShardedIterableDataset, positions
 
 
 def make_loader(
-    dataset: ShardedIterableDataset, num_workers: int = 0, pin_memory: bool = False, **kw: Any
+    dataset: ShardedIterableDataset, num_workers: int | None = None, pin_memory: bool | None = None, *,
+    job: Any = None, **kw: Any
 ) -> Any:
     """A torchdata ``StatefulDataLoader`` over ``dataset`` (batches come from the dataset; state per worker).
+
+    ``job``: the job's ``data:`` section gives ``num_workers`` and ``pin_memory`` (a value given here wins);
+    without a job they default to 0 and False.
 
     Inside a SLURM job the workers ignore SIGTERM and USR2: SLURM signals every process of the step on a
     preemption or requeue, and torch's workers would die of it and crash the rank before it reaches the step
@@ -37,6 +41,11 @@ def make_loader(
     the new worker); otherwise, or with ``multiprocessing_context`` given, as the DataLoader starts them.
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
+
+    if num_workers is None:
+        num_workers = job.data.num_workers if job is not None else 0
+    if pin_memory is None:
+        pin_memory = job.data.pin_memory if job is not None else False
 
     wait_s = float(kw.pop("timeout", 0) or dist.data_timeout_s())
     if num_workers > 0 and stop.installed():
