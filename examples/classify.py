@@ -24,7 +24,7 @@ from torchvision.models.resnet import BasicBlock
 from tqdm import tqdm
 
 import launcher
-from launcher.config import EXACT, above, at_least
+from launcher import EXACT, above, at_least
 from launcher.data.tar import DecodeImage, open_shards, read_tar
 
 from . import recipes

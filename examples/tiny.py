@@ -16,7 +16,7 @@ import torch.distributed as tdist
 from torch import nn
 
 import launcher
-from launcher.config import EXACT, at_least
+from launcher import EXACT, at_least
 
 
 @dataclass

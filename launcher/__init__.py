@@ -14,8 +14,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .config import EXACT as EXACT
 from .config import ConfigError as ConfigError
 from .config import Job as Job
+from .config import above as above
+from .config import at_least as at_least
 from .config import load as load_job
 from .errors import EXIT_REQUEUE as EXIT_REQUEUE
 from .errors import LaunchError as LaunchError
@@ -67,6 +70,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "EXACT",
     "EXIT_REQUEUE",
     "CheckpointError",
     "Checkpointer",
@@ -77,8 +81,10 @@ __all__ = [
     "ShardedIterableDataset",
     "SyncBatchNorm",
     "TrainState",
+    "above",
     "accumulate",
     "all_gather_object",
+    "at_least",
     "autocast_dtype",
     "barrier",
     "broadcast_object",

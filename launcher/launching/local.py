@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -112,8 +113,11 @@ def spawn(
         monitor_interval=0.1,
         local_addr=local_addr,
     )
+    # torch names its folder after the rendezvous' run id, the job's name on every machine when several
+    # meet: a folder of ours in between keeps them sorted by start time and named by machine
+    rank_logs = log_dir / f"{run_id}-{socket.gethostname()}" if multi else log_dir
     logs = DefaultLogsSpecs(
-        log_dir=str(log_dir), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter=set(console_ranks or ())
+        log_dir=str(rank_logs), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter=set(console_ranks or ())
     )
     agent = _Agent(
         spec=worker_spec,
