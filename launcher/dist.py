@@ -76,7 +76,7 @@ def attempt_store(addr: str, port: int, world_size: int, timeout_s: float) -> An
 
     The agent's store outlives a restart (ours is kept open on purpose), and torch's ``env://`` uses it
     without a namespace: Gloo read the dead ranks' addresses of the previous attempt and failed to connect,
-    or waited for them (a script's restarts failed or hung in 3 of 7 trials).
+    or waited for them.
     """
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":

@@ -93,8 +93,8 @@ def start_resource_tracker_alone() -> None:
 
     The tracker unlinks the job's named semaphores (``/dev/shm/sem.mp-*``, DataLoader queues of every rank)
     once all of the job's processes are gone. As the launcher's child it shared the launcher's process group:
-    a kill of that group (``kill -9 -PGID``, a closed terminal's SIGHUP) took it first, and each killed job
-    left 7-53 semaphores in /dev/shm for good.
+    a kill of that group (``kill -9 -PGID``, a closed terminal's SIGHUP) took it first, and the job's
+    semaphores stayed in /dev/shm for good.
     """
     import os
     import signal

@@ -5,9 +5,9 @@
 The server and every process it forks die with their parent. The chain is then: a SIGKILLed launcher takes its
 server, the server its ranks, a rank its workers' server, that server the workers, each at once (the kernel's
 parent-death signal). Without it a SIGKILLed launcher's ranks trained on until the server had torn down an
-interpreter that imported torch (seconds on a loaded machine, and the run directory's lock gone meanwhile),
-and a SIGKILLed rank's workers waited for torch's liveness check; each worker also holds the server's
-keep-alive pipe, so the server never saw the rank go.
+interpreter that imported torch (the run directory's lock gone meanwhile), and a SIGKILLed rank's workers
+waited for torch's liveness check; each worker also holds the server's keep-alive pipe, so the server never
+saw the rank go.
 """
 
 import os
