@@ -195,7 +195,7 @@ def _script_group_defaults(spec: RankSpec) -> None:
 
     @functools.wraps(original)
     def init_process_group(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("timeout") is None:
+        if kwargs.get("timeout") is None and len(args) < 3:  # (backend, init_method, timeout, ...)
             kwargs["timeout"] = datetime.timedelta(seconds=spec.startup_timeout_s)
         if kwargs.get("store") is None and kwargs.get("init_method") in (None, "env://") and len(args) < 2:
             store = dist.attempt_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
