@@ -7,6 +7,7 @@ marked *collective* must be called by all ranks together.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
@@ -160,10 +161,10 @@ def note_ended() -> None:
     """This rank's work has ended without an error (the target returned, or exited with code 0): said in the
     heartbeat folder, so that a peer failing afterwards is not blamed for the rank that left early."""
     folder = os.environ.get(HEARTBEAT_ENV)
+    step = _state["step"]
     if folder:
-        step = _state["step"]
-        with open(os.path.join(folder, f"ended-rank{get_rank()}"), "w") as f:
-            f.write("" if step is None else str(step))
+        with contextlib.suppress(OSError), open(os.path.join(folder, f"ended-rank{get_rank()}"), "w") as f:
+            f.write("" if step is None else str(step))  # a note: a full disk must not fail a finished rank
 
 
 def current_step() -> int | None:
