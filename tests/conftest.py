@@ -124,6 +124,28 @@ def wait_until(cond, timeout: float, interval: float = 0.1) -> bool:
     return cond()
 
 
+def semaphores() -> set[str]:
+    """multiprocessing's named semaphores on this machine (DataLoader queues' locks, until unlinked)."""
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
+@pytest.fixture
+def machines_lose_their_shm():
+    """For tests that kill every process of a simulated machine, its resource tracker too: a real machine's
+    /dev/shm goes with it, but the namespaces share this one's, so the semaphores its ranks had left are
+    removed once the test is over (none of them is still open by a process)."""
+    before = semaphores()
+    yield
+    held = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            held |= {line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/sem.mp-" in line}
+        except OSError:
+            continue
+    for name in semaphores() - before - held:
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
 @pytest.fixture
 def run_root(tmp_path: Path) -> Path:
     """A run directory root unique to the test (every process of the run mentions it)."""

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +22,7 @@ from .conftest import (
     left_behind,
     rank_pids,
     run_cli,
+    semaphores,
     wait_until,
 )
 
@@ -114,11 +114,6 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
                                       logs[0].read_text()), err
     finally:
         proc.kill()
-
-
-def semaphores() -> set[str]:
-    """multiprocessing's named semaphores on this machine (DataLoader queues' locks, until unlinked)."""
-    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
 
 
 @pytest.mark.parametrize("group, workers", [(True, 2), (False, 0)], ids=["process group, workers", "pid"])

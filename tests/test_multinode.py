@@ -11,7 +11,10 @@ import pytest
 from tests import nodes
 from tests.conftest import ROOT, cmdline, killable_env, launcher_cmd
 
-pytestmark = pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok")
+pytestmark = [
+    pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok"),
+    pytest.mark.usefixtures("machines_lose_their_shm"),  # the semaphores of killed machines
+]
 
 
 def returned(out: str) -> tuple[str, dict]:

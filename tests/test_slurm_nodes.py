@@ -27,7 +27,10 @@ from tests.conftest import ROOT, killable_env, launcher_cmd, wait_until
 
 CLUSTER = ROOT / "slurm" / "cluster.sh"
 
-pytestmark = pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok")
+pytestmark = [
+    pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok"),
+    pytest.mark.usefixtures("machines_lose_their_shm"),  # the semaphores of killed machines
+]
 
 
 class Cluster:
