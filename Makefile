@@ -48,7 +48,7 @@ slurm-down:
 # One command to see `launcher submit` on the local cluster: up, submit the tiny job, follow it.
 slurm-demo: $(STAMP) slurm-up
 	SLURM_CONF=$${LAUNCHER_SLURM_DIR:-/tmp/launcher-slurm}/etc/slurm.conf \
-	  $(PY) -m launcher submit jobs/tiny.yaml args.max_steps=30 slurm.time_min=5 --wait
+	  $(VENV)/bin/launcher submit jobs/tiny.yaml args.max_steps=30 slurm.time_min=5 --wait
 
 clean:
 	rm -rf runs .pytest_cache

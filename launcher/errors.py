@@ -58,6 +58,11 @@ class Failure:
     log_tail: str = ""
 
     @property
+    def how(self) -> str:
+        """How the rank ended, in words: ``signal SIGKILL`` or ``exit code 1``."""
+        return f"signal {self.signal}" if self.signal else f"exit code {self.exitcode}"
+
+    @property
     def secondary(self) -> bool:
         """True when this rank most likely failed because another one died first (or was stopped for it)."""
         if self.signal in ("SIGTERM", "SIGINT"):  # the launcher stops the surviving ranks with these
@@ -106,7 +111,7 @@ class RankFailure(LaunchError):
 
     def render(self) -> str:
         f = self.first
-        how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
+        how = f.how
         lines = [f"rank {f.rank} failed first (host {f.host}, {how})"]
         if self.stalled:
             lines = [self.stalled, f"so rank {f.rank} failed first (host {f.host}, {how}):"]
@@ -122,7 +127,7 @@ class RankFailure(LaunchError):
             lines.append(
                 "also failed: "
                 + ", ".join(
-                    f"rank {o.rank} ({'signal ' + o.signal if o.signal else 'exit code ' + str(o.exitcode)})"
+                    f"rank {o.rank} ({o.how})"
                     for o in others
                 )
             )

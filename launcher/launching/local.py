@@ -254,12 +254,11 @@ class _Agent(LocalElasticAgent):
         result = getattr(self, "last_result", None)
         if result is not None and result.is_failed():
             f = RankFailure(failures.of_attempt(self, result.failures)).first
-            how = f"signal {f.signal}" if f.signal else f"exit code {f.exitcode}"
             said = (f.traceback or f.message or "").strip().splitlines()
             lines = [line for line in said if not line.startswith("[launcher]")]  # our own notes
             cause = f": {lines[-1]}" if lines else ""
             done = internals.agent_restarts_done(self)
-            print(f"[launcher] rank {f.rank} failed ({how}){cause}\n[launcher] restarting all ranks "
+            print(f"[launcher] rank {f.rank} failed ({f.how}){cause}\n[launcher] restarting all ranks "
                   f"(restart {done} of {worker_group.spec.max_restarts})", file=sys.stderr, flush=True)
         super()._restart_workers(worker_group)
 
