@@ -115,29 +115,58 @@ def sharded(root: Path, job: launcher.Job, args: ClassifyArgs,
     return ds, classes
 
 
-class Progress:
-    """tqdm on an interactive rank-0 terminal; otherwise the same meter as a line every ``every`` steps."""
+class Report:
+    """What a step and an epoch report, in one place, on rank 0 only: tqdm on an interactive terminal (a line
+    every ``every`` steps otherwise), a row in ``metrics.jsonl`` every ``every`` steps and after each
+    validation, the same numbers in TensorBoard when it is installed, and the learning curves as a PNG."""
 
-    def __init__(self, total: int, initial: int, every: int) -> None:
+    def __init__(self, run_dir: Path, total: int, initial: int, every: int) -> None:
         self.on = launcher.is_main_process()
         self.tty = self.on and sys.stderr.isatty()
-        self.total, self.n, self.every, self.start, self.first = total, initial, every, time.time(), initial
+        self.rows, self.curves = run_dir / "metrics.jsonl", run_dir / "curves.png"
+        self.total, self.every, self.start, self.first = total, every, time.time(), initial
         self.bar = tqdm(total=total, initial=initial, unit="step", disable=not self.tty)
+        self.writer = _tensorboard(run_dir) if self.on else None
 
-    def update(self, **postfix: Any) -> None:
-        self.n += 1
+    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        """After optimizer step ``step`` (counted from 1) of ``epoch`` (0-based)."""
+        if not self.on:
+            return
         if self.tty:
             self.bar.update()
-            self.bar.set_postfix(postfix, refresh=False)
-        elif self.on and (self.n % self.every == 0 or self.n == self.total):
-            elapsed = time.time() - self.start
-            rate = (self.n - self.first) / max(elapsed, 1e-9)
-            eta = (self.total - self.n) / max(rate, 1e-9)
-            info = " ".join(f"{k}={v}" for k, v in postfix.items())
-            print(f"step {self.n}/{self.total} {info} {rate:.1f} step/s eta {eta:.0f}s", flush=True)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            rate = (step - self.first) / max(time.time() - self.start, 1e-9)
+            eta = (self.total - step) / max(rate, 1e-9)
+            print(f"step {step}/{self.total} loss={loss:.3f} lr={lr:.3g} {rate:.1f} step/s eta {eta:.0f}s",
+                  flush=True)
+        if step % self.every == 0:
+            self._row({"kind": "train", "step": step, "epoch": epoch + 1, "loss": loss, "lr": lr})
+
+    def validation(self, step: int, epoch: int, loss: float, report: dict[str, Any], classes: list[str],
+                   samples_per_s: float) -> None:
+        """After the validation that ends ``epoch`` (0-based), or ends a run stopped inside it."""
+        if not self.on:
+            return
+        self._row({"kind": "val", "step": step, "epoch": epoch + 1, **report, "samples_per_s": samples_per_s})
+        pr = zip(classes, report["precision"], report["recall"])
+        rec = ", ".join(f"{c} {p:.2f}/{r:.2f}" for c, p, r in pr)
+        print(f"epoch {epoch + 1} step {step}: loss {loss:.3f} val acc {report['accuracy']:.3f} "
+              f"(precision/recall {rec}) {samples_per_s:.0f} samples/s", flush=True)
+        plot_curves(self.rows, self.curves)
+
+    def _row(self, row: dict[str, Any]) -> None:
+        with open(self.rows, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
 
     def close(self) -> None:
         self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_curves(metrics_file: Path, out: Path) -> None:
@@ -208,19 +237,7 @@ def main(job: launcher.Job, args: ClassifyArgs) -> dict[str, Any]:
         ckpt.close()
         return {"step": state.step, "epoch": state.epoch, "val_accuracy": None,
                 "best_accuracy": state.best_metric}
-    metrics_file = job.run_dir / "metrics.jsonl"
-    writer = _tensorboard(job.run_dir) if launcher.is_main_process() else None
-
-    def log(row: dict[str, Any]) -> None:
-        if launcher.is_main_process():
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if writer is not None:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                        writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
-
-    progress = Progress(total, state.step, args.log_every)
+    out = Report(job.run_dir, total, state.step, args.log_every)
     report: dict[str, Any] = {}
     stop_at = args.stop_at_step
     micro, seen, epoch_start, loss_value = 0, 0, time.time(), float("nan")
@@ -248,10 +265,7 @@ def main(job: launcher.Job, args: ClassifyArgs) -> dict[str, Any]:
             sched.step()
             state.step += 1
             loss_value = loss.item() * args.grad_accum
-            progress.update(loss=f"{loss_value:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
-            if state.step % args.log_every == 0:
-                log({"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": loss_value,
-                     "lr": sched.get_last_lr()[0]})
+            out.step(state.step, epoch, loss_value, float(sched.get_last_lr()[0]))
             ckpt.step(state)  # every checkpoint.every_steps; SLURM preemption: save, requeue, exit
             if state.step >= total or state.step == stop_at:
                 break
@@ -262,24 +276,11 @@ def main(job: launcher.Job, args: ClassifyArgs) -> dict[str, Any]:
             continue
         report = evaluate(model, val_loader, num_classes, device)
         rate = seen * launcher.get_world_size() / max(time.time() - epoch_start, 1e-9)
-        log({"kind": "val", "step": state.step, "epoch": epoch + 1, **report, "samples_per_s": rate})
-        if launcher.is_main_process():
-            rec = ", ".join(
-                f"{c} {p:.2f}/{r:.2f}" for c, p, r in zip(classes, report["precision"], report["recall"])
-            )
-            print(
-                f"epoch {epoch + 1} step {state.step}: loss {loss_value:.3f} "
-                f"val acc {report['accuracy']:.3f} "
-                f"(precision/recall {rec}) {rate:.0f} samples/s",
-                flush=True,
-            )
-            plot_curves(metrics_file, job.run_dir / "curves.png")
+        out.validation(state.step, epoch, loss_value, report, classes, rate)
         ckpt.save(state, metric=report["accuracy"], per_rank=not epoch_done)
         seen, epoch_start = 0, time.time()
-    progress.close()
+    out.close()
     ckpt.close()
-    if writer is not None:
-        writer.close()
     return {"step": state.step, "epoch": state.epoch, "val_accuracy": report.get("accuracy"),
             "best_accuracy": state.best_metric}
 
