@@ -85,9 +85,9 @@ def run() -> list[dict[str, object]]:
 
     stall = alternate(torch_save, async_stall, rounds=9)
     ck.close()
-    # dd, our write and a bare torch.save in every round: this disk's speed swings 2x within minutes.
-    # Round 0 warms the page cache up (the first writes of a process ran 2-4x slower for every side) and is
-    # not counted: a training run writes checkpoints again and again.
+    # dd, our write and a bare torch.save in every round: a shared disk's speed swings within minutes.
+    # Round 0 warms the page cache up (a process's first writes are slower for every side) and is not
+    # counted: a training run writes checkpoints again and again.
     dd: list[float] = []
     ours: list[float] = []
     bare: list[float] = []

@@ -55,8 +55,8 @@ def _steps(model: nn.Module, shape: tuple[int, ...], n: int) -> float:
 
 
 def measure() -> dict[str, dict[str, float]]:
-    # Each side runs about a second per round: 10 steps of 35 ms were too short on this shared machine (in one
-    # run the median of per-round ratios was 1.40 where the ratio of the medians was 1.12).
+    # Each side runs about a second per round: rounds of a few steps are too short on a shared machine, where
+    # one preempted round moves the ratio (see benchmarks/RESULTS.md).
     out = {}
     for name, (make, shape, n) in MODELS.items():
         plain = launcher.wrap_model(make(), sync_batchnorm=False)

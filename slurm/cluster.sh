@@ -353,12 +353,12 @@ case ${1:-} in
     if [[ $1 == link-cut ]]; then state=down; else state=up; fi
     ip -n "$CTL" link set "v$2" "$state"  # the bridge's end of the node's veth pair
     # Back: slurmd registers at once (SIGHUP: it rereads its config and registers). slurmctld would find the
-    # node on a later ping of down nodes: 2 s to 75 s here, depending on where its cycle was.
+    # node only on a later ping of down nodes, up to a minute later depending on where its cycle was.
     if [[ $state == up ]] && alive "$(slurmd_pid "$2")"; then kill -HUP "$(cat "$(slurmd_pid "$2")")"; fi
     ;;
   clean)
     # Several nodes: every process of the cluster, its jobs' included, lives in the namespaces, and the state
-    # goes anyway: SIGKILL them all (10 s faster than stopping each daemon in turn).
+    # goes anyway: SIGKILL them all (faster than stopping each daemon in turn).
     if (( NODES > 1 )); then net_down; say "down"; else bash "$0" down; fi
     rm -rf "$DIR"
     ;;

@@ -274,7 +274,7 @@ def test_load_checkpoint_gives_plain_model_state(tmp_path):
 
 
 # Imports torch once; each line read starts a trial: a fork that saves checkpoints in a loop, from the step
-# given, until the test SIGKILLs it (a fresh interpreter per trial spent 2.5 s of each on importing torch).
+# given, until the test SIGKILLs it (a fresh interpreter per trial would spend most of it importing torch).
 SAVER = textwrap.dedent("""
     import os, sys, torch
     from launcher.checkpoint import Checkpointer, TrainState

@@ -124,3 +124,24 @@ def test_the_declared_python_floor_is_the_one_the_suite_runs_on():
     assert floor, "requires-python must be a plain >=X.Y floor"
     assert tuple(map(int, floor.groups())) == sys.version_info[:2], (
         f"requires-python says {floor.group(0)}, the suite runs on {sys.version_info[:2]}: test the floor")
+
+
+#: The last commit whose subject ran over 72 characters: the rule holds for every commit after it.
+SUBJECTS_CHECKED_AFTER = "3e2c1ab"
+
+
+def test_commit_subjects_fit_in_72_characters():
+    """Lab notes belong in commit bodies, and the subject is one short line: ``git log --oneline`` and the
+    review tools cut it at 72."""
+    import subprocess
+
+    root = PKG.parent
+    known = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{SUBJECTS_CHECKED_AFTER}^{{commit}}"],
+                           capture_output=True, check=False)
+    if known.returncode != 0:
+        pytest.skip(f"no history back to {SUBJECTS_CHECKED_AFTER} here (a shallow clone or an export)")
+    since = f"{SUBJECTS_CHECKED_AFTER}..HEAD"
+    subjects = subprocess.run(["git", "-C", str(root), "log", "--format=%h %s", since],
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+    long = [s for s in subjects if len(s.split(" ", 1)[1]) > 72]
+    assert not long, f"commit subjects over 72 characters (move the rest into the body): {long}"

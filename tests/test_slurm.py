@@ -293,10 +293,9 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
 
 
 def test_time_limit_signal_requeues_until_max_requeues(job_env, run_root):
-    # A 1-minute limit with the signal 15 s before it: USR2 arrives while training (SLURM 22.05 sent it up to
-    # ~15 s early here; with a 30 s delay it once came during start-up, before any handler existed, and killed
-    # the tasks). One requeue is allowed. The requeued run gets its USR2 from `scancel --signal` instead of
-    # waiting out a second limit (the same signal to the same tasks; 40 s less of the suite).
+    # A 1-minute limit with the signal 15 s before it: USR2 arrives while training, not during start-up
+    # (SLURM may send it early), before any handler exists. One requeue is allowed. The requeued run gets its
+    # USR2 from `scancel --signal` instead of waiting out a second limit (the same signal to the same tasks).
     proc = subprocess.Popen(
         launcher_cmd("submit", "jobs/tiny.yaml", f"output_dir={run_root}", "slurm.time_min=1",
                      "slurm.signal_delay_s=15", "slurm.max_requeues=1", "args.max_steps=100000",

@@ -52,9 +52,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _crc32_of(f: Any) -> str:
-    # CRC32 detects truncation and bit rot at several GB/s (sha256 ran at 0.8 GB/s here and capped the write
-    # speed); protection against malicious files comes from weights_only loading, not from the checksum.
-    # Hashing a read-only mapping skips the copy into a read buffer (0.07 s instead of 0.12 s for 256 MB).
+    # CRC32 detects truncation and bit rot at disk speed (a cryptographic hash capped the write speed);
+    # protection against malicious files comes from weights_only loading, not from the checksum.
+    # Hashing a read-only mapping skips the copy into a read buffer.
     size = os.fstat(f.fileno()).st_size
     if size == 0:
         return f"{0:08x}"
