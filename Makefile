@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=30
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=30
 
 # The quick tier: no process started, under a minute (conftest.py enforces the bound).
 quick: $(STAMP)

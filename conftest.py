@@ -45,6 +45,10 @@ SLOW_MODULES = {
     "test_checkpoint", "test_checkpoint_robustness", "test_syncbn", "test_forkserver", "test_data",
     "test_hostmem", "test_interrupt", "test_bad_input",
 }
+#: Tests of simulated clusters (SLURM daemons, network namespaces): they spend most of their time waiting on
+#: the scheduler's cycles and on timeouts, so ``make test`` runs them one after another on one pytest-xdist
+#: worker (``--dist loadgroup``) while the other worker runs the rest of the suite.
+CLUSTER_MODULES = {"test_slurm_nodes", "test_multinode"}
 #: ``make quick`` (``-m "not slow"``) must stay under this many seconds.
 QUICK_BOUND_S = 60.0
 
@@ -59,6 +63,8 @@ def pytest_collection_modifyitems(config, items) -> None:
         block = item.path.suffix == ".md"
         if item.path.stem in SLOW_MODULES or block or fixtures & {"run_root", "distributed"}:
             item.add_marker(pytest.mark.slow)
+        if item.path.stem in CLUSTER_MODULES or "slurm_env" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("clusters"))
 
 
 def pytest_sessionstart(session) -> None:

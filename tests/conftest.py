@@ -129,6 +129,18 @@ def semaphores() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
 
 
+def orphaned_semaphores(before: set[str]) -> set[str]:
+    """Semaphores made since ``before`` that no live process has open: left behind, unless their resource
+    tracker is about to unlink them (the semaphores of tests running beside this one are open)."""
+    held = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            held |= {line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/sem.mp-" in line}
+        except OSError:
+            continue
+    return semaphores() - before - held
+
+
 @pytest.fixture
 def machines_lose_their_shm():
     """For tests that kill every process of a simulated machine, its resource tracker too: a real machine's
@@ -136,13 +148,7 @@ def machines_lose_their_shm():
     removed once the test is over (none of them is still open by a process)."""
     before = semaphores()
     yield
-    held = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            held |= {line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/sem.mp-" in line}
-        except OSError:
-            continue
-    for name in semaphores() - before - held:
+    for name in orphaned_semaphores(before):
         (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
