@@ -74,14 +74,16 @@ install_packages() {
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2> /dev/null; }
 
-# on_host NAME CMD...: CMD in namespace NAME, with its network, the hostname NAME and the cluster's hosts file
-# (in mount and UTS namespaces of its own: `ip netns exec` remounts /sys, and slurmd then finds no cgroup file
-# system). The one-node cluster runs CMD here.
+# on_host NAME CMD...: CMD in namespace NAME, with its network, the hostname NAME, the cluster's hosts file and
+# a /dev/shm of its own (in mount and UTS namespaces of its own: `ip netns exec` remounts /sys, and slurmd then
+# finds no cgroup file system; a lost node's semaphores go with it, as on a real machine). The one-node
+# cluster runs CMD here.
 on_host() {
   local name=$1; shift
   if (( NODES == 1 )); then "$@"; return; fi
   nsenter --net="/run/netns/$name" unshare --uts --mount \
-    sh -c 'hostname "$0" && mount --bind "$1" /etc/hosts && shift && exec "$@"' "$name" "$DIR/etc/hosts" "$@"
+    sh -c 'hostname "$0" && mount --bind "$1" /etc/hosts && mount -t tmpfs -o mode=1777 shm /dev/shm &&
+           shift && exec "$@"' "$name" "$DIR/etc/hosts" "$@"
 }
 
 wait_for() {  # wait_for SECONDS LOGFILE WHAT COMMAND...

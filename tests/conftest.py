@@ -129,27 +129,17 @@ def semaphores() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
 
 
-def orphaned_semaphores(before: set[str]) -> set[str]:
-    """Semaphores made since ``before`` that no live process has open: left behind, unless their resource
-    tracker is about to unlink them (the semaphores of tests running beside this one are open)."""
-    held = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+def semaphores_open_in(pids: list[int]) -> set[str]:
+    """The semaphores of ``semaphores()`` that these processes have open by name (a DataLoader worker opens
+    its queues' locks so; the rank that made one maps it under a temporary name)."""
+    held: set[str] = set()
+    for pid in pids:
         try:
-            held |= {line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/sem.mp-" in line}
+            maps = Path(f"/proc/{pid}/maps").read_text()
         except OSError:
             continue
-    return semaphores() - before - held
-
-
-@pytest.fixture
-def machines_lose_their_shm():
-    """For tests that kill every process of a simulated machine, its resource tracker too: a real machine's
-    /dev/shm goes with it, but the namespaces share this one's, so the semaphores its ranks had left are
-    removed once the test is over (none of them is still open by a process)."""
-    before = semaphores()
-    yield
-    for name in orphaned_semaphores(before):
-        (Path("/dev/shm") / name).unlink(missing_ok=True)
+        held |= {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/sem.mp-" in line}
+    return held
 
 
 @pytest.fixture

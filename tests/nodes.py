@@ -70,10 +70,13 @@ class Nodes:
         _kill(self.pids(node))
 
     def command(self, node: int, argv: list[str], hosts: str | None = None) -> list[str]:
-        """``argv`` as run on ``node``: its network namespace and a hostname of its own; with ``hosts`` (a
-        file listing every node, see :meth:`hosts_file`) mounted over /etc/hosts in a mount namespace of its
-        own, so that the nodes' names resolve (without it they do not, as on some clusters)."""
-        mount = f"mount --bind {hosts} /etc/hosts && " if hosts else ""
+        """``argv`` as run on ``node``: its network namespace, a hostname and a /dev/shm of its own (in a
+        mount namespace of its own: a killed machine's shared memory and semaphores go with it, as on a real
+        one, instead of staying in this machine's /dev/shm); with ``hosts`` (a file listing every node, see
+        :meth:`hosts_file`) mounted over /etc/hosts, so that the nodes' names resolve (without it they do not,
+        as on some clusters)."""
+        mount = "mount -t tmpfs -o mode=1777 shm /dev/shm && "
+        mount += f"mount --bind {hosts} /etc/hosts && " if hosts else ""
         return ["nsenter", f"--net=/run/netns/{self.names[node]}", "unshare", "--uts", "--mount", "sh", "-c",
                 f'hostname {self.names[node]} && {mount}exec "$@"', "sh", *argv]
 

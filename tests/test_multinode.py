@@ -13,7 +13,6 @@ from tests.conftest import ROOT, cmdline, killable_env, launcher_cmd
 
 pytestmark = [
     pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok"),
-    pytest.mark.usefixtures("machines_lose_their_shm"),  # the semaphores of killed machines
 ]
 
 

@@ -29,7 +29,6 @@ CLUSTER = ROOT / "slurm" / "cluster.sh"
 
 pytestmark = [
     pytest.mark.skipif(bool(nodes.available()), reason=nodes.available() or "ok"),
-    pytest.mark.usefixtures("machines_lose_their_shm"),  # the semaphores of killed machines
 ]
 
 
