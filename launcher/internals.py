@@ -39,6 +39,11 @@ REQUIRED = [
     ("torch.utils.data.dataloader", "_MultiProcessingDataLoaderIter._workers"),
     ("torch.utils.data.dataloader", "DataLoader._iterator"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._get_data"),
+    ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._workers"),
+    ("torchdata.stateful_dataloader.stateful_dataloader",
+     "_StatefulMultiProcessingDataLoaderIter._index_queues"),
+    ("torchdata.stateful_dataloader.stateful_dataloader",
+     "_StatefulMultiProcessingDataLoaderIter._workers_status"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader._get_iterator"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader.next_iter_state"),
     ("tarfile", "TarFile.members"),
@@ -225,6 +230,15 @@ def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
     from torchdata.stateful_dataloader import stateful_dataloader as sd
 
     class Patient(sd._StatefulMultiProcessingDataLoaderIter):  # type: ignore[misc, name-defined]
+        def __del__(self) -> None:
+            # Interrupted in __init__ (Ctrl-C while its workers start), torchdata's __del__ failed on the
+            # status list it sets last, printing an "Exception ignored" traceback, and stopped no worker.
+            if not hasattr(self, "_workers_status") and hasattr(self, "_index_queues"):
+                sent = len(self._index_queues)  # a worker without its queue yet is only joined or killed
+                self._workers_status = [i < sent for i in range(len(self._workers))]
+            if hasattr(self, "_workers_status"):
+                super().__del__()
+
         def _get_data(self) -> Any:
             start = time.monotonic()
             while True:

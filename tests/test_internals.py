@@ -5,6 +5,7 @@ instead of somewhere deep inside a run.
 """
 
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,64 @@ def test_no_private_attribute_is_touched_outside_internals():
             if name:
                 found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {name}")
     assert not found, "private names outside launcher/internals.py:\n" + "\n".join(found)
+
+
+def test_a_worker_whose_rank_stopped_while_it_started_prints_no_traceback(capsys):
+    """Ctrl-C as an epoch's DataLoader workers start: the rank deletes its queues' semaphores on the way out,
+    and a worker still unpickling them failed with a FileNotFoundError traceback beside the rank's own line
+    (tests/test_cli.py::test_signal_to_launcher_stops_every_rank, once in four parallel runs). The fork
+    servers' excepthook keeps that one quiet, and only that one."""
+    import multiprocessing.synchronize as ms
+
+    from launcher.rank.process import quiet_when_withdrawn
+
+    lock = ms.Lock.__new__(ms.Lock)
+    with pytest.raises(FileNotFoundError) as withdrawn:
+        lock.__setstate__((0, 1, 1, "/mp-launcher-test-gone"))
+    quiet_when_withdrawn(withdrawn.type, withdrawn.value, withdrawn.tb)
+    with pytest.raises(FileNotFoundError) as other:
+        Path("/nonexistent/launcher-test-file").read_text()
+    quiet_when_withdrawn(other.type, other.value, other.tb)
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 1 and "launcher-test-file" in err and "mp-launcher-test-gone" not in err
+
+
+class _InterruptedWhenSentTwice:
+    """A dataset whose sending to a second worker is interrupted, as by Ctrl-C while the workers start."""
+
+    sent = 0
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __reduce__(self):
+        type(self).sent += 1
+        if type(self).sent == 2:
+            raise KeyboardInterrupt
+        return (_InterruptedWhenSentTwice, ())
+
+
+def test_a_dataloader_iterator_interrupted_in_its_init_stops_its_workers_quietly():
+    """The same Ctrl-C inside the iterator's __init__: torchdata's __del__ raised AttributeError on the
+    status list it had not set yet ("Exception ignored in ... __del__" and a traceback), and left the worker
+    already started to the parent-death signal."""
+    import gc
+    import multiprocessing
+    import sys
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    loader = StatefulDataLoader(_InterruptedWhenSentTwice(), num_workers=2, multiprocessing_context="spawn")
+    unraisable: list = []
+    old, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            internals.stateful_workers_iterator(loader, 5.0)
+        gc.collect()  # the traceback held the iterator
+    finally:
+        sys.unraisablehook = old
+    assert not unraisable, [u.exc_value for u in unraisable]
+    assert not multiprocessing.active_children(), "the worker started before the interrupt still runs"

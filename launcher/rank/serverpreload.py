@@ -11,8 +11,9 @@ saw the rank go.
 """
 
 import os
+import sys
 
-from .process import die_with_parent
+from .process import die_with_parent, quiet_when_withdrawn
 
 _SERVER = os.getpid()
 _server_forking: list[bool] = [False]
@@ -31,3 +32,4 @@ def _before() -> None:
 
 die_with_parent()
 os.register_at_fork(before=_before, after_in_child=_after_in_child)
+sys.excepthook = quiet_when_withdrawn  # the forked children report through it (multiprocessing.forkserver)
