@@ -45,12 +45,16 @@ SLOW_MODULES = {
     "test_checkpoint", "test_checkpoint_robustness", "test_syncbn", "test_forkserver", "test_data",
     "test_hostmem", "test_interrupt", "test_bad_input",
 }
-#: Tests of simulated clusters (SLURM daemons, network namespaces): they spend most of their time waiting on
-#: the scheduler's cycles and on timeouts, so ``make test`` runs them one after another on one pytest-xdist
-#: worker (``--dist loadgroup``) while the other worker runs the rest of the suite.
-CLUSTER_MODULES = {"test_slurm_nodes", "test_multinode"}
+#: Tests of simulated clusters spend most of their time waiting on the scheduler's cycles and on timeouts:
+#: ``make test`` runs them on two pytest-xdist workers (``--dist loadgroup``) beside the rest of the suite,
+#: the machines made of network namespaces one after another in one group, the one-node SLURM cluster's tests
+#: (those using ``slurm_env``) in another.
+NAMESPACE_MODULES = {"test_slurm_nodes", "test_multinode"}
 #: ``make quick`` (``-m "not slow"``) must stay under this many seconds.
 QUICK_BOUND_S = 60.0
+#: ``make test`` (the whole suite, two workers) must stay under this many seconds on 2 cores: the install of a
+#: fresh clone's .venv (about 3.5 minutes) and this make CI's 20 minutes (docs/development.md has the runs).
+SUITE_BOUND_S = 16.5 * 60
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -63,8 +67,10 @@ def pytest_collection_modifyitems(config, items) -> None:
         block = item.path.suffix == ".md"
         if item.path.stem in SLOW_MODULES or block or fixtures & {"run_root", "distributed"}:
             item.add_marker(pytest.mark.slow)
-        if item.path.stem in CLUSTER_MODULES or "slurm_env" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("clusters"))
+        if item.path.stem in NAMESPACE_MODULES:
+            item.add_marker(pytest.mark.xdist_group("namespaces"))
+        elif "slurm_env" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def pytest_sessionstart(session) -> None:
@@ -72,11 +78,21 @@ def pytest_sessionstart(session) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """The quick tier's bound is a test of its own: over it, the run fails and says which tests to mark."""
+    """The tiers' bounds are tests of their own: over one, the run fails and says what to do."""
+    import pytest
+
+    config = session.config
     took = time.monotonic() - getattr(session, "started_at", time.monotonic())
-    if session.config.getoption("markexpr") == "not slow" and took > QUICK_BOUND_S and exitstatus == 0:
+    if exitstatus != 0 or hasattr(config, "workerinput"):  # an xdist worker runs part of the suite
+        return
+    if config.getoption("markexpr") == "not slow" and took > QUICK_BOUND_S:
         print(f"\nFAILED the quick tier took {took:.0f} s, over its {QUICK_BOUND_S:.0f} s: mark the slowest "
               "tests slow (see --durations)")
+        session.exitstatus = 1
+    whole = not config.getoption("markexpr") and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if whole and took > SUITE_BOUND_S:
+        print(f"\nFAILED the whole suite took {took:.0f} s, over its {SUITE_BOUND_S:.0f} s: see --durations "
+              "for what grew (run as make test runs it: on two workers)")
         session.exitstatus = 1
 
 
