@@ -18,6 +18,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
+# The whole suite as CI runs it: two xdist workers, the simulated clusters beside the rest (conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=30
 
