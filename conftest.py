@@ -52,9 +52,9 @@ SLOW_MODULES = {
 NAMESPACE_MODULES = {"test_slurm_nodes", "test_multinode"}
 #: ``make quick`` (``-m "not slow"``) must stay under this many seconds.
 QUICK_BOUND_S = 60.0
-#: ``make test`` (the whole suite, two workers) must stay under this many seconds on 2 cores: the install of a
-#: fresh clone's .venv (about 3.5 minutes) and this make CI's 20 minutes (docs/development.md has the runs).
-SUITE_BOUND_S = 16.5 * 60
+#: ``make test`` (the whole suite, two workers) must stay under this many seconds on 2 cores: with the
+#: install of a fresh clone's .venv (2 to 3.5 minutes), about CI's 20 minutes (docs/development.md).
+SUITE_BOUND_S = 17.5 * 60
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -115,11 +115,13 @@ def left_behind(pids: list[int], sessions: list[int]) -> list[int]:
     return out
 
 
-def wait_until(cond, timeout: float, interval: float = 0.1) -> bool:
+def wait_until(cond, timeout: float, interval: float = 0.1):
+    """The first true value of ``cond()`` within ``timeout`` seconds, else its last (false) value. Use the
+    value returned: asking again may see a state that changed since (an epoch's workers being replaced)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if cond():
-            return True
+        if value := cond():
+            return value
         time.sleep(interval)
     return cond()
 

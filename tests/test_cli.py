@@ -71,8 +71,8 @@ def ranks_running(proc):
 def test_sigkill_of_one_rank_ends_the_job_within_5s_without_orphans(run_root):
     proc = start_long_job(run_root)
     try:
-        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
-        ranks = ranks_running(proc)
+        ranks = wait_until(lambda: ranks_running(proc), 90)
+        assert ranks, "ranks did not start"
         tree = descendants(proc.pid)
         os.kill(ranks[1], signal.SIGKILL)
         killed = time.monotonic()
@@ -91,8 +91,9 @@ def test_sigkill_of_one_rank_ends_the_job_within_5s_without_orphans(run_root):
 def test_signal_to_launcher_stops_every_rank(run_root, sig):
     proc = start_long_job(run_root)
     try:
-        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
-        ranks, tree = ranks_running(proc), descendants(proc.pid)
+        ranks = wait_until(lambda: ranks_running(proc), 90)
+        assert ranks, "ranks did not start"
+        tree = descendants(proc.pid)
         server = [p for p in children_of(proc.pid) if "forkserver" in cmdline(p)]
         assert len(server) == 1, server
         proc.send_signal(sig)

@@ -34,10 +34,11 @@ def worker_server_and_workers(rank: int) -> tuple[int, list[int]] | None:
 def test_a_dead_dataloader_worker_fails_its_rank_within_5s(run_root, victim):
     proc = start_long_job(run_root, *LONG_EPOCHS)
     try:
-        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
-        ranks = ranks_running(proc)
-        assert wait_until(lambda: worker_server_and_workers(ranks[1]), 30)
-        server, workers = worker_server_and_workers(ranks[1])
+        ranks = wait_until(lambda: ranks_running(proc), 90)
+        assert ranks, "ranks did not start"
+        found = wait_until(lambda: worker_server_and_workers(ranks[1]), 30)
+        assert found, "no DataLoader workers"
+        server, workers = found
         tree = descendants(proc.pid)
         os.kill(workers[1] if victim == "worker" else server, signal.SIGKILL)
         killed = time.monotonic()
@@ -60,8 +61,8 @@ def test_a_stopped_rank_is_named_and_the_job_ends_within_the_timeout_plus_5s(run
     timeout_s = 6
     proc = start_long_job(run_root, *LONG_EPOCHS, f"distributed.timeout_s={timeout_s}")
     try:
-        assert wait_until(lambda: ranks_running(proc), 90), "ranks did not start"
-        ranks = ranks_running(proc)
+        ranks = wait_until(lambda: ranks_running(proc), 90)
+        assert ranks, "ranks did not start"
         assert wait_until(lambda: any((run_root / "tiny" / "logs").glob("heartbeat-*/rank1")), 60)
         time.sleep(1.5)  # past the first step: the step timeout applies
         tree = descendants(proc.pid)
