@@ -104,12 +104,11 @@ def quiet_when_withdrawn(kind: type[BaseException], value: BaseException, tb: An
     semaphore it was sent (``multiprocessing.synchronize`` ``__setstate__``), which means its parent stopped
     while it started (Ctrl-C at the start of an epoch) and has already deleted its queues. The parent says why
     it stopped; the child's traceback only buried that. Anything else goes to Python's own hook."""
-    codes, at = [], tb
-    while at is not None:
-        codes.append(at.tb_frame.f_code)
-        at = at.tb_next
+    import traceback
+
     synchronize = os.path.join("multiprocessing", "synchronize.py")
     withdrawn = isinstance(value, FileNotFoundError) and any(
-        c.co_name == "__setstate__" and c.co_filename.endswith(synchronize) for c in codes)
+        frame.f_code.co_name == "__setstate__" and frame.f_code.co_filename.endswith(synchronize)
+        for frame, _ in traceback.walk_tb(tb))
     if not withdrawn:
         sys.__excepthook__(kind, value, tb)
