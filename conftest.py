@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from sybil import Sybil
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
 
@@ -57,11 +58,10 @@ QUICK_BOUND_S = 60.0
 SUITE_BOUND_S = 17.5 * 60
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook, which names groups from these marks
 def pytest_collection_modifyitems(config, items) -> None:
     """The tiers: ``slow`` marks every test that starts processes (its module, a ``run_root`` or
     ``distributed`` fixture, a README/docs block); the rest is the quick tier, ``make quick``."""
-    import pytest
-
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         block = item.path.suffix == ".md"
@@ -73,14 +73,23 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    """``--dist loadgroup`` reads a test's group from its id alone (``...@namespaces``): without it, one
+    cluster's tests would run on two workers at once. The namespace modules' ids show whether it worked."""
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    ungrouped = [i for i in ids if Path(i.split("::")[0]).stem in NAMESPACE_MODULES and "@" not in i]
+    if ungrouped:
+        pytest.exit(f"xdist groups not applied: {ungrouped[0]} (pytest-xdist#1386 with pytest 9.2: see "
+                    "the pin in pyproject.toml)", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def pytest_sessionstart(session) -> None:
     session.started_at = time.monotonic()
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     """The tiers' bounds are tests of their own: over one, the run fails and says what to do."""
-    import pytest
-
     config = session.config
     took = time.monotonic() - getattr(session, "started_at", time.monotonic())
     if exitstatus != 0 or hasattr(config, "workerinput"):  # an xdist worker runs part of the suite
