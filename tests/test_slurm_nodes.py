@@ -106,11 +106,13 @@ def finish(c: Cluster, proc: subprocess.Popen[str], timeout: float) -> tuple[str
 
 
 def back_after_requeue(c: Cluster, job_id: str, back: str) -> None:
-    """Node 2 lost: once SLURM has it down and the job pending again, bring it back (``back``: node-up or
-    link-up)."""
+    """Node 2 lost: once SLURM has it down and the job's next run started on nodes 1 and 3, bring it back
+    (``back``: node-up or link-up). Not sooner: a run started on node 2 just back had its tasks killed by
+    SLURM's late order to end the failed run's step there (same job and step id; seen with 3 test workers)."""
     assert wait_until(lambda: node_state(c, 2).startswith("down"), 90), node_state(c, 2)
     assert wait_until(lambda: runs_of(c, job_id)[-1][0] == "PENDING", 30), runs_of(c, job_id)
     time.sleep(6)  # longer than --wait's 5 s between sacct calls: it sees the job pending again
+    assert wait_until(lambda: runs_of(c, job_id)[-1][0] == "RUNNING", 60), runs_of(c, job_id)
     assert c.script(back, "2").returncode == 0
 
 
