@@ -28,18 +28,12 @@ from .conftest import (
 )
 
 
-def test_two_rank_run_succeeds_and_every_rank_ran(run_root):
-    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=5")
-    assert r.returncode == 0, r.stderr
-    assert "finished on 2 rank(s)" in r.stdout
-    logs = sorted((run_root / "tiny" / "logs").rglob("stdout.log"))
-    assert len(logs) == 2  # one per rank
-    assert (run_root / "tiny" / "job.yaml").exists()
-
-
-def test_the_tiny_job_shows_progress_and_a_finished_job_run_again_says_so(run_root):
+def test_the_tiny_job_runs_on_two_ranks_shows_progress_and_run_again_says_so(run_root):
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=20", "args.log_every=10")
     assert r.returncode == 0, r.stderr
+    assert "finished on 2 rank(s)" in r.stdout
+    assert len(list((run_root / "tiny" / "logs").rglob("stdout.log"))) == 2  # one per rank
+    assert (run_root / "tiny" / "job.yaml").exists()
     assert "[rank0]:epoch 0 step 10 loss" in r.stdout and "[rank0]:epoch 1 step 20 loss" in r.stdout
     again = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=20")
     assert again.returncode == 0, again.stderr

@@ -28,7 +28,8 @@ CLASSIFY = ["args.max_steps=2", "args.epochs=1", "data.num_workers=0", "args.dat
 #: README command -> (overrides appended, or None to run as written; where to run it). ``{tmp}``, ``{data}``
 #: are filled in. Commands that need a SLURM cluster name the test that runs them there.
 COMMANDS: dict[str, tuple[list[str] | None, str] | str] = {
-    "launcher run jobs/tiny.yaml": "tests/test_cli.py::test_two_rank_run_succeeds_and_every_rank_ran",
+    "launcher run jobs/tiny.yaml":
+        "tests/test_cli.py::test_the_tiny_job_runs_on_two_ranks_shows_progress_and_run_again_says_so",
     "launcher run jobs/tiny.yaml args.epochs=4": (TINY, "root"),
     "launcher config jobs/classify.yaml args.lr=0.05": ([], "root"),
     "launcher run --nproc-per-node 2 examples/ddp_tutorial.py 4 1 --snapshot_path runs/snapshot.pt":
