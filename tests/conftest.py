@@ -47,9 +47,9 @@ def launcher_cmd(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("launcher")), *args]
 
 
-def run_cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout: float = 180, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        launcher_cmd(*args), cwd=ROOT, check=False, capture_output=True, text=True, timeout=timeout, **kw
+        launcher_cmd(*args), cwd=cwd, check=False, capture_output=True, text=True, timeout=timeout, **kw
     )
 
 

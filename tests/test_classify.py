@@ -13,7 +13,7 @@ import pytest
 from launcher.data import EpochPlan
 from launcher.data.tar import open_shards
 
-from .conftest import ROOT, launcher_cmd
+from .conftest import ROOT, run_cli
 
 # One demo run serves every test here: on one xdist worker, so that it runs once.
 pytestmark = pytest.mark.xdist_group("demo")
@@ -29,8 +29,7 @@ def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str], subp
     r = subprocess.run([sys.executable, "-m", "examples.demo"], cwd=folder, env=env, capture_output=True,
                        text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    again = subprocess.run(launcher_cmd("run", "jobs/classify.yaml", "name=demo", "output_dir=runs"),
-                           cwd=folder, env=env, capture_output=True, text=True, timeout=180, check=False)
+    again = run_cli("run", "jobs/classify.yaml", "name=demo", "output_dir=runs", cwd=folder, env=env)
     return folder, r, again
 
 
@@ -54,8 +53,8 @@ def test_classify_writes_metrics_and_resumes_where_it_stopped(demo):
     assert re.search(r"resumed from .*\(step 70, epoch \d\)", r.stdout), r.stdout[-3000:]
     run = folder / "runs" / "demo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in rows if r["kind"] == "val"]
-    assert val and all(0.0 <= r["accuracy"] <= 1.0 and len(r["precision"]) == 4 for r in val)
+    val = [row for row in rows if row["kind"] == "val"]
+    assert val and all(0.0 <= row["accuracy"] <= 1.0 and len(row["precision"]) == 4 for row in val)
     _, val_sizes, _ = open_shards(folder / "data" / "shapes" / "val")
     assert val[-1]["samples"] == sum(val_sizes)  # every validation sample once, over both ranks
     _, sizes, _ = open_shards(folder / "data" / "shapes" / "train")
