@@ -23,7 +23,6 @@ from . import env as env_mod
 from . import rundir
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure, UsageError
 
-# torch is imported only once the ranks' fork server is importing it too (see launcher.launching.rankserver).
 
 def cmd_run(job: config_mod.Job) -> int:
     rundir.check_usable(job.run_dir, job.source)  # before anything is written or started
@@ -34,15 +33,17 @@ def cmd_run(job: config_mod.Job) -> int:
 
         rank_function("run_in_place_and_exit")(job)  # this process is one rank of the job
     nproc = job.distributed.nproc_per_node
-    from .launching import rankserver
-
-    rankserver.start(nproc)  # the ranks' server imports torch while this process does
-    entry_mod.check_entry(job)
-    _check_resumable(job)
     from torch.distributed.elastic.multiprocessing import SignalException
 
+    from .launching import rankserver
     from .launching.local import spawn
     from .spec import RankSpec
+
+    # A fork of this process, torch imported once: before the entry is imported (its import-time code runs
+    # in each rank, as in a fresh process) and before the run directory's lock is opened.
+    rankserver.start(nproc, fork=True)
+    entry_mod.check_entry(job)
+    _check_resumable(job)
 
     spec = RankSpec.for_job(job)
     d = job.distributed
@@ -79,7 +80,7 @@ def _span(ranks: dict[int, object]) -> str:
 
 def _check_entry_findable(job: config_mod.Job) -> None:
     """Before any process starts: the entry's module or the script exists (importing it comes later, once
-    the ranks' server is importing torch beside it), and so does a checkpoint named to resume from."""
+    the ranks' server has started), and so does a checkpoint named to resume from."""
     resume = job.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise config_mod.ConfigError(

@@ -91,6 +91,59 @@ def forkserver_kill() -> None:
     server._forkserver_pid = None
 
 
+def forkserver_start_as_fork(preload: list[str]) -> None:
+    """Start multiprocessing's fork server as ``ForkServer.ensure_running`` does, but as a fork of this
+    process instead of a fresh interpreter, so that it inherits what this process has imported; then bind it
+    as ensure_running would (``_forkserver._forkserver_address`` / ``_forkserver_alive_fd`` /
+    ``_forkserver_pid``). Nothing when a server runs already.
+
+    Only for a process that runs no thread of its own (the ``launcher`` command before its agent starts): a
+    fork copies one thread, and a lock another thread held stays held (CPython issue 112275). The server
+    keeps stdin/stdout/stderr and its two descriptors and closes every other, as a fresh one would have
+    them. It never returns into the caller's code.
+    """
+    import os
+    import socket
+    import sys
+    import traceback
+    from multiprocessing import connection, forkserver, util
+
+    server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    if server._forkserver_pid is not None:
+        return
+    listener = socket.socket(socket.AF_UNIX)
+    address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
+    listener.bind(address)
+    if not util.is_abstract_socket_namespace(address):  # type: ignore[attr-defined]
+        os.chmod(address, 0o600)
+    listener.listen()
+    alive_r, alive_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # not util.close_all_fds_except with 0-2 kept: its empty range os.closerange(0, 0) becomes
+            # close_range(0, ~0) on Linux, every descriptor (CPython 3.11.7)
+            low = 3
+            for fd in [*sorted((listener.fileno(), alive_r)), os.sysconf("SC_OPEN_MAX")]:
+                if fd > low:
+                    os.closerange(low, fd)
+                low = fd + 1
+            forkserver.main(listener.fileno(), alive_r, preload)  # type: ignore[attr-defined]
+        except SystemExit:
+            code = 0  # the last client has gone (its keep-alive pipe closed)
+        except Exception:  # noqa: BLE001 - shown; the launcher then starts a fresh server
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)  # never the caller's atexit handlers nor its code after the fork
+    os.close(alive_r)
+    listener.close()
+    server._forkserver_address = address
+    server._forkserver_alive_fd = alive_w
+    server._forkserver_pid = pid
+
+
 def start_resource_tracker_alone() -> None:
     """Start multiprocessing's resource tracker, as ``resource_tracker.ensure_running`` would, but leading a
     process group of its own and ignoring SIGHUP/SIGQUIT (``_resource_tracker._fd`` / ``_pid`` / ``_lock``,

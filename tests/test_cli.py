@@ -88,8 +88,10 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
         ranks = wait_until(lambda: ranks_running(proc), 90)
         assert ranks, "ranks did not start"
         tree = descendants(proc.pid)
-        server = [p for p in children_of(proc.pid) if "forkserver" in cmdline(p)]
+        server = [p for p in children_of(proc.pid) if set(children_of(p)) & set(ranks)]  # ranks' fork server
         assert len(server) == 1, server
+        # a fork of the launcher (torch imported once), not a fresh interpreter importing torch again
+        assert cmdline(server[0]) == cmdline(proc.pid), cmdline(server[0])
         proc.send_signal(sig)
         proc.wait(timeout=30)
         # the ranks' fork server ends with the launcher, not after it (parent-death signal)

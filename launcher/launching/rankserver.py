@@ -1,13 +1,16 @@
 """Ranks that start with torch already imported: Python's forkserver, started early with our code preloaded.
 
-A spawned rank spends most of its start-up importing torch. ``launcher run`` starts :mod:`multiprocessing`'s
-fork server as soon as it knows it will spawn ranks, with :mod:`launcher.rank.program` (so torch) preloaded:
-the server imports torch while the launcher imports it for the elastic agent, and each rank is then a fork of
-that single-threaded server instead of a fresh interpreter. The server's own threads: none of torch's
-(``import torch`` starts none); numpy's OpenBLAS server thread, which OpenBLAS re-creates after a fork, as in
-every forked DataLoader worker. No CUDA is touched before the fork.
+A spawned rank spends most of its start-up importing torch. ``launcher run`` imports torch once, for the
+elastic agent, and then forks :mod:`multiprocessing`'s fork server from itself, with
+:mod:`launcher.rank.program` preloaded: each rank is then a fork of that single-threaded server instead of a
+fresh interpreter. The fork is taken while the launcher still runs one thread, before it imports the user's
+entry or opens anything of the run. A fresh server would import torch a second time: the same start-up on
+idle cores, more CPU and memory. The Python API (:func:`launcher.launch`) still starts a fresh one: its
+caller's process may run threads of its own. The server's own threads: none of torch's (``import torch``
+starts none); numpy's OpenBLAS server thread, which OpenBLAS re-creates after a fork, as in every forked
+DataLoader worker. No CUDA is touched before the fork.
 
-A fork inherits the server's environment, working directory, ``sys.path`` and start method from when the
+A rank inherits the server's environment, working directory, ``sys.path`` and start method from when the
 server started. :func:`start` records the server's environment, the rank spec carries the launcher's, and
 :func:`launcher.rank.program.forked_main` makes the rank what a fresh process started by the launcher would
 be.
@@ -23,6 +26,7 @@ import atexit
 import contextlib
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator
 from multiprocessing import forkserver
 
@@ -50,8 +54,11 @@ def threads_env(nproc: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_rank(nproc)))}
 
 
-def start(nproc: int) -> dict[str, str] | None:
+def start(nproc: int, *, fork: bool = False) -> dict[str, str] | None:
     """Start the server for ``nproc`` ranks unless ours runs (restart it if it died); return its environment.
+
+    ``fork``: the server is a fork of this process, which has imported torch (the ``launcher`` command, whose
+    only thread this is); else a fresh interpreter that imports torch itself, beside this process.
 
     Returns None when a server that someone else started in this process is running: its environment is
     unknown, so the caller should start the ranks with the ``spawn`` method instead.
@@ -62,7 +69,9 @@ def start(nproc: int) -> dict[str, str] | None:
     with _environ(threads_env(nproc)):
         internals.start_resource_tracker_alone()  # before the server, which would start one of its own
         multiprocessing.set_forkserver_preload(PRELOAD)
-        forkserver.ensure_running()
+        if fork and running is None and threading.active_count() == 1:
+            internals.forkserver_start_as_fork(PRELOAD)
+        forkserver.ensure_running()  # a no-op after the fork; else starts (or restarts) a fresh one
         pid = internals.forkserver_pid()
         if pid not in _ours:
             if not _ours:
