@@ -165,8 +165,11 @@ def start_resource_tracker_alone() -> None:
         if tracker._fd is not None:
             return
         r, w = os.pipe()
+        # Its "leaked semaphore objects to clean up" warning is about the queues of ranks stopped by a signal:
+        # cleaning them up is its job here, and users read the warning as a fault of the stopped job.
+        quiet = ["-W", "ignore:resource_tracker:UserWarning"]
         command = [spawn.get_executable(), *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-                   "-c", f"from multiprocessing.resource_tracker import main; main({r})"]
+                   *quiet, "-c", f"from multiprocessing.resource_tracker import main; main({r})"]
         # SIG_IGN survives exec (settable from the main thread only; elsewhere the own group suffices)
         main = threading.current_thread() is threading.main_thread()
         ignored = (signal.SIGHUP, signal.SIGQUIT) if main else ()
