@@ -24,17 +24,15 @@ SHORT_STEPS = 10  # the CPU comparison: start-up, a few steps, shut-down
 ROUNDS = 5
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """``(seconds from command to first step, samples/s)`` of one run."""
-    return _measure(cmd)[:2]
-
-
-def _measure(cmd: list[str]) -> tuple[float, float, float]:
+def measure(cmd: list[str]) -> tuple[float, float, float]:
     """``(seconds from command to first step, samples/s, CPU seconds of all its processes)`` of one run."""
     t0 = time.time()
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}  # plain_cnn.py imports benchmarks.cnn_job
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    # TMPDIR: torchrun leaves a torchelastic_* log folder behind in the temp directory at every run
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        # PYTHONPATH: plain_cnn.py imports benchmarks.cnn_job
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), "TMPDIR": tmp}
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # every process of the run is waited for by its parent (ranks by torchrun or the launcher's fork server,
     # the server by the launcher), so the children's usage is the whole run's
@@ -73,13 +71,13 @@ def run() -> list[dict[str, object]]:
             plain.append(measure(_torchrun_cmd()))
             ours.append(measure(_launcher_cmd(tmp, 2)))
             single.append(measure(_launcher_cmd(tmp, 1)))
-            plain_cpu.append(_measure(_torchrun_cmd(SHORT_STEPS))[2])
-            ours_cpu.append(_measure(_launcher_cmd(tmp, 2, SHORT_STEPS))[2])
+            plain_cpu.append(measure(_torchrun_cmd(SHORT_STEPS))[2])
+            ours_cpu.append(measure(_launcher_cmd(tmp, 2, SHORT_STEPS))[2])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    p_start, p_rate = zip(*plain)
-    o_start, o_rate = zip(*ours)
-    _, s_rate = zip(*single)
+    p_start, p_rate, _ = zip(*plain)
+    o_start, o_rate, _ = zip(*ours)
+    _, s_rate, _ = zip(*single)
     thr, start, scale = paired(p_rate, o_rate), paired(p_start, o_start), paired(s_rate, o_rate)
     cpu = paired(plain_cpu, ours_cpu)
     return [

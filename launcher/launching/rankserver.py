@@ -69,7 +69,7 @@ def start(nproc: int, *, fork: bool = False) -> dict[str, str] | None:
     with _environ(threads_env(nproc)):
         internals.start_resource_tracker_alone()  # before the server, which would start one of its own
         multiprocessing.set_forkserver_preload(PRELOAD)
-        if fork and running is None and threading.active_count() == 1:
+        if fork and threading.active_count() == 1:  # a fork of a process with other threads can deadlock
             internals.forkserver_start_as_fork(PRELOAD)
         forkserver.ensure_running()  # a no-op after the fork; else starts (or restarts) a fresh one
         pid = internals.forkserver_pid()
