@@ -143,6 +143,27 @@ def test_should_stop_is_free_outside_slurm():
     assert not stop.installed() and stop.should_stop() is False
 
 
+@pytest.mark.parametrize("answers, expected", [
+    (["fail", "PreemptTime=2026-12-03T07:11:00"], True),  # a controller too busy to answer once
+    (["PreemptTime=None"], False),
+    (["fail", "fail", "fail", "fail"], False),  # never an answer: said, then taken as not preempted
+])
+def test_preemption_is_asked_again_when_scontrol_gets_no_answer(tmp_path, monkeypatch, capsys, answers,
+                                                                 expected):
+    (tmp_path / "answers").write_text("\n".join(answers) + "\n")
+    fake = tmp_path / "scontrol"  # each call takes the first answer left; "fail" is a timed-out controller
+    fake.write_text(f"#!/bin/sh\na=$(head -1 {tmp_path}/answers); sed -i 1d {tmp_path}/answers\n"
+                    'if [ "$a" = fail ] || [ -z "$a" ]; then\n'
+                    '  echo "slurm_load_jobs error: Socket timed out" >&2; exit 1\nfi\n'
+                    'echo "JobId=7 JobName=x $a"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert stop.preempted("7", timeout_s=3.5) is expected
+    said = capsys.readouterr().err
+    assert ("could not ask SLURM whether job 7 is preempted (slurm_load_jobs error: Socket timed out)" in said
+            ) == (answers[-1] == "fail"), said
+
+
 def _signal_rank_one_then_agree() -> dict:
     stop.install(max_requeues=0)
     try:

@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -134,14 +135,26 @@ def _decide(reason: str, agreed: tuple[int, ...]) -> None:
 
 
 def preempted(job_id: str, timeout_s: float = 30.0) -> bool:
-    """True when SLURM is preempting the job (``PreemptTime`` set in ``scontrol show job``)."""
-    try:
-        r = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True,
-                           text=True, timeout=timeout_s)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    found = re.search(r"\bPreemptTime=(\S+)", r.stdout)
-    return found is not None and found.group(1) not in ("None", "Unknown")
+    """True when SLURM is preempting the job (``PreemptTime`` set in ``scontrol show job``).
+
+    scontrol is asked again, once a second within ``timeout_s``, while it gets no answer (a busy controller
+    times a call out): "no answer" is not "not preempted", and a preempted job taken for a time-limit stop
+    was not requeued (seen once under load on the 3-node test cluster)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True,
+                               text=True, timeout=max(1.0, deadline - time.monotonic()))
+            if r.returncode == 0:
+                found = re.search(r"\bPreemptTime=(\S+)", r.stdout)
+                return found is not None and found.group(1) not in ("None", "Unknown")
+            why = (r.stderr or r.stdout).strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            why = str(e)
+        if time.monotonic() + 1 >= deadline:
+            _say(f"could not ask SLURM whether job {job_id} is preempted ({why}): taken as not preempted")
+            return False
+        time.sleep(1)
 
 
 def _time_limit(reason: str, job_id: str) -> None:
