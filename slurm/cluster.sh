@@ -26,8 +26,11 @@
 # Job ids start at $LAUNCHER_SLURM_FIRST_JOB_ID (default 1 + 1000 x ((port base / 4) mod 10), 4001): two
 # clusters on one machine with other port bases also get other job ids, so the rank port each job derives
 # from its id (15000 + id mod 10000, launcher/env.py) differs too.
-# Exit codes: 0 ok, 1 a daemon did not come up (its log is printed), 2 bad usage, 3 cannot run here (the
-# reason is printed).
+# `up`, `down` and `clean` take the state directory's lock ($DIR/.lock, waiting at most
+# $LAUNCHER_SLURM_LOCK_WAIT_S, default 600 s): two of them at once on one directory would start (or stop) one
+# daemon twice. A failed `up` stops the daemons it started (those already running stay).
+# Exit codes: 0 ok, 1 a daemon did not come up (its log is printed) or the lock was not free in time, 2 bad
+# usage, 3 cannot run here (the reason is printed).
 set -euo pipefail
 
 DIR=${LAUNCHER_SLURM_DIR:-/tmp/launcher-slurm}
@@ -78,23 +81,51 @@ alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2> /dev/null; }
 # a /dev/shm of its own (in mount and UTS namespaces of its own: `ip netns exec` remounts /sys, and slurmd then
 # finds no cgroup file system; a lost node's semaphores go with it, as on a real machine). The one-node
 # cluster runs CMD here.
-on_host() {
+# With --exec the shell becomes CMD (so `on_host --exec ... &` gives CMD's pid in $!).
+on_host() {  # on_host [--exec] NAME CMD...
+  local run=()
+  if [[ $1 == --exec ]]; then run=(exec); shift; fi
   local name=$1; shift
-  if (( NODES == 1 )); then "$@"; return; fi
-  nsenter --net="/run/netns/$name" unshare --uts --mount \
+  # 9>&-: the daemons must not inherit the state directory's lock (lock_dir), or it is held as long as they run.
+  if (( NODES == 1 )); then "${run[@]}" "$@" 9>&-; return; fi
+  "${run[@]}" nsenter --net="/run/netns/$name" unshare --uts --mount \
     sh -c 'hostname "$0" && mount --bind "$1" /etc/hosts && mount -t tmpfs -o mode=1777 shm /dev/shm &&
-           shift && exec "$@"' "$name" "$DIR/etc/hosts" "$@"
+           shift && exec "$@"' "$name" "$DIR/etc/hosts" "$@" 9>&-
 }
 
-wait_for() {  # wait_for SECONDS LOGFILE WHAT COMMAND...
-  local seconds=$1 log=$2 what=$3; shift 3
-  for _ in $(seq $((seconds * 10))); do
+wait_for() {  # wait_for SECONDS LOGFILE WHAT PIDFILE COMMAND...: until COMMAND succeeds
+  # A daemon that wrote its pid file and exited (a port in use, a bad config) fails at once, not after SECONDS.
+  local seconds=$1 log=$2 what=$3 pidfile=$4 outcome end=$((SECONDS + $1)); shift 4
+  while (( SECONDS < end )); do
     "$@" > /dev/null 2>&1 && return 0
+    if [[ -f $pidfile ]] && ! alive "$pidfile"; then outcome="exited"; break; fi
     sleep 0.1
   done
-  say "$what did not come up in ${seconds}s; last lines of $log:"
+  say "$what ${outcome:-did not come up in ${seconds}s}; last lines of $log:"
   tail -20 "$log" >&2 || true
   exit 1
+}
+
+# The lock of the state directory, held until this script exits (fd 9). flock(1) is util-linux's.
+lock_dir() {
+  local wait=${LAUNCHER_SLURM_LOCK_WAIT_S:-600}
+  mkdir -p "$DIR"
+  exec 9> "$DIR/.lock"
+  flock -w "$wait" 9 || { say "$DIR is in use by another cluster.sh (its lock $DIR/.lock was not free in ${wait}s)"; exit 1; }
+}
+
+# What this `up` started (pid files, in order) and whether it made the namespaces: undone if it fails.
+STARTED=() MADE_NET=0
+started() { STARTED+=("$1"); }
+undo_failed_up() {
+  local rc=$? i
+  (( rc == 0 )) && return 0
+  if (( ${#STARTED[@]} > 0 || MADE_NET )); then
+    say "up failed: stopping what it started (${STARTED[*]##*/})"
+    for (( i = ${#STARTED[@]} - 1; i >= 0; i-- )); do stop_pid "${STARTED[i]}"; done
+    (( MADE_NET )) && net_down
+  fi
+  exit "$rc"
 }
 
 net_up() {
@@ -102,6 +133,7 @@ net_up() {
   [[ $(id -u) -eq 0 ]] || cannot "a cluster of $NODES nodes needs root (network namespaces)"
   command -v nsenter > /dev/null && command -v unshare > /dev/null || cannot "nsenter or unshare is missing"
   [[ -e /run/netns/$CTL ]] && return 0
+  MADE_NET=1
   ip netns add "$CTL"
   ip -n "$CTL" link set lo up
   ip -n "$CTL" link add br0 type bridge
@@ -229,10 +261,12 @@ start_munge() {
   alive "$DIR/munge/munged.pid" && return 0
   [[ -f $DIR/munge/munge.key ]] || { dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none; }
   chmod 400 "$DIR/munge/munge.key"
+  rm -f "$DIR/munge/munged.pid"
+  started "$DIR/munge/munged.pid"
   # The socket is a file: clients in every namespace reach it.
   on_host "$CTL" munged --force --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
     --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
-  wait_for 10 "$DIR/log/munged.log" munged munge --socket="$MUNGE_SOCKET" -n
+  wait_for 10 "$DIR/log/munged.log" munged "$DIR/munge/munged.pid" munge --socket="$MUNGE_SOCKET" -n
 }
 
 start_mariadb() {
@@ -242,16 +276,23 @@ start_mariadb() {
       --skip-test-db > "$DIR/log/mariadb-install.log" 2>&1 \
       || { tail -20 "$DIR/log/mariadb-install.log" >&2; exit 1; }
   fi
-  on_host "$CTL" mariadbd --no-defaults --datadir="$DIR/db" --user=root --bind-address=127.0.0.1 \
+  on_host --exec "$CTL" mariadbd --no-defaults --datadir="$DIR/db" --user=root --bind-address=127.0.0.1 \
     --port="$DB_PORT" --socket="$DIR/run/mariadb.sock" --pid-file="$DIR/run/mariadb.pid" \
     --log-error="$DIR/log/mariadb.log" --skip-name-resolve --innodb-buffer-pool-size=32M > /dev/null 2>&1 &
-  wait_for 30 "$DIR/log/mariadb.log" MariaDB \
-    on_host "$CTL" mariadb --no-defaults -h 127.0.0.1 -P "$DB_PORT" -u root -e "select 1"
+  # Its pid at once (mariadbd writes the same one later): a MariaDB that hangs before it writes the file is
+  # still stopped by a failed `up`, and one that exits (its port taken) fails at once.
+  echo $! > "$DIR/run/mariadb.pid"
+  started "$DIR/run/mariadb.pid"
+  # --connect-timeout: something else listening on the port (not answering as MariaDB) would hang the client.
+  wait_for 30 "$DIR/log/mariadb.log" MariaDB "$DIR/run/mariadb.pid" \
+    on_host "$CTL" mariadb --no-defaults --connect-timeout=2 -h 127.0.0.1 -P "$DB_PORT" -u root -e "select 1"
 }
 
 start_slurmd() {  # start_slurmd N
   alive "$(slurmd_pid "$1")" && return 0
-  if (( NODES > 1 )); then on_host "$(node_name "$1")" slurmd -N "$(node_name "$1")"; else slurmd; fi
+  rm -f "$(slurmd_pid "$1")"
+  started "$(slurmd_pid "$1")"
+  if (( NODES > 1 )); then on_host "$(node_name "$1")" slurmd -N "$(node_name "$1")"; else slurmd 9>&-; fi
 }
 
 nodes_up() {  # every node answers (idle, mixed or allocated)
@@ -262,16 +303,20 @@ nodes_up() {  # every node answers (idle, mixed or allocated)
 
 start_slurm() {
   if ! alive "$DIR/run/slurmdbd.pid"; then
+    rm -f "$DIR/run/slurmdbd.pid"
+    started "$DIR/run/slurmdbd.pid"
     on_host "$CTL" slurmdbd
-    wait_for 30 "$DIR/log/slurmdbd.log" slurmdbd on_host "$CTL" bash -c "exec 3<>/dev/tcp/$CTL_ADDR/$DBD_PORT"
+    wait_for 30 "$DIR/log/slurmdbd.log" slurmdbd "$DIR/run/slurmdbd.pid" on_host "$CTL" bash -c "exec 3<>/dev/tcp/$CTL_ADDR/$DBD_PORT"
   fi
   if ! alive "$DIR/run/slurmctld.pid"; then
+    rm -f "$DIR/run/slurmctld.pid"
+    started "$DIR/run/slurmctld.pid"
     on_host "$CTL" slurmctld
-    wait_for 30 "$DIR/log/slurmctld.log" slurmctld on_host "$CTL" scontrol ping
+    wait_for 30 "$DIR/log/slurmctld.log" slurmctld "$DIR/run/slurmctld.pid" on_host "$CTL" scontrol ping
   fi
   local i
   for i in $(seq "$NODES"); do start_slurmd "$i"; done
-  wait_for 30 "$DIR/log/slurmctld.log" "$NODES node(s)" nodes_up
+  wait_for 30 "$DIR/log/slurmctld.log" "$NODES node(s)" - nodes_up
 }
 
 stop_pid() {  # stop_pid PIDFILE
@@ -284,13 +329,33 @@ stop_pid() {  # stop_pid PIDFILE
   rm -f "$pidfile"
 }
 
+cluster_down() {
+  # Jobs first, so no task outlives the daemons.
+  if alive "$DIR/run/slurmctld.pid"; then
+    # A cancel, not a signal (--full only signals): slurmd kills what ignores SIGTERM (submitit's tasks do)
+    # after KillWait; wait for that, or a task waiting for a peer outlives the daemons.
+    on_host "$CTL" scancel --quiet --user "$(id -un)" 2> /dev/null || true
+    for _ in $(seq 40); do
+      [[ -z $(on_host "$CTL" squeue -h -u "$(id -un)" 2> /dev/null) ]] && break
+      sleep 1
+    done
+  fi
+  local i name
+  for i in $(seq "$NODES"); do stop_pid "$(slurmd_pid "$i")"; done
+  for name in slurmctld slurmdbd mariadb; do stop_pid "$DIR/run/$name.pid"; done
+  stop_pid "$DIR/munge/munged.pid"
+  net_down
+  say "down"
+}
+
 node_number() {  # node_number ARG: 1..NODES, or exit 2
   [[ $1 =~ ^[1-9]$ ]] && (( $1 <= NODES )) || { say "no node '$1' (nodes 1 to $NODES, or ctl)"; exit 2; }
 }
 
 case ${1:-} in
   up)
-    mkdir -p "$DIR"
+    lock_dir
+    trap undo_failed_up EXIT
     install_packages
     net_up
     write_configs
@@ -298,24 +363,12 @@ case ${1:-} in
     start_mariadb
     start_slurm
     say "up: $(on_host "$CTL" sinfo -h -o '%P %D node(s) %C cpus (alloc/idle/other/total)' | tr '\n' ' ')"
+    trap - EXIT
     echo "export SLURM_CONF=$CONF"
     ;;
   down)
-    # Jobs first, so no task outlives the daemons.
-    if alive "$DIR/run/slurmctld.pid"; then
-      # A cancel, not a signal (--full only signals): slurmd kills what ignores SIGTERM (submitit's tasks do)
-      # after KillWait; wait for that, or a task waiting for a peer outlives the daemons.
-      on_host "$CTL" scancel --quiet --user "$(id -un)" 2> /dev/null || true
-      for _ in $(seq 40); do
-        [[ -z $(on_host "$CTL" squeue -h -u "$(id -un)" 2> /dev/null) ]] && break
-        sleep 1
-      done
-    fi
-    for i in $(seq "$NODES"); do stop_pid "$(slurmd_pid "$i")"; done
-    for name in slurmctld slurmdbd mariadb; do stop_pid "$DIR/run/$name.pid"; done
-    stop_pid "$DIR/munge/munged.pid"
-    net_down
-    say "down"
+    [[ -d $DIR ]] && lock_dir  # nothing to lock (or to leave behind) where no cluster ever was
+    cluster_down
     ;;
   status)
     for f in "$DIR"/run/*.pid "$DIR"/munge/munged.pid; do
@@ -359,9 +412,10 @@ case ${1:-} in
     if [[ $state == up ]] && alive "$(slurmd_pid "$2")"; then kill -HUP "$(cat "$(slurmd_pid "$2")")"; fi
     ;;
   clean)
+    lock_dir
     # Several nodes: every process of the cluster, its jobs' included, lives in the namespaces, and the state
     # goes anyway: SIGKILL them all (faster than stopping each daemon in turn).
-    if (( NODES > 1 )); then net_down; say "down"; else bash "$0" down; fi
+    if (( NODES > 1 )); then net_down; say "down"; else cluster_down; fi
     rm -rf "$DIR"
     ;;
   *)

@@ -7,9 +7,11 @@ fixture); where the cluster cannot run here (no root, no packages) they are skip
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -214,6 +216,74 @@ def job_env(slurm_env, tmp_path):
     """The cluster's environment with the jobs' temp files in the test's own folder: a rank that SLURM ends by
     signal cannot remove the socket folder of its DataLoader workers' fork server."""
     return {**slurm_env, "TMPDIR": killable_env(tmp_path)["TMPDIR"]}
+
+
+def _processes_naming(folder: Path) -> list[str]:
+    """Command lines of the running processes that name ``folder`` (a cluster's daemons name their state
+    folder in their arguments or, for SLURM's, in the SLURM_CONF they were started with)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+            if str(folder) in cmdline + environ and proc.name != str(os.getpid()):
+                found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def _other_cluster(folder: Path) -> dict[str, str]:
+    """The environment of a one-node cluster in ``folder``, with ports no other test's cluster uses."""
+    base = 17817 + 4 * (os.getpid() % 50)
+    return {**os.environ, "LAUNCHER_SLURM_DIR": str(folder), "LAUNCHER_SLURM_PORT_BASE": str(base)}
+
+
+def _script(env: dict[str, str], command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(CLUSTER), command], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_a_failed_up_stops_the_daemons_it_started_at_once(slurm_env, tmp_path):
+    """MariaDB's port is taken: it exits at once, `up` fails at once (not after its 30-s wait) and stops the
+    munge daemon it had started. Once the port is free `up` starts the cluster, and `down` (which takes the
+    state folder's lock, held by no daemon) stops it."""
+    env = {**_other_cluster(tmp_path / "cluster"), "LAUNCHER_SLURM_LOCK_WAIT_S": "5"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["LAUNCHER_SLURM_PORT_BASE"]) + 3))
+        taken.listen()  # a client connecting here hangs unless it has a timeout
+        started = time.monotonic()
+        r = _script(env, "up")
+        took = time.monotonic() - started
+    assert r.returncode == 1, r.stderr
+    assert "MariaDB exited; last lines of" in r.stderr and "Address already in use" in r.stderr, r.stderr
+    assert "up failed: stopping what it started (munged.pid mariadb.pid)" in r.stderr, r.stderr
+    assert took < 25, f"up took {took:.0f} s to fail"
+    assert _processes_naming(tmp_path / "cluster") == []
+    try:
+        r = _script(env, "up")
+        assert r.returncode == 0, r.stderr
+    finally:
+        r = _script(env, "down")
+    assert r.returncode == 0, r.stderr
+    assert _processes_naming(tmp_path / "cluster") == []
+
+
+def test_up_waits_for_the_lock_of_its_state_folder_and_says_who_holds_it(slurm_env, tmp_path):
+    folder = tmp_path / "cluster"
+    folder.mkdir()
+    env = {**_other_cluster(folder), "LAUNCHER_SLURM_LOCK_WAIT_S": "2"}
+    with (folder / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another `up` (or `down`) at work on this folder
+        started = time.monotonic()
+        r = _script(env, "up")
+        took = time.monotonic() - started
+    assert r.returncode == 1, r.stderr
+    held_by_another = f"{folder} is in use by another cluster.sh (its lock {folder}/.lock was not free in 2s)"
+    assert held_by_another in r.stderr, r.stderr
+    assert 2 <= took < 10
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing written, nothing started
+    assert _processes_naming(folder) == []
 
 
 def submit(env, run_root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
