@@ -1,6 +1,7 @@
 """The Python API: launch(fn) in N Gloo ranks, results, failures with tracebacks, collective timeouts."""
 
 import os
+import sys
 import time
 
 import pytest
@@ -186,3 +187,14 @@ def test_forked_ranks_do_not_share_torchs_random_stream():
     first = launcher.launch(torch_seed, nproc=2, backend="gloo")
     second = launcher.launch(torch_seed, nproc=2, backend="gloo")
     assert first[0] != first[1] and len({*first.values(), *second.values()}) == 4
+
+
+def optimizer_module_was_there():
+    there = "torch._dynamo" in sys.modules
+    torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # imports it if it is not (1.3 s of CPU)
+    return there
+
+
+def test_what_every_rank_imports_anyway_is_imported_once_by_the_fork_server():
+    """Every optimizer imports torch._dynamo (internals.LAZY_TORCH_MODULES): the ranks find it imported."""
+    assert launcher.launch(optimizer_module_was_there, nproc=2, backend="gloo") == {0: True, 1: True}

@@ -32,8 +32,9 @@ from multiprocessing import forkserver
 
 from .. import internals
 
-#: Modules the server imports before it forks any rank: the server and its ranks die with the launcher first.
-PRELOAD = ["launcher.rank.serverpreload", "launcher.rank.program"]
+#: Modules the server imports before it forks any rank: the server and its ranks die with the launcher first;
+#: what torch imports lazily in every rank last (:data:`launcher.internals.LAZY_TORCH_MODULES`).
+PRELOAD = ["launcher.rank.serverpreload", "launcher.rank.program", *internals.LAZY_TORCH_MODULES]
 
 # The server this process started, and its environment: {pid: environ}.
 _ours: dict[int | None, dict[str, str]] = {}
