@@ -78,6 +78,26 @@ def forkserver_forget() -> None:
         server._forkserver_address = None
 
 
+def forkserver_alive() -> bool:
+    """Whether this process's fork server (``_forkserver._forkserver_pid``) runs. A dead one is reaped and
+    forgotten, as ``ForkServer.ensure_running`` does, so that the next use starts another."""
+    import os
+
+    server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        ended, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child, or reaped already
+        ended = pid
+    if not ended:
+        return True
+    forkserver_forget()
+    server._forkserver_pid = None
+    return False
+
+
 def forkserver_kill() -> None:
     """SIGKILL this process's fork server and reap it, then forget it as :meth:`ForkServer._stop` would
     (``_forkserver._forkserver_pid`` / ``_forkserver_alive_fd`` / ``_forkserver_address``): the next use
@@ -98,7 +118,7 @@ def forkserver_kill() -> None:
     server._forkserver_pid = None
 
 
-def forkserver_start_as_fork(preload: list[str]) -> None:
+def forkserver_start_as_fork(preload: list[str], in_child: Any = None) -> None:
     """Start multiprocessing's fork server as ``ForkServer.ensure_running`` does, but as a fork of this
     process instead of a fresh interpreter, so that it inherits what this process has imported; then bind it
     as ensure_running would (``_forkserver._forkserver_address`` / ``_forkserver_alive_fd`` /
@@ -107,7 +127,8 @@ def forkserver_start_as_fork(preload: list[str]) -> None:
     Only for a process that runs no thread of its own (the ``launcher`` command before its agent starts): a
     fork copies one thread, and a lock another thread held stays held (CPython issue 112275). The server
     keeps stdin/stdout/stderr and its two descriptors and closes every other, as a fresh one would have
-    them. It never returns into the caller's code.
+    them. ``in_child``: called in the server first (a callable of no arguments). It never returns into the
+    caller's code.
     """
     import os
     import socket
@@ -136,6 +157,8 @@ def forkserver_start_as_fork(preload: list[str]) -> None:
                 if fd > low:
                     os.closerange(low, fd)
                 low = fd + 1
+            if in_child is not None:
+                in_child()
             forkserver.main(listener.fileno(), alive_r, preload)  # type: ignore[attr-defined]
         except SystemExit:
             code = 0  # the last client has gone (its keep-alive pipe closed)

@@ -78,6 +78,10 @@ class RankSpec:
     """glibc keeps freed host memory (see :mod:`launcher.rank.hostmem`)."""
     process: Process | None = None
     """Set by the local spawner for ranks forked from its server; None in place (torchrun, srun)."""
+    worker_server_imports: tuple[str, ...] | None = None
+    """A job with DataLoader workers: the rank forks their server before its process group, and the server
+    imports these modules (:func:`launcher.data.workerserver.start_early`); None: no server until a loader
+    needs one."""
 
     @property
     def runs_script(self) -> bool:
@@ -102,7 +106,9 @@ class RankSpec:
             is_module = job.script.startswith("-m ")
             script, module = (None, job.script[3:].strip()) if is_module else (job.script, None)
             return cls(script=script, module=module, argv=tuple(job.script_args), **common)
-        return cls(target=JOB_TARGET, args=(to_dict(job), job.source), seed=job.seed, **common)
+        imports = (job.entry.partition(":")[0],) if job.data.num_workers > 0 else None
+        return cls(target=JOB_TARGET, args=(to_dict(job), job.source), seed=job.seed,
+                   worker_server_imports=imports, **common)
 
     @classmethod
     def for_function(cls, fn: Callable[..., Any], args: tuple[Any, ...] = (),

@@ -15,7 +15,7 @@ import pytest
 
 import examples.tiny
 
-from .conftest import children_of, cmdline, descendants, left_behind, wait_until
+from .conftest import children_of, cmdline, comm, descendants, left_behind, wait_until
 from .test_cli import ranks_running, start_long_job
 
 LONG_EPOCHS = ("args.num_samples=200000",)  # an epoch outlasts every test: workers are not restarted
@@ -24,7 +24,8 @@ LONG_EPOCHS = ("args.num_samples=200000",)  # an epoch outlasts every test: work
 def worker_server_and_workers(rank: int) -> tuple[int, list[int]] | None:
     """A rank's DataLoader fork server and the workers it forked, once both workers run."""
     for child in children_of(rank):
-        if "forkserver" in cmdline(child):
+        # forked from the rank (launcher.data.workerserver.start_early), or a fresh interpreter
+        if comm(child).startswith("launcher-data") or "forkserver" in cmdline(child):
             workers = children_of(child)
             return (child, workers) if len(workers) == 2 else None
     return None
@@ -39,6 +40,8 @@ def test_a_dead_dataloader_worker_fails_its_rank_within_5s(run_root, victim):
         found = wait_until(lambda: worker_server_and_workers(ranks[1]), 30)
         assert found, "no DataLoader workers"
         server, workers = found
+        # the workers' server is a fork of its rank, made before the process group (not a fresh interpreter)
+        assert comm(server) == "launcher-data1" and cmdline(server) == cmdline(ranks[1]), cmdline(server)
         tree = descendants(proc.pid)
         os.kill(workers[1] if victim == "worker" else server, signal.SIGKILL)
         killed = time.monotonic()

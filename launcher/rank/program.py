@@ -26,6 +26,7 @@ from .. import config as config_mod
 from .. import dist, rundir
 from .. import entry as entry_mod
 from .. import env as env_mod
+from ..data import workerserver
 from ..errors import StopForRequeue
 from ..rng import seed_everything
 from ..spec import MAIN_ALIAS, RankSpec
@@ -104,10 +105,13 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
         hostmem.keep_freed_memory()
     if spec.runs_script:
         return _run_script(spec, environment)
+    on_slurm = isinstance(environment, env_mod.SlurmEnvironment)
+    if spec.worker_server_imports is not None:  # before Gloo's threads, which make a fork unsafe
+        workerserver.start_early(spec.worker_server_imports, stop.SIGNALS if on_slurm else ())
     dist.init(environment, spec.backend, spec.startup_timeout_s, spec.timeout_s)
     _tolerate_user_init()
     rank = dist.get_rank()
-    if isinstance(environment, env_mod.SlurmEnvironment):
+    if on_slurm:
         _slurm_threads()
         stop.install(spec.max_requeues)  # preemption / time limit: save at a step boundary
     try:

@@ -13,7 +13,7 @@ saw the rank go.
 import os
 import sys
 
-from .process import die_with_parent, quiet_when_withdrawn
+from .process import die_with_parent, quiet_when_withdrawn, set_name
 
 _SERVER = os.getpid()
 _server_forking: list[bool] = [False]
@@ -28,6 +28,15 @@ def _after_in_child() -> None:
 
 def _before() -> None:
     _server_forking[0] = os.getpid() == _SERVER
+
+
+def become_server(parent: int) -> None:
+    """This process, a fork of ``parent`` (a rank), is now a fork server: it dies with ``parent`` and its own
+    forks die with it, as a fresh server's do (:func:`launcher.data.workerserver.start_early`)."""
+    global _SERVER
+    _SERVER = os.getpid()
+    die_with_parent(parent)
+    set_name(f"launcher-data{os.environ.get('RANK', '')}")  # in top, ps -o comm (its workers inherit it)
 
 
 die_with_parent()
