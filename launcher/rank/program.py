@@ -90,10 +90,12 @@ def run_in_place(job: config_mod.Job) -> Any:
     environment = env_mod.detect()
     if isinstance(environment, env_mod.TorchElasticEnvironment):
         process.die_with_parent()  # torchrun SIGKILLed: its ranks go too instead of training on as orphans
+    spec = RankSpec.for_job(job)
+    _fork_workers_server(spec, environment)  # before the run directory's lock: its watcher is a thread
     if environment.rank() == 0:
         rundir.lock(job.run_dir, job.source)
         config_mod.write_resolved(job)
-    return execute(RankSpec.for_job(job), leaving=True)
+    return execute(spec, leaving=True)
 
 
 def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool = False) -> Any:
@@ -105,13 +107,11 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
         hostmem.keep_freed_memory()
     if spec.runs_script:
         return _run_script(spec, environment)
-    on_slurm = isinstance(environment, env_mod.SlurmEnvironment)
-    if spec.worker_server_imports is not None:  # before Gloo's threads, which make a fork unsafe
-        workerserver.start_early(spec.worker_server_imports, stop.SIGNALS if on_slurm else ())
+    _fork_workers_server(spec, environment)  # before Gloo's threads, which make a fork unsafe
     dist.init(environment, spec.backend, spec.startup_timeout_s, spec.timeout_s)
     _tolerate_user_init()
     rank = dist.get_rank()
-    if on_slurm:
+    if isinstance(environment, env_mod.SlurmEnvironment):
         _slurm_threads()
         stop.install(spec.max_requeues)  # preemption / time limit: save at a step boundary
     try:
@@ -125,6 +125,14 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
     finally:
         stop.uninstall(leaving)
         dist.teardown()
+
+
+def _fork_workers_server(spec: RankSpec, environment: env_mod.ClusterEnvironment) -> None:
+    """A job with DataLoader workers: their server, forked from this rank now if it runs one thread (a no-op
+    once it runs; :func:`launcher.data.workerserver.start_early`)."""
+    if spec.worker_server_imports is not None:
+        on_slurm = isinstance(environment, env_mod.SlurmEnvironment)
+        workerserver.start_early(spec.worker_server_imports, stop.SIGNALS if on_slurm else ())
 
 
 def _tolerate_user_init() -> None:
