@@ -54,8 +54,8 @@ REQUIRED = [
 
 #: torch modules a rank imports on first use that its fork server imports once instead. ``torch._dynamo``:
 #: every ``torch.optim.Optimizer`` imports it when it adds its first parameter group (``add_param_group``
-#: carries ``torch._disable_dynamo``, which imports it at its first call), compiling or not: 1.3 s of CPU on
-#: this machine, in every rank of every start.
+#: carries ``torch._disable_dynamo``, which imports it at its first call), compiling or not: over a second of
+#: CPU in every rank of every start.
 LAZY_TORCH_MODULES = ["torch._dynamo"]
 
 

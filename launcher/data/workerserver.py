@@ -10,7 +10,8 @@ A job with DataLoader workers has its rank fork that server from itself before t
 (:func:`start_early`, while the rank runs one thread): the server then has torch and the rank's code without
 importing them, and imports the job's entry module (whatever a dataset needs, it imports). Otherwise (a
 script, :func:`launcher.launch`, a rank that runs threads) the server is a fresh interpreter started when a
-loader first needs it, importing torch itself: about 1.3 s of CPU and a few hundred MB per rank.
+loader first needs it, importing torch itself beside the rank's start-up (the CPU and memory this costs:
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
