@@ -78,26 +78,6 @@ def forkserver_forget() -> None:
         server._forkserver_address = None
 
 
-def forkserver_alive() -> bool:
-    """Whether this process's fork server (``_forkserver._forkserver_pid``) runs. A dead one is reaped and
-    forgotten, as ``ForkServer.ensure_running`` does, so that the next use starts another."""
-    import os
-
-    server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
-    pid = getattr(server, "_forkserver_pid", None)
-    if pid is None:
-        return False
-    try:
-        ended, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not our child, or reaped already
-        ended = pid
-    if not ended:
-        return True
-    forkserver_forget()
-    server._forkserver_pid = None
-    return False
-
-
 def forkserver_kill() -> None:
     """SIGKILL this process's fork server and reap it, then forget it as :meth:`ForkServer._stop` would
     (``_forkserver._forkserver_pid`` / ``_forkserver_alive_fd`` / ``_forkserver_address``): the next use

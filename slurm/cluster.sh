@@ -116,7 +116,9 @@ lock_dir() {
 
 # What this `up` started (pid files, in order) and whether it made the namespaces: undone if it fails.
 STARTED=() MADE_NET=0
-started() { STARTED+=("$1"); }
+# starting PIDFILE: a daemon that writes PIDFILE is about to start. A stale file goes (wait_for would take it
+# for a daemon that exited), and a failed `up` stops the daemon.
+starting() { rm -f "$1"; STARTED+=("$1"); }
 undo_failed_up() {
   local rc=$? i
   (( rc == 0 )) && return 0
@@ -261,8 +263,7 @@ start_munge() {
   alive "$DIR/munge/munged.pid" && return 0
   [[ -f $DIR/munge/munge.key ]] || { dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none; }
   chmod 400 "$DIR/munge/munge.key"
-  rm -f "$DIR/munge/munged.pid"
-  started "$DIR/munge/munged.pid"
+  starting "$DIR/munge/munged.pid"
   # The socket is a file: clients in every namespace reach it.
   on_host "$CTL" munged --force --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
     --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
@@ -276,13 +277,13 @@ start_mariadb() {
       --skip-test-db > "$DIR/log/mariadb-install.log" 2>&1 \
       || { tail -20 "$DIR/log/mariadb-install.log" >&2; exit 1; }
   fi
+  starting "$DIR/run/mariadb.pid"
   on_host --exec "$CTL" mariadbd --no-defaults --datadir="$DIR/db" --user=root --bind-address=127.0.0.1 \
     --port="$DB_PORT" --socket="$DIR/run/mariadb.sock" --pid-file="$DIR/run/mariadb.pid" \
     --log-error="$DIR/log/mariadb.log" --skip-name-resolve --innodb-buffer-pool-size=32M > /dev/null 2>&1 &
   # Its pid at once (mariadbd writes the same one later): a MariaDB that hangs before it writes the file is
   # still stopped by a failed `up`, and one that exits (its port taken) fails at once.
   echo $! > "$DIR/run/mariadb.pid"
-  started "$DIR/run/mariadb.pid"
   # --connect-timeout: something else listening on the port (not answering as MariaDB) would hang the client.
   wait_for 30 "$DIR/log/mariadb.log" MariaDB "$DIR/run/mariadb.pid" \
     on_host "$CTL" mariadb --no-defaults --connect-timeout=2 -h 127.0.0.1 -P "$DB_PORT" -u root -e "select 1"
@@ -290,8 +291,7 @@ start_mariadb() {
 
 start_slurmd() {  # start_slurmd N
   alive "$(slurmd_pid "$1")" && return 0
-  rm -f "$(slurmd_pid "$1")"
-  started "$(slurmd_pid "$1")"
+  starting "$(slurmd_pid "$1")"
   if (( NODES > 1 )); then on_host "$(node_name "$1")" slurmd -N "$(node_name "$1")"; else slurmd 9>&-; fi
 }
 
@@ -303,14 +303,12 @@ nodes_up() {  # every node answers (idle, mixed or allocated)
 
 start_slurm() {
   if ! alive "$DIR/run/slurmdbd.pid"; then
-    rm -f "$DIR/run/slurmdbd.pid"
-    started "$DIR/run/slurmdbd.pid"
+    starting "$DIR/run/slurmdbd.pid"
     on_host "$CTL" slurmdbd
     wait_for 30 "$DIR/log/slurmdbd.log" slurmdbd "$DIR/run/slurmdbd.pid" on_host "$CTL" bash -c "exec 3<>/dev/tcp/$CTL_ADDR/$DBD_PORT"
   fi
   if ! alive "$DIR/run/slurmctld.pid"; then
-    rm -f "$DIR/run/slurmctld.pid"
-    started "$DIR/run/slurmctld.pid"
+    starting "$DIR/run/slurmctld.pid"
     on_host "$CTL" slurmctld
     wait_for 30 "$DIR/log/slurmctld.log" slurmctld "$DIR/run/slurmctld.pid" on_host "$CTL" scontrol ping
   fi

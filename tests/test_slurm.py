@@ -27,7 +27,7 @@ from launcher.errors import EXIT_REQUEUE, StopForRequeue
 from launcher.launching import slurm
 from launcher.rank import stop
 
-from .conftest import ROOT, killable_env, launcher_cmd, wait_until
+from .conftest import ROOT, cmdline, killable_env, launcher_cmd, wait_until
 
 CLUSTER = ROOT / "slurm" / "cluster.sh"
 
@@ -226,10 +226,9 @@ def _processes_naming(folder: Path) -> list[str]:
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             environ = (proc / "environ").read_bytes().decode(errors="replace")
-            if str(folder) in cmdline + environ and proc.name != str(os.getpid()):
-                found.append(f"{proc.name}: {cmdline}")
+            if str(folder) in cmdline(int(proc.name)) + environ and proc.name != str(os.getpid()):
+                found.append(f"{proc.name}: {cmdline(int(proc.name))}")
     return found
 
 

@@ -55,33 +55,26 @@ def for_workers(*objects: Any) -> BaseContext | None:
     modules = _modules_if_importable(objects)
     if modules is None:
         return None
-    if _early[0] and internals.forkserver_alive():
-        return multiprocessing.get_context("forkserver")
     from ..rank import stop
 
-    _early[0] = False  # gone (its preload failed): a fresh server replaces it
+    # For a fresh server only: ensure_running does nothing while the rank's early server (start_early) runs,
+    # and starts a fresh one if it has died.
     multiprocessing.set_forkserver_preload(WORKER_PRELOAD + modules)
     with _stop_signals_blocked(stop.SIGNALS if stop.installed() else ()):
         forkserver.ensure_running()
     return multiprocessing.get_context("forkserver")
 
 
-#: Whether this rank forked its workers' server before its process group (:func:`start_early`).
-_early = [False]
-
-
-def start_early(modules: Sequence[str], stop_signals: Sequence[signal.Signals]) -> bool:
+def start_early(modules: Sequence[str], stop_signals: Sequence[signal.Signals]) -> None:
     """Fork this rank's server for DataLoader workers now, from this process, if it runs no other thread
-    (call it before the process group starts Gloo's): the server imports ``modules`` (the job's entry module)
-    and has everything else this rank imported. ``stop_signals``: blocked in the server and its workers (the
-    signals :mod:`launcher.rank.stop` will handle in this rank). False when not started."""
+    (call it before the process group starts Gloo's) and no server yet: the server imports ``modules`` (the
+    job's entry module) and has everything else this rank imported. ``stop_signals``: blocked in the server
+    and its workers (the signals :mod:`launcher.rank.stop` will handle in this rank)."""
     if threading.active_count() != 1 or internals.forkserver_pid() is not None:
-        return False
+        return
     rank = os.getpid()
     with _stop_signals_blocked(stop_signals):
         internals.forkserver_start_as_fork(WORKER_PRELOAD + list(modules), in_child=lambda: _serve(rank))
-    _early[0] = True
-    return True
 
 
 def _serve(rank: int) -> None:

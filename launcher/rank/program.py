@@ -91,7 +91,7 @@ def run_in_place(job: config_mod.Job) -> Any:
     if isinstance(environment, env_mod.TorchElasticEnvironment):
         process.die_with_parent()  # torchrun SIGKILLed: its ranks go too instead of training on as orphans
     spec = RankSpec.for_job(job)
-    _fork_workers_server(spec, environment)  # before the run directory's lock: its watcher is a thread
+    _fork_workers_server(spec, environment)  # before the run directory's lock, whose watcher is a thread
     if environment.rank() == 0:
         rundir.lock(job.run_dir, job.source)
         config_mod.write_resolved(job)
@@ -107,7 +107,6 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
         hostmem.keep_freed_memory()
     if spec.runs_script:
         return _run_script(spec, environment)
-    _fork_workers_server(spec, environment)  # before Gloo's threads, which make a fork unsafe
     dist.init(environment, spec.backend, spec.startup_timeout_s, spec.timeout_s)
     _tolerate_user_init()
     rank = dist.get_rank()
@@ -128,8 +127,8 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
 
 
 def _fork_workers_server(spec: RankSpec, environment: env_mod.ClusterEnvironment) -> None:
-    """A job with DataLoader workers: their server, forked from this rank now if it runs one thread (a no-op
-    once it runs; :func:`launcher.data.workerserver.start_early`)."""
+    """A job with DataLoader workers: their server, forked from this rank now, before :func:`execute` starts
+    the process group, whose Gloo threads make a later fork unsafe (:func:`workerserver.start_early`)."""
     if spec.worker_server_imports is not None:
         on_slurm = isinstance(environment, env_mod.SlurmEnvironment)
         workerserver.start_early(spec.worker_server_imports, stop.SIGNALS if on_slurm else ())
@@ -275,6 +274,7 @@ def forked_main(spec: RankSpec) -> Any:
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     process.die_with_parent()
     process.forked_children_die_with_this_process()
+    _fork_workers_server(spec, env_mod.detect())
     try:
         return execute(spec)
     except SystemExit as e:
