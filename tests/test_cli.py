@@ -140,7 +140,9 @@ def test_sigkill_of_the_launcher_ends_every_rank_and_worker_within_3s(run_root, 
         step = _last_step(run_root)
         time.sleep(1)
         assert _last_step(run_root) == step, "a rank trained on"
-        rerun = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=1")
+        # the same data settings: a job killed after its first checkpoint resumes from it
+        rerun = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=1",
+                        f"data.num_workers={workers}")
         assert rerun.returncode == 0, rerun.stderr
     finally:
         proc.kill()
