@@ -25,7 +25,7 @@ from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, LaunchError, RankFailure,
 
 
 def cmd_run(job: config_mod.Job) -> int:
-    rundir.check_usable(job.run_dir, job.source)  # before anything is written or started
+    rundir.check_job_usable(job)  # before anything is written or started
     _check_entry_findable(job)
     if not env_mod.detect().spawns_here():
         entry_mod.check_entry(job)
@@ -48,7 +48,7 @@ def cmd_run(job: config_mod.Job) -> int:
     spec = RankSpec.for_job(job)
     d = job.distributed
     nodes = d.node_range()
-    rundir.lock(job.run_dir, job.source, per_machine=nodes != (1, 1))  # one running job per run directory
+    rundir.lock_job(job, per_machine=nodes != (1, 1))  # one running job per run and checkpoint folder
     config_mod.write_resolved(job)
     what = f"{job.script} {' '.join(job.script_args)}".strip() if job.script else job.entry
     where = "" if nodes == (1, 1) else f" on this machine, meeting {d.nnodes} machine(s) at {d.rdzv_endpoint}"

@@ -9,6 +9,7 @@ The strict conversion itself is :mod:`launcher.typed`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class DistributedConfig:
     bounds every wait for a batch from DataLoader workers (:func:`launcher.data.make_loader`)."""
     max_restarts: int = field(default=0, metadata=at_least(0))
     """Restart all ranks this many times after a failure; they resume from the last checkpoint."""
+    stop_grace_s: float = field(default=30.0, metadata=above(0, **IGNORED))
+    """Seconds a rank gets after Ctrl-C or SIGTERM (its own cleanup, a checkpoint write in flight) before it
+    is killed; torchrun's is 30 s too. A second Ctrl-C kills at once."""
     find_unused_parameters: bool = False
     """Passed to DistributedDataParallel."""
     static_graph: bool = False
@@ -337,6 +341,12 @@ def write_resolved(job: Job) -> Path:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     path = job.run_dir / "job.yaml"
     tmp = path.with_name(f".job.yaml.{os.getpid()}.tmp")
-    tmp.write_text(dump(job))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(dump(job))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: nothing half-written stays, and the message is one line
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"{job.source}: output_dir: cannot write {path} ({e.strerror})\n"
+                          "HINT: free space there, or point output_dir at another file system") from None
     return path

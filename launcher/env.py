@@ -13,6 +13,21 @@ from abc import ABC, abstractmethod
 #: line each; :mod:`launcher.rank.stop`). ``SLURM_RESTART_COUNT`` also counts preemptions and node failures.
 REQUEUE_LEDGER_ENV = "LAUNCHER_REQUEUE_LEDGER"
 
+#: Most intra-op threads a rank takes from ``OMP_NUM_THREADS``: 99999 made every rank fail to fork its
+#: DataLoader workers' server (EAGAIN), as the machine's thread limit was reached.
+MAX_THREADS = max(1024, os.cpu_count() or 1)
+
+
+def thread_count(value: str | None) -> int | None:
+    """``OMP_NUM_THREADS`` as a usable thread count (1 to :data:`MAX_THREADS`), or None (unset, empty,
+    ``abc``, ``0``, ``-1``, ``1e9``, too large): libgomp ignores such a value with a warning, and so must
+    the launcher instead of failing every rank."""
+    text = (value or "").strip()
+    if not text.isdigit():
+        return None
+    n = int(text)
+    return n if 1 <= n <= MAX_THREADS else None
+
 
 class ClusterEnvironment(ABC):
     """What a rank needs to know about its place in the job."""

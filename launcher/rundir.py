@@ -12,6 +12,7 @@ file every :data:`WATCH_S` seconds and takes a new one at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -37,6 +39,7 @@ class _Held:
     path: Path
     source: str
     holder: str
+    what: str
     lost: bool = False  # removed, and another job took it before this one could: said once
 
 
@@ -44,11 +47,15 @@ _held: dict[str, _Held] = {}  # lock file path -> the lock, kept for the life of
 _watcher: list[threading.Thread] = []
 
 
-def check_usable(run_dir: Path, source: str = "") -> None:
-    """:class:`UsageError` naming ``output_dir`` and the fix when ``run_dir`` cannot be a run directory (a
-    file in the way, a kernel file system, no permission to make it); checked before anything is written."""
+def check_usable(run_dir: Path, source: str = "", key: str = "output_dir") -> None:
+    """:class:`UsageError` naming ``key`` and the fix when ``run_dir`` cannot be a run directory or
+    checkpoint folder (a file in the way, a kernel file system, a read-only file system, no permission to
+    make it or write in it, no space left); checked before anything is written."""
     where = f"{source}: " if source else ""
-    hint = "HINT: output_dir=PATH names a folder on a disk (default: runs, in the working directory)"
+    hint = ("HINT: output_dir=PATH names a folder on a disk (default: runs, in the working directory)"
+            if key == "output_dir" else
+            "HINT: checkpoint.dir=PATH names a writable folder on a disk (default: checkpoints, inside the "
+            "run directory)")
     resolved = run_dir.absolute().resolve()
     for root in _NOT_STORAGE:
         if resolved == root or root in resolved.parents:
@@ -58,37 +65,94 @@ def check_usable(run_dir: Path, source: str = "") -> None:
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        what = "output_dir" if existing != run_dir else "the run directory"
-        raise UsageError(f"{where}{what}: {existing} is a file, not a folder\n{hint}, or remove the file")
-    if existing != run_dir and not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{where}output_dir: cannot make the run directory {run_dir} (no permission to "
-                         f"write in {existing})\n{hint}")
+        raise UsageError(f"{where}{key}: {existing} is a file, not a folder\n{hint}, or remove the file")
+    # access() answers EROFS for a read-only mount even to root, which permission bits do not stop: a
+    # read-only checkpoint folder was otherwise found at the first save, hours in.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = f"cannot make {run_dir}" if existing != run_dir else f"cannot write in {run_dir}"
+        why = "is on a read-only file system" if _read_only(existing) else "gives no permission to write"
+        raise UsageError(f"{where}{key}: {what} ({existing} {why})\n{hint}")
+    full = no_space(existing)
+    if full:
+        raise UsageError(f"{where}{key}: {full}\n{hint}, or free space there")
 
 
-def lock(run_dir: Path, source: str = "", *, per_machine: bool = False) -> None:
+#: Free bytes under which a run cannot start: the lock, the resolved job and the first log lines.
+MIN_FREE_BYTES = 64 << 10
+
+
+def no_space(folder: Path) -> str:
+    """"no space left on the device ..." when ``folder``'s file system has under :data:`MIN_FREE_BYTES` (or
+    no free inode) for an unprivileged writer; empty otherwise, or when it cannot be told."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES or (st.f_files and st.f_favail == 0):
+        return f"no space left on the device that holds {folder} ({free >> 10} KiB free)"
+    return ""
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def lock(run_dir: Path, source: str = "", *, per_machine: bool = False, what: str = "run directory") -> None:
     """Take the run directory for this process; :class:`UsageError` naming the holder if a job has it.
 
     ``per_machine``: a job spanning machines that share the run directory holds one lock per machine
-    (``.lock-HOSTNAME``): one launcher per machine and run directory."""
+    (``.lock-HOSTNAME``): one launcher per machine and run directory. ``what``: the folder's name in
+    messages (a checkpoint folder outside the run directory is locked the same way)."""
+    where = f"{source}: " if source else ""
+    key_name = "output_dir" if what == "run directory" else "checkpoint.dir"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        where = f"{source}: " if source else ""
-        raise UsageError(f"{where}output_dir: cannot make the run directory {run_dir} "
-                         f"({e.strerror})\nHINT: output_dir=PATH names a folder on a disk") from None
+        raise UsageError(f"{where}{key_name}: cannot make the {what} {run_dir} ({e.strerror})\n"
+                         f"HINT: {key_name}=PATH names a folder on a disk") from None
     name = f".lock-{socket.gethostname()}" if per_machine else ".lock"
     path = run_dir.absolute() / name
-    key = str(path)
-    if key in _held:
+    if str(path) in _held:
         return
     holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    _held[key] = _Held(_take_file(path, source, holder), path, source, holder)
+    _held[str(path)] = _Held(_take_file(path, source, holder, what), path, source, holder, what)
     if not _watcher:
         _watcher.append(threading.Thread(target=_watch, name="launcher-rundir-lock", daemon=True))
         _watcher[0].start()
 
 
-def check_free(run_dir: Path, source: str = "") -> None:
+def lock_job(job: Any, *, per_machine: bool = False) -> None:
+    """Take the job's run directory and, when it lies outside it, its checkpoint folder: two jobs sharing a
+    ``checkpoint.dir`` would resume from and prune each other's checkpoints."""
+    lock(job.run_dir, job.source, per_machine=per_machine)
+    if _outside(job.checkpoint_dir, job.run_dir):
+        lock(job.checkpoint_dir, job.source, per_machine=per_machine, what="checkpoint folder")
+
+
+def check_job_usable(job: Any) -> None:
+    """:func:`check_usable` for the run directory and the checkpoint folder, before anything starts."""
+    check_usable(job.run_dir, job.source)
+    if job.script is None and _outside(job.checkpoint_dir, job.run_dir):
+        check_usable(job.checkpoint_dir, job.source, key="checkpoint.dir")
+
+
+def check_job_free(job: Any) -> None:
+    """:func:`check_free` for the run directory and a checkpoint folder outside it."""
+    check_free(job.run_dir, job.source)
+    if job.script is None and _outside(job.checkpoint_dir, job.run_dir):
+        check_free(job.checkpoint_dir, job.source, what="checkpoint folder")
+
+
+def _outside(folder: Path, run_dir: Path) -> bool:
+    inner, outer = folder.absolute().resolve(), run_dir.absolute().resolve()
+    return inner != outer and outer not in inner.parents
+
+
+def check_free(run_dir: Path, source: str = "", what: str = "run directory") -> None:
     """:class:`UsageError` naming the holder if a job holds ``run_dir`` now (``launcher submit``: a job that
     would fail at its start, maybe hours later in the queue, is refused at once). Takes nothing."""
     try:
@@ -100,20 +164,27 @@ def check_free(run_dir: Path, source: str = "") -> None:
             return
         raise
     try:
-        _flock(fd, run_dir, source)
+        _flock(fd, run_dir, source, what)
     finally:
         os.close(fd)  # releases the lock if it was taken
 
 
-def _take_file(path: Path, source: str, holder: str) -> int:
+def _take_file(path: Path, source: str, holder: str, what: str) -> int:
     fd = _open(path, source, create=True)
     try:
-        _flock(fd, path.parent, source)
+        _flock(fd, path.parent, source, what)
+        os.ftruncate(fd, 0)  # ours: a plain file with no other name (checked in _open)
+        os.pwrite(fd, holder.encode(), 0)
+    except OSError as e:  # a full disk: the holder's name cannot be written; leave no empty lock file
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        where = f"{source}: " if source else ""
+        raise UsageError(f"{where}cannot take the {what} {path.parent} ({e.strerror})\n"
+                         "HINT: free space there, or point output_dir at another file system") from None
     except UsageError:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)  # ours: a plain file with no other name (checked in _open)
-    os.pwrite(fd, holder.encode(), 0)
     return fd
 
 
@@ -142,16 +213,17 @@ def _open(path: Path, source: str, create: bool) -> int:
     return fd
 
 
-def _flock(fd: int, run_dir: Path, source: str) -> None:
+def _flock(fd: int, run_dir: Path, source: str, what: str = "run directory") -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        fix = ("give this run another name (name=, or --name for a script) or output_dir"
+               if what == "run directory" else
+               "give each job a checkpoint.dir of its own (a relative path is inside the run directory)")
         raise UsageError(
-            f"{source + ': ' if source else ''}the run directory {run_dir} is in use by another job "
-            f"({holder})\n"
-            "HINT: give this run another name (name=, or --name for a script) or output_dir, or wait until "
-            "that job ends"
+            f"{source + ': ' if source else ''}the {what} {run_dir} is in use by another job ({holder})\n"
+            f"HINT: {fix}, or wait until that job ends"
         ) from None
 
 
@@ -173,7 +245,7 @@ def _watch() -> None:
                 continue
             try:
                 held.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = _take_file(held.path, held.source, held.holder)
+                fd = _take_file(held.path, held.source, held.holder, held.what)
             except (OSError, UsageError) as e:
                 print(f"[launcher] {held.path.parent} was removed while this job ran, and its lock could not "
                       f"be taken again: {e}", file=sys.stderr, flush=True)

@@ -74,6 +74,8 @@ class RankSpec:
     """Base seed (each rank seeds ``seed + rank``); None leaves the generators alone."""
     max_requeues: int = 0
     """SLURM requeues allowed after a stop request (see :mod:`launcher.rank.stop`)."""
+    stop_grace_s: float = 30.0
+    """Seconds between the stop signal a rank gets (Ctrl-C, SIGTERM) and its SIGKILL."""
     keep_freed_memory: bool = True
     """glibc keeps freed host memory (see :mod:`launcher.rank.hostmem`)."""
     process: Process | None = None
@@ -101,6 +103,7 @@ class RankSpec:
         common: dict[str, Any] = {
             "backend": d.backend, "timeout_s": d.timeout_s, "startup_timeout_s": d.startup_timeout_s,
             "max_requeues": job.slurm.max_requeues, "keep_freed_memory": d.keep_freed_memory,
+            "stop_grace_s": d.stop_grace_s,
         }
         if job.script:
             is_module = job.script.startswith("-m ")

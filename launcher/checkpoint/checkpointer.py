@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,32 @@ class TrainState:
     best_metric: float | None = None
     """Best value of the tracked metric so far."""
 
+
+
+#: Every checkpointer of this process: a rank told to stop finishes their writes in flight first.
+_LIVE: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+def finish_writes_in_flight(bound_s: float, say: Any = print) -> None:
+    """Wait up to ``bound_s`` seconds for every background write of this process to reach the disk, saying
+    so (a rank stopping on Ctrl-C or SIGTERM: the write in flight is the checkpoint a rerun resumes from).
+    Errors of the write are said, not raised: the stop goes on."""
+    deadline = time.monotonic() + bound_s
+    for ckpt in list(_LIVE):
+        pending, path = ckpt._pending, ckpt._pending_path
+        if pending is None or pending.done():
+            continue
+        name = path.name if path is not None else "a checkpoint"
+        say(f"[launcher] stopping: waiting for the checkpoint write in flight ({name}), at most "
+            f"{bound_s:.0f} s")
+        try:
+            pending.result(timeout=max(0.0, deadline - time.monotonic()))
+            say(f"[launcher] {name} is on disk")
+        except concurrent.futures.TimeoutError:
+            say(f"[launcher] {name} was not written within {bound_s:.0f} s: abandoned (the previous "
+                "checkpoint stays; distributed.stop_grace_s gives a stop more time)")
+        except Exception as e:  # noqa: BLE001 - the stop goes on; the write's error is said
+            say(f"[launcher] {name} could not be written: {e}")
 
 
 class Checkpointer:
@@ -100,6 +127,8 @@ class Checkpointer:
         self._pool.submit(int).result()
         fsync_thread()
         self._pending: concurrent.futures.Future[Path] | None = None
+        self._pending_path: Path | None = None
+        _LIVE.add(self)
         self._stage = Staging(copy=async_save)
         self.last_saved: Path | None = None
         self._last_counters: tuple[int, int] | None = None  # (step, epoch) of the newest checkpoint
@@ -176,6 +205,7 @@ class Checkpointer:
             self.wait()  # at most one write in flight, and it has let go of the staging buffers
             payload = self._stage(payload)
             if self.async_save:
+                self._pending_path = path
                 self._pending = self._pool.submit(self._write, path, payload, is_best)
             else:
                 self._write(path, payload, is_best)
@@ -206,9 +236,13 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the background write (if any) is on disk; re-raises its error."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        pending = self._pending
+        if pending is not None:
+            try:
+                pending.result()
+            finally:  # an interrupted wait leaves the write in flight, for a stop to finish
+                if pending.done():
+                    self._pending = None
 
     def close(self) -> None:
         """*Collective.* Finish pending writes; all ranks return once the newest checkpoint is on disk."""

@@ -125,7 +125,10 @@ def atomic_write_bytes(path: Path, data: bytes | None = None, obj: Any = None) -
             synced.result()
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)  # a failed save (disk full, unpicklable state) leaves nothing behind
+        # A failed save (disk full, unpicklable state) leaves nothing behind; the cleanup's own error (EROFS
+        # on a file system turned read-only) must never replace the error it cleans up after.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         full = _disk_full(path, e, len(data) if data is not None else _payload_bytes(obj))
         if full:
             raise CheckpointError(full) from e

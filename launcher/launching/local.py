@@ -47,7 +47,8 @@ from . import failures, machines, rankserver
 #: fds"). More ranks start with the ``spawn`` method, as torchrun starts them (each imports torch itself).
 MAX_FORKED_RANKS = 100
 
-#: Seconds a rank gets to exit after SIGTERM/SIGINT before SIGKILL (graceful stop and failure alike).
+#: Seconds the other ranks of a failed attempt get to exit before SIGKILL (half before, half after SIGTERM).
+#: A stop (Ctrl-C, SIGTERM) gives each rank ``distributed.stop_grace_s`` instead.
 SHUTDOWN_TIMEOUT_S = 3
 
 
@@ -125,7 +126,7 @@ def spawn(
         start_method="forkserver" if server_env is not None else "spawn",
         log_line_prefix_template="[rank${rank}]:",
         exit_barrier_timeout=spec.startup_timeout_s,  # waiting for the other machines to finish
-        **_shutdown_timeout(),
+        **_shutdown_timeout(spec.stop_grace_s),
     )
     def cleanup() -> None:
         _before_exit(agent)
@@ -205,11 +206,11 @@ def _wait_bound(agent: _Agent, spec: RankSpec) -> float:
     return spec.startup_timeout_s + 10
 
 
-def _shutdown_timeout() -> dict[str, int]:
-    """The agent's grace after SIGTERM on a stop (``shutdown_timeout``, newer torch only: 2.11, on the first
+def _shutdown_timeout(grace_s: float) -> dict[str, int]:
+    """The agent's grace after the stop signal (``shutdown_timeout``, newer torch only: 2.11, on the first
     GPU machine we were lent, rejected the keyword; there a stop waits torch's 30 s)."""
     if "shutdown_timeout" in inspect.signature(LocalElasticAgent.__init__).parameters:
-        return {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
+        return {"shutdown_timeout": max(1, round(grace_s))}
     return {}
 
 

@@ -26,11 +26,12 @@ import atexit
 import contextlib
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from multiprocessing import forkserver
 
-from .. import internals
+from .. import env, internals
 
 #: Modules the server imports before it forks any rank: the server and its ranks die with the launcher first;
 #: what torch imports lazily in every rank last (:data:`launcher.internals.LAZY_TORCH_MODULES`).
@@ -50,9 +51,24 @@ def threads_env(nproc: int) -> dict[str, str]:
     """``OMP_NUM_THREADS`` for ``nproc`` ranks: the user's value, else the cores shared out.
 
     torchrun sets 1 for every rank; this is the same idea (no rank starts a thread per core of the machine)
-    without starving a single rank.
+    without starving a single rank. A value that is not a usable thread count (empty, ``abc``, ``0``,
+    ``1e9``, more threads than a process may start) is replaced with a warning, as libgomp ignores it: it
+    used to crash every rank in ``torch.set_num_threads``.
     """
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_rank(nproc)))}
+    ours = str(threads_per_rank(nproc))
+    given = os.environ.get("OMP_NUM_THREADS")
+    if given is None:
+        return {"OMP_NUM_THREADS": ours}
+    if env.thread_count(given) is None:
+        if given not in _warned:
+            _warned.add(given)
+            print(f"[launcher] warning: OMP_NUM_THREADS={given!r} is not a thread count from 1 to "
+                  f"{env.MAX_THREADS}: the ranks use {ours} each", file=sys.stderr, flush=True)
+        return {"OMP_NUM_THREADS": ours}
+    return {"OMP_NUM_THREADS": given.strip()}
+
+
+_warned: set[str] = set()
 
 
 def start(nproc: int, *, fork: bool = False) -> dict[str, str] | None:

@@ -170,8 +170,8 @@ def submit(job: config_mod.Job, sweeps: list[str] | None = None) -> tuple[list[c
     for member in members:
         # Tasks start in the submission directory, but an absolute output_dir survives a `cd` in slurm.setup.
         member.output_dir = str(Path(member.output_dir).resolve())
-        rundir.check_usable(member.run_dir, member.source)
-        rundir.check_free(member.run_dir, member.source)
+        rundir.check_job_usable(member)
+        rundir.check_job_free(member)
     executor = make_executor(job, folder)
     tasks = [SlurmTask(config_mod.to_dict(m), m.source) for m in members]
     try:

@@ -93,7 +93,7 @@ def run_in_place(job: config_mod.Job) -> Any:
     spec = RankSpec.for_job(job)
     _fork_workers_server(spec, environment)  # before the run directory's lock, whose watcher is a thread
     if environment.rank() == 0:
-        rundir.lock(job.run_dir, job.source)
+        rundir.lock_job(job)
         config_mod.write_resolved(job)
     return execute(spec, leaving=True)
 
@@ -113,11 +113,12 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
     if isinstance(environment, env_mod.SlurmEnvironment):
         _slurm_threads()
         stop.install(spec.max_requeues)  # preemption / time limit: save at a step boundary
+    _graceful_sigterm(spec.stop_grace_s)
     try:
         if spec.seed is not None:
             seed_everything(spec.seed + rank)
         fn = fn or resolve(spec.target, spec.main_file)
-        with _reported(rank):
+        with _reported(rank, grace_s=spec.stop_grace_s):
             result = fn(*spec.args, **spec.kwargs)
         dist.note_ended()
         return result
@@ -157,13 +158,37 @@ def _tolerate_user_init() -> None:
 
 
 def _slurm_threads() -> None:
-    if "OMP_NUM_THREADS" not in os.environ:
+    if env_mod.thread_count(os.environ.get("OMP_NUM_THREADS")) is None:
         # Without task binding every rank would start a thread per core of the node: use the cores it got.
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
 
 
+def _finish_writes(grace_s: float) -> None:
+    """A stopping rank lets the checkpoint write in flight reach the disk (a rerun resumes from it), within
+    the grace the launcher gives it before SIGKILL."""
+    checkpointer = sys.modules.get("launcher.checkpoint.checkpointer")  # nothing in flight if never imported
+    if checkpointer is not None:
+        checkpointer.finish_writes_in_flight(max(0.5, grace_s - 1.0),
+                                             say=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _graceful_sigterm(grace_s: float) -> None:
+    """SIGTERM (the launcher's or torchrun's stop) still ends the rank as the signal does, but after the
+    checkpoint write in flight is on disk. A handler already set (SLURM's, see :mod:`.stop`, or the user's)
+    is kept."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _finish_writes(grace_s)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 @contextlib.contextmanager
-def _reported(rank: int, counts_steps: bool = True) -> Iterator[None]:
+def _reported(rank: int, counts_steps: bool = True, grace_s: float = 30.0) -> Iterator[None]:
     """Around the target: a stop (Ctrl-C) is reported as such; a failure gets the rank, host and last step."""
     try:
         with interrupt.interruptible():
@@ -183,6 +208,7 @@ def _reported(rank: int, counts_steps: bool = True) -> Iterator[None]:
             # the target, a KeyboardInterrupt or a peer's closed connection, is the stop itself.
             line = f"[launcher] rank {rank} stopped by {interrupt.stopped_by()} {where}"
             print(line.rstrip(), file=sys.stderr)
+            _finish_writes(grace_s)
             raise SystemExit(128 + signal.SIGINT) from None
         e.add_note(f"[launcher] rank {rank} on {socket.gethostname()}" + (f", {where}" if where else ""))
         raise
@@ -258,8 +284,9 @@ def forked_main(spec: RankSpec) -> Any:
         os.environ.clear()
         os.environ.update(p.environ)
         os.environ.update(from_agent)
-        if "OMP_NUM_THREADS" in os.environ:  # torch read the server's value when it was imported
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        threads = env_mod.thread_count(os.environ.get("OMP_NUM_THREADS"))
+        if threads is not None:  # torch read the server's value when it was imported
+            torch.set_num_threads(threads)
         os.chdir(p.cwd)
         sys.path[:] = p.sys_path
     # Fresh generators, as a fresh process has (Python's random is reseeded at fork by the stdlib): forks of

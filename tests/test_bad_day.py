@@ -1,0 +1,179 @@
+"""A user's bad day (issue 41): a shared checkpoint folder, a read-only or full disk, a broken environment,
+a closed pipe, a stop while a checkpoint is being written. Each through the installed ``launcher`` command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import examples.tiny
+
+from .conftest import ROOT, launcher_cmd, run_cli, wait_until
+from .test_cli import start_long_job
+
+#: Seconds the slowed checkpoint writer of :func:`slow_writes` takes per checkpoint.
+SLOW_WRITE_S = 4.0
+
+
+def slow_writes(job, args: examples.tiny.TinyArgs):
+    """Entry point: the tiny job whose background checkpoint writes take :data:`SLOW_WRITE_S` each, saying
+    when one starts (a stop can then land while a write is in flight)."""
+    from launcher.checkpoint import checkpointer
+
+    write = checkpointer.Checkpointer._write
+
+    def slow(self, path, payload, is_best):
+        print(f"[test] writing {path.name}", flush=True)
+        time.sleep(SLOW_WRITE_S)
+        return write(self, path, payload, is_best)
+
+    checkpointer.Checkpointer._write = slow  # type: ignore[method-assign]
+    return examples.tiny.main(job, args)
+
+
+def _needs_private_mounts():
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private tmpfs")
+
+
+def _in_private_mount(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``script`` (sh) in a mount namespace of its own: its tmpfs mounts vanish with it."""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_two_jobs_sharing_a_checkpoint_folder_are_refused_while_one_runs(tmp_path):
+    shared = tmp_path / "shared-checkpoints"
+    first = start_long_job(tmp_path / "runs", "name=a", f"checkpoint.dir={shared}",
+                           "checkpoint.every_steps=5")
+    try:
+        assert wait_until(lambda: (shared / "latest").exists(), 90), "the first job saved nothing"
+        r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "name=b",
+                    f"checkpoint.dir={shared}", timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        said = f"the checkpoint folder {shared} is in use by another job (pid {first.pid}"
+        assert said in r.stderr, r.stderr
+        assert "HINT: give each job a checkpoint.dir of its own" in r.stderr and "Traceback" not in r.stderr
+        assert "starting" not in r.stdout  # refused before any rank started or resumed anything
+        # `launcher submit` refuses at once too (not hours later in the queue)
+        from launcher import config, rundir
+        from launcher.errors import UsageError
+
+        job = config.load(ROOT / "jobs" / "tiny.yaml", [f"output_dir={tmp_path / 'runs'}", "name=c",
+                                                         f"checkpoint.dir={shared}"])
+        with pytest.raises(UsageError, match="checkpoint folder .* is in use by another job"):
+            rundir.check_job_free(job)
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    # once the first job has ended, the second takes the folder and resumes from the first's checkpoint
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}", "name=b",
+                f"checkpoint.dir={shared}", "checkpoint.allow_changes=true", "args.max_steps=100000",
+                "args.epochs=1", timeout=180)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+
+
+READ_ONLY = """
+mount -t tmpfs -o ro,size=1m tmpfs "$1"
+exec {launcher} run jobs/tiny.yaml output_dir="$2" checkpoint.dir="$1/ck" checkpoint.every_steps=100000
+"""
+FULL = """
+mount -t tmpfs -o size=64k tmpfs "$1"
+dd if=/dev/zero of="$1/filler" bs=4k count=100 2>/dev/null
+{launcher} run jobs/tiny.yaml output_dir="$1" "$2"
+code=$?; ls -A "$1"; exit $code
+"""
+
+
+@pytest.mark.parametrize("case", ["read-only checkpoint.dir", "full disk", "full disk under torchrun"])
+def test_a_disk_that_cannot_be_written_is_refused_before_the_start(tmp_path, case):
+    _needs_private_mounts()
+    (tmp_path / "mnt").mkdir()
+    if case == "read-only checkpoint.dir":
+        r = _in_private_mount(READ_ONLY.format(launcher=launcher_cmd()[0]), str(tmp_path / "mnt"),
+                              str(tmp_path / "runs"))
+        named = f"checkpoint.dir: cannot make {tmp_path / 'mnt' / 'ck'} ({tmp_path / 'mnt'} is on a read-only"
+    else:
+        r = _in_private_mount(FULL.format(launcher=launcher_cmd()[0]), str(tmp_path / "mnt"), "name=d")
+        named = "output_dir: no space left on the device"
+        if case == "full disk under torchrun":  # the rank takes the run directory itself
+            r = _in_private_mount(FULL.format(launcher=f"{Path(launcher_cmd()[0]).with_name('torchrun')} "
+                                              "--standalone --nproc-per-node 1 -m launcher"),
+                                  str(tmp_path / "mnt"), "name=d")
+    assert r.returncode == 2 or (case.endswith("torchrun") and r.returncode == 1), r.stdout + r.stderr
+    assert named in r.stderr and "HINT" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr or case.endswith("torchrun"), r.stderr  # torchrun prints its own
+    assert "starting" not in r.stdout
+    if case == "full disk":
+        assert r.stdout.split() == ["filler"], r.stdout  # no run directory, lock or temp file left
+    if case == "read-only checkpoint.dir":
+        assert not (tmp_path / "runs").exists()
+
+
+def test_a_cleanup_error_never_hides_the_error_it_cleans_up_after(tmp_path, monkeypatch):
+    """The temp file of a failed save cannot be removed (EROFS): the save's own error is the one raised."""
+    from launcher.checkpoint import files
+
+    def fail_save(obj, path):
+        raise OSError(30, "Read-only file system", path)
+
+    def fail_unlink(self, missing_ok=False):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(files.torch, "save", fail_save)
+    monkeypatch.setattr(Path, "unlink", fail_unlink)
+    with pytest.raises(OSError) as e:
+        files.atomic_write_bytes(tmp_path / "step_00000001.pt", obj={"a": 1})
+    assert e.value.errno == 30 and e.value.filename.endswith(".tmp") and e.value.__context__ is None
+
+
+@pytest.mark.parametrize("value", ["", "abc", "0", "-1", "1e9", "99999"])
+def test_a_bad_omp_num_threads_is_warned_about_not_fatal(tmp_path, value):
+    env = {**os.environ, "OMP_NUM_THREADS": value}
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.max_steps=2", "data.num_workers=0",
+                env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"warning: OMP_NUM_THREADS={value!r} is not a thread count" in r.stderr, r.stderr
+    assert r.stderr.count("[launcher] warning: OMP_NUM_THREADS") == 1, r.stderr  # once, not per rank
+
+
+def test_a_stop_waits_for_the_checkpoint_write_in_flight_and_the_rerun_resumes_from_it(tmp_path):
+    """Ctrl-C or SIGTERM while the background write runs: the rank says so, waits for it (bounded by
+    distributed.stop_grace_s), and the rerun resumes from that checkpoint instead of the one before."""
+    worst = 0.0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        run_root = tmp_path / sig.name
+        proc = start_long_job(run_root, "entry=tests.test_bad_day:slow_writes", "checkpoint.every_steps=30",
+                              "data.num_workers=0")
+        try:
+            line = ""
+            assert proc.stdout is not None
+            while "[test] writing step_00000060.pt" not in line:  # the second save: one to resume from
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.5)
+            proc.send_signal(sig)
+            sent = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            took = time.monotonic() - sent
+            worst = max(worst, took)
+        finally:
+            proc.kill()
+        assert proc.returncode == 128 + sig, (proc.returncode, err)
+        assert "waiting for the checkpoint write in flight (step_00000060.pt)" in err, err
+        assert "step_00000060.pt is on disk" in err, err
+        assert took < SLOW_WRITE_S + 5, took  # waited for the write, not for the SIGKILL
+        ckpts = run_root / "tiny" / "checkpoints"
+        assert (ckpts / "latest").read_text() == "step_00000060.pt"
+        r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=61",
+                    "args.epochs=100000", "data.num_workers=0")
+        assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+        assert "(step 60," in r.stdout, r.stdout
+    print(f"stop with a write in flight: worst {worst:.2f} s to exit")
