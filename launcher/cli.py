@@ -42,6 +42,9 @@ def cmd_run(job: config_mod.Job) -> int:
     # A fork of this process, torch imported once: before the entry is imported (its import-time code runs
     # in each rank, as in a fresh process) and before the run directory's lock is opened.
     rankserver.start(nproc, fork=True)
+    from .launching.streams import survive_closed_pipes
+
+    survive_closed_pipes()  # `launcher run ... | head`: the ranks' server keeps the plain streams
     entry_mod.check_entry(job)
     _check_resumable(job)
 
@@ -315,4 +318,6 @@ def console() -> None:
         sys.path.insert(0, cwd)
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):  # now, through the closed-pipe guard, not at the interpreter's exit
+        stream.flush()
     sys.exit(code)

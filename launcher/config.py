@@ -290,8 +290,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yamlfile.parse_value(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        if key.count(".") >= MAX_KEY_DEPTH:
+            raise ConfigError(f"override {item[:60]!r}...: the key is nested {key.count('.') + 1} levels "
+                              f"deep; at most {MAX_KEY_DEPTH}\n"
+                              "HINT: e.g. args.max_steps=20 (launcher config JOB.yaml prints every key)")
         pairs.append((key.strip(), value))
     return pairs
+
+
+#: Deepest ``key.path`` an override may name (a job file's own nesting is bounded by its reader).
+MAX_KEY_DEPTH = 32
 
 
 def from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Job:

@@ -35,6 +35,11 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; build dataclasses; raise ConfigError otherwise."""
 
     def fail(extra: str = "") -> ConfigError:
+        if value is None:  # name=' ' or name=~ on the command line: YAML's null, not a string
+            return ConfigError(
+                f"{source}: {where}: expected {_describe(tp)}, got null (YAML reads an empty value, ~ and "
+                f"null as null){extra}\nHINT: quote the value to make it a string (key='\"~\"'), or give "
+                "another value")
         return ConfigError(
             f"{source}: {where}: expected {_describe(tp)}, got {value!r} ({type(value).__name__}){extra}"
         )

@@ -177,3 +177,28 @@ def test_a_stop_waits_for_the_checkpoint_write_in_flight_and_the_rerun_resumes_f
         assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
         assert "(step 60," in r.stdout, r.stdout
     print(f"stop with a write in flight: worst {worst:.2f} s to exit")
+
+
+def test_the_change_list_on_resume_shows_the_default_an_absent_args_key_takes(tmp_path):
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.step_sleep=0.001", "args.max_steps=4",
+                "data.num_workers=0", "checkpoint.every_steps=2")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.max_steps=6", "data.num_workers=0",
+                "checkpoint.every_steps=2")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    assert "args.step_sleep: 0.001 -> 0.0" in r.stdout and "None" not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("streams", ["stdout", "stdout and stderr"])
+def test_a_reader_that_stops_reading_is_not_a_failed_job(tmp_path, streams):
+    """``launcher run ... | head -3``: the job goes on to its end, exit 0, its checkpoints all written."""
+    both = "2>&1" if streams == "stdout and stderr" else f"2> {tmp_path / 'err'}"
+    script = (f"{launcher_cmd()[0]} run jobs/tiny.yaml output_dir={tmp_path} args.log_every=1 "
+              f"args.max_steps=60 args.epochs=20 data.num_workers=0 {both} | head -3; "
+              "exit ${PIPESTATUS[0]}")
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                       check=False)
+    err = (tmp_path / "err").read_text() if (tmp_path / "err").exists() else ""
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr, err)
+    assert len(r.stdout.splitlines()) == 3 and "Traceback" not in err + r.stderr, (r.stdout, err)
+    assert (tmp_path / "tiny" / "checkpoints" / "latest").read_text() == "step_00000060.pt"

@@ -47,6 +47,10 @@ CASES = [
     (None, ["name=" + "a" * 300], "is 300 bytes long"),
     ('name: "a\\0b"\nentry: examples.tiny:main\n', [], "control character"),
     (None, ["output_dir=/proc/launcher-x"], "output_dir: /proc/launcher-x is under /proc"),
+    # YAML's null where a string is needed: what the value was is said
+    (None, ["name= "], "name: expected str, got null (YAML reads an empty value, ~ and null as null)"),
+    (None, ["name=~"], "name: expected str, got null"),
+    (None, ["args." + "a." * 20000 + "a=1"], "the key is nested 20002 levels deep; at most 32"),
 ]
 
 

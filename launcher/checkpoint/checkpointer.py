@@ -361,6 +361,12 @@ class Checkpointer:
         if data.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not a launcher checkpoint (format {data.get('format')!r})")
         saved, now = data.get("job") or {}, _job_dict(self.job) or {}
+        # An ``args`` key absent on one side means its default, which the entry's dataclass says: the change
+        # list shows that value, not None.
+        defaults = _args_defaults(self.job)
+        for side in (saved, now):
+            if defaults and isinstance(side.get("args"), dict):
+                side["args"] = {**defaults, **side["args"]}
         exact, ignored = _resume_keys(self.job)
         changes = _diff(saved, now, ignored)
         if data.get("world_size") != dist.get_world_size():
@@ -391,6 +397,28 @@ def _hyperparameters(objects: dict[str, Any]) -> dict[str, list[dict[str, Any]]]
             out[name] = [{k: g.get("initial_lr", v) if k == "lr" else v for k, v in g.items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "initial_lr"}
                          for g in groups]
+    return out
+
+
+def _args_defaults(job: Any) -> dict[str, Any]:
+    """The defaults of the entry's ``args`` dataclass ({} without a job, an entry or a dataclass)."""
+    if job is None or not getattr(job, "entry", ""):
+        return {}
+    import dataclasses
+
+    from ..config import ConfigError
+    from ..entry import args_class, resolve_entry
+
+    try:
+        cls = args_class(resolve_entry(job))
+    except ConfigError:
+        return {}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls) if cls is not None else ():
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
     return out
 
 
