@@ -318,6 +318,6 @@ def console() -> None:
         sys.path.insert(0, cwd)
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for stream in (sys.stdout, sys.stderr):  # now, through the closed-pipe guard, not at the interpreter's exit
+    for stream in (sys.stdout, sys.stderr):  # through the closed-pipe guard, not at the interpreter's exit
         stream.flush()
     sys.exit(code)

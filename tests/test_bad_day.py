@@ -180,8 +180,8 @@ def test_a_stop_waits_for_the_checkpoint_write_in_flight_and_the_rerun_resumes_f
 
 
 def test_the_change_list_on_resume_shows_the_default_an_absent_args_key_takes(tmp_path):
-    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.step_sleep=0.001", "args.max_steps=4",
-                "data.num_workers=0", "checkpoint.every_steps=2")
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.step_sleep=0.001",
+                "args.max_steps=4", "data.num_workers=0", "checkpoint.every_steps=2")
     assert r.returncode == 0, r.stderr
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.max_steps=6", "data.num_workers=0",
                 "checkpoint.every_steps=2")
