@@ -178,8 +178,13 @@ def start_resource_tracker_alone() -> None:
         # Its "leaked semaphore objects to clean up" warning is about the queues of ranks stopped by a signal:
         # cleaning them up is its job here, and users read the warning as a fault of the stopped job.
         quiet = ["-W", "ignore:resource_tracker:UserWarning"]
+        # One more kind of resource, "folder": multiprocessing's pymp-* socket folder, which a SIGKILLed
+        # launcher left in the temp directory (see remove_tempdir_with_tracker).
+        code = ("import shutil; from multiprocessing import resource_tracker as t; "
+                "t._CLEANUP_FUNCS['folder'] = lambda p: shutil.rmtree(p, ignore_errors=True); "
+                f"t.main({r})")
         command = [spawn.get_executable(), *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-                   *quiet, "-c", f"from multiprocessing.resource_tracker import main; main({r})"]
+                   *quiet, "-c", code]
         # SIG_IGN survives exec (settable from the main thread only; elsewhere the own group suffices)
         main = threading.current_thread() is threading.main_thread()
         ignored = (signal.SIGHUP, signal.SIGQUIT) if main else ()
@@ -194,6 +199,24 @@ def start_resource_tracker_alone() -> None:
         # multiprocessing may reap it (a restart); subprocess must not (nor warn of a child "still running").
         child.returncode = 0
         tracker._fd, tracker._pid = w, child.pid
+        _TRACKERS.add(child.pid)
+
+
+_TRACKERS: set[int] = set()  # resource trackers started by start_resource_tracker_alone (they know "folder")
+
+
+def remove_tempdir_with_tracker() -> None:
+    """Have the resource tracker remove this process's ``pymp-*`` folder (made now if missing) once the whole
+    job is gone: a normal exit removes it, a SIGKILL does not, and the tracker outlives every process of the
+    job. Only with a tracker that :func:`start_resource_tracker_alone` started (``_resource_tracker._pid``;
+    others know no "folder" kind); a path the tracker's protocol cannot carry (a ':') is left out."""
+    from multiprocessing import resource_tracker, util
+
+    if resource_tracker._resource_tracker._pid not in _TRACKERS:  # type: ignore[attr-defined]
+        return
+    path = util.get_temp_dir()
+    if ":" not in path and "\n" not in path and len(path) < 400:
+        resource_tracker.register(path, "folder")
 
 
 def multiprocessing_tempdir() -> str | None:

@@ -115,35 +115,78 @@ def test_signal_to_launcher_stops_every_rank(run_root, sig):
         proc.kill()
 
 
+def with_a_helper(job, args: examples.tiny.TinyArgs):
+    """Entry point: the tiny job, each rank first starting a helper process of its own (a logging service,
+    say) with ``subprocess``, as user code does; its pid goes to ``RUN_DIR/helperRANK.pid``."""
+    helper = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+    (job.run_dir / f"helper{os.environ['RANK']}.pid").write_text(str(helper.pid))
+    return examples.tiny.main(job, args)
+
+
+#: Launcher SIGKILLs per case of the test below, each at another moment: a leak that happens 1 time in 15
+#: passed one kill 93% of the time.
+KILLS = 3
+
+
 @pytest.mark.parametrize("group, workers", [(True, 2), (False, 0)], ids=["process group, workers", "pid"])
 def test_sigkill_of_the_launcher_ends_every_rank_and_worker_within_3s(run_root, group, workers):
     """``kill -9`` of the launcher (or of its process group, as a job controller does): the ranks used to
     train on for up to 75 s, past the run directory's lock, and the group kill left the DataLoader queues'
-    semaphores in /dev/shm for good (the resource tracker died with the group)."""
-    proc = start_long_job(run_root, f"data.num_workers={workers}", start_new_session=group)
+    semaphores in /dev/shm for good (the resource tracker died with the group). A helper a rank started
+    with ``subprocess`` goes too, and multiprocessing's socket folder in the temp directory. Killed
+    :data:`KILLS` times at different moments; each rerun resumes from the last checkpoint written."""
+    worst = 0.0
+    for kill in range(KILLS):
+        elapsed, step = _kill_the_launcher_once(run_root, group, workers)
+        worst = max(worst, elapsed)
+        # the same data settings: a job killed after a checkpoint resumes from the last one written
+        saved = int(step[len("step_"):-len(".pt")])
+        rerun = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", f"args.max_steps={saved + 1}",
+                        f"data.num_workers={workers}", "args.epochs=100000", "checkpoint.every_steps=5")
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"resumed from {run_root / 'tiny' / 'checkpoints' / step} (step {saved}," in rerun.stdout, (
+            kill, rerun.stdout)
+    print(f"every rank, worker and helper gone at worst {worst:.2f} s after the launcher's SIGKILL "
+          f"({KILLS} kills)")
+
+
+def _kill_the_launcher_once(run_root, group: bool, workers: int) -> tuple[float, str]:
+    """Start the job, SIGKILL its launcher at a random moment after a checkpoint, check that nothing of it
+    remains; returns the seconds until all was gone and the last checkpoint's name."""
+    import random
+
+    before = _last_step(run_root)
+    proc = start_long_job(run_root, f"data.num_workers={workers}", "entry=tests.test_cli:with_a_helper",
+                          "checkpoint.every_steps=5", start_new_session=group)
     try:
         assert wait_until(lambda: len(rank_pids(proc.pid)) == 2 and (
             workers == 0 or ranks_running(proc)), 90), "ranks did not start"
+        assert wait_until(lambda: _last_step(run_root) != before, 60), "no checkpoint written"
+        time.sleep(random.uniform(0, 1.5))  # another moment of the job each time
+        helpers = wait_until(lambda: [int(p.read_text()) for p in (run_root / "tiny").glob("helper*.pid")
+                                      if p.read_text()], 30)
         tree = descendants(proc.pid)
         ranks = rank_pids(proc.pid)
+        assert len(helpers) == 2 and set(helpers) <= set(tree), (helpers, tree)
         # this job's semaphores only: tests running beside it make their own
         mine = semaphores_open_in(tree)
         assert mine or not workers, "no semaphore of the DataLoader queues found"
         os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
         killed = time.monotonic()
-        gone = wait_until(lambda: not left_behind(tree, ranks), 3, interval=0.02)
+        gone = wait_until(lambda: not left_behind(tree + helpers, ranks), 3, interval=0.02)
         elapsed = time.monotonic() - killed
-        print(f"every rank and worker gone {elapsed:.2f} s after the launcher's SIGKILL")
-        assert gone, [cmdline(p) for p in left_behind(tree, ranks)]
-        # the resource tracker (alone in its group) unlinks them once the last process of the job is gone
+        assert gone, [cmdline(p) for p in left_behind(tree + helpers, ranks)]
+        # the resource tracker (alone in its group) unlinks them once the last process of the job is gone,
+        # and removes multiprocessing's socket folder
         assert wait_until(lambda: not semaphores() & mine, 5), semaphores() & mine
+        tmp = run_root.parent / "tmp"
+        assert wait_until(lambda: not list(tmp.glob("pymp-*")), 5), list(tmp.glob("pymp-*"))
         step = _last_step(run_root)
         time.sleep(1)
         assert _last_step(run_root) == step, "a rank trained on"
-        # the same data settings: a job killed after its first checkpoint resumes from it
-        rerun = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=1",
-                        f"data.num_workers={workers}")
-        assert rerun.returncode == 0, rerun.stderr
+        for p in (run_root / "tiny").glob("helper*.pid"):
+            p.unlink()
+        return elapsed, step
     finally:
         proc.kill()
         proc.communicate()

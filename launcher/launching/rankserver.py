@@ -89,6 +89,7 @@ def start(nproc: int, *, fork: bool = False) -> dict[str, str] | None:
         if fork and threading.active_count() == 1:  # a fork of a process with other threads can deadlock
             internals.forkserver_start_as_fork(PRELOAD)
         forkserver.ensure_running()  # a no-op after the fork; else starts (or restarts) a fresh one
+        internals.remove_tempdir_with_tracker()  # its socket folder, should the launcher be SIGKILLed
         pid = internals.forkserver_pid()
         if pid not in _ours:
             if not _ours:

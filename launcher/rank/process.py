@@ -45,6 +45,43 @@ def set_name(name: str) -> None:
     _prctl(_PR_SET_NAME, name.encode()[:15])
 
 
+def group_dies_with_this_process() -> int:
+    """A rank leading its own process group: fork a watcher that SIGKILLs the group when this process ends,
+    however it ends; returns the watcher's pid (0 where Linux's parent-death signal is missing).
+
+    What the rank's code starts with ``subprocess`` (a logging service, a helper binary) is in the rank's
+    group but gets no parent-death signal: a rank SIGKILLed with its launcher left such helpers running as
+    orphans. The watcher is one small process that only waits; it ignores the stop signals the group gets
+    (SIGINT, SIGTERM, SIGUSR2, SIGHUP) so that it outlives every other member. Call it before anything else
+    forks (the at-fork hooks of :func:`forked_children_die_with_this_process` must not apply to it), from
+    the main thread, in a process that leads its group.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        set_name(f"launcher-reap{os.environ.get('RANK', '')}")
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda *_: _kill_group_and_exit())
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1)
+        if os.getppid() != parent:  # the rank died before prctl took effect
+            _kill_group_and_exit()
+        while True:
+            signal.pause()
+    finally:
+        os._exit(0)
+
+
+def _kill_group_and_exit() -> NoReturn:
+    with contextlib.suppress(OSError):
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # this watcher too, last of its group
+    os._exit(0)
+
+
 def forked_children_die_with_this_process() -> None:
     """Processes this rank forks from its main thread (DataLoader workers) get SIGKILL when the rank dies.
 

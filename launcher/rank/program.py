@@ -300,6 +300,7 @@ def forked_main(spec: RankSpec) -> Any:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     process.die_with_parent()
+    process.group_dies_with_this_process()  # before the at-fork hooks below
     process.forked_children_die_with_this_process()
     _fork_workers_server(spec, env_mod.detect())
     try:
