@@ -202,3 +202,34 @@ def test_a_reader_that_stops_reading_is_not_a_failed_job(tmp_path, streams):
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr, err)
     assert len(r.stdout.splitlines()) == 3 and "Traceback" not in err + r.stderr, (r.stdout, err)
     assert (tmp_path / "tiny" / "checkpoints" / "latest").read_text() == "step_00000060.pt"
+
+
+def _states(pids: list[int]) -> set[str]:
+    from launcher.launching.failures import process_state
+
+    return {process_state(p) for p in pids}
+
+
+def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path):
+    from .conftest import descendants, rank_pids
+
+    proc = start_long_job(tmp_path / "runs", "checkpoint.every_steps=10")
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    try:
+        assert wait_until(lambda: (ckpts / "latest").exists(), 90), "no checkpoint"
+        ranks = rank_pids(proc.pid)
+        tree = [p for p in descendants(proc.pid) if p not in ranks]
+        proc.send_signal(signal.SIGTSTP)  # what the terminal sends on Ctrl-Z
+        assert wait_until(lambda: _states([proc.pid, *ranks]) == {"T"}, 5), _states([proc.pid, *ranks])
+        latest = (ckpts / "latest").read_text()
+        time.sleep(3)
+        assert (ckpts / "latest").read_text() == latest, "the ranks trained on while the launcher was stopped"
+        assert "R" not in _states(tree), "a worker ran on"
+        proc.send_signal(signal.SIGCONT)  # `fg`
+        assert wait_until(lambda: (ckpts / "latest").read_text() != latest, 30), "the ranks did not go on"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Timed out" not in err and "stopped making progress" not in err, err
+    finally:
+        proc.kill()

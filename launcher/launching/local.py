@@ -164,6 +164,13 @@ def spawn(
             why = agent.roster.lost() if agent.roster else ""
             stalled = why or failures.left_early(failed, heartbeats) or \
                 failures.stall_report(failed, heartbeats, agent.states_at_failure)
+            if stalled and agent.suspended_s > spec.timeout_s / 2:
+                # Gloo and NCCL count a collective's wait in monotonic time, which runs on while a process is
+                # stopped: a wait begun before Ctrl-Z can expire right after `fg`.
+                stalled = (f"the job was suspended (Ctrl-Z) for {agent.suspended_s:.0f} s; a collective that "
+                           f"waited across it timed out (distributed.timeout_s: {spec.timeout_s:g} s)\n"
+                           "HINT: resume within distributed.timeout_s, or raise it for jobs you suspend\n"
+                           f"{stalled}")
             raise RankFailure(failed, stalled=stalled)
     finally:
         os.environ.clear()
@@ -225,6 +232,7 @@ class _Agent(LocalElasticAgent):
         self.states_at_failure: dict[int, str] = {}
         self.global_ranks: list[int] = []  # of this attempt's ranks, in local rank order
         self.roster: machines.Roster | None = None
+        self.suspended_s = 0.0  # the longest Ctrl-Z so far
 
     def ranks_gone(self) -> bool:
         """This attempt's ranks have all ended (for the watchdog of a multi-machine run)."""
@@ -282,9 +290,14 @@ class _Agent(LocalElasticAgent):
 
 def _kill_groups(pids: list[int]) -> None:
     """SIGKILL the process group each of ``pids`` leads (a rank and its DataLoader workers)."""
+    _signal_groups(pids, signal.SIGKILL)
+
+
+def _signal_groups(pids: list[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group each of ``pids`` leads."""
     for pid in pids:
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -315,7 +328,18 @@ def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
         _before_exit(agent)
         os._exit(128 + received[0])
 
+    def suspend(signum: int, frame: FrameType | None) -> None:
+        """Ctrl-Z: the ranks (in sessions of their own, out of the terminal's reach) stop with the launcher
+        and go on with it, as torchrun's do; they trained on unsupervised before."""
+        groups = list(dict.fromkeys(agent.current_pids))
+        _signal_groups(groups, signal.SIGSTOP)
+        stopped = time.monotonic()
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell's `fg` or `bg` sent SIGCONT
+        _signal_groups(groups, signal.SIGCONT)
+        agent.suspended_s = max(agent.suspended_s, time.monotonic() - stopped)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
 
     def restore() -> None:
         for s, h in previous.items():
