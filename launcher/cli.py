@@ -63,6 +63,10 @@ def cmd_run(job: config_mod.Job) -> int:
                         console_ranks=console,
                         rdzv_endpoint=d.rdzv_endpoint, rdzv_id=d.rdzv_id or job.name)
     except SignalException as e:
+        if rundir.lost():
+            raise LaunchError(f"{rundir.lost()}: another job holds it now; this job's ranks were stopped\n"
+                              "HINT: give each job its own name= (run directory); this job's checkpoints "
+                              "there may be mixed with the other's") from None
         print(f"launcher: stopped by {e.sigval.name}; all ranks were stopped", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:

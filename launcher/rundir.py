@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import socket
 import stat
 import sys
@@ -41,10 +42,12 @@ class _Held:
     holder: str
     what: str
     lost: bool = False  # removed, and another job took it before this one could: said once
+    lost_why: str = ""
 
 
 _held: dict[str, _Held] = {}  # lock file path -> the lock, kept for the life of the process
 _watcher: list[threading.Thread] = []
+_on_lost: list[Any] = []  # what to do when another job took a folder of ours (see on_lost)
 
 
 def check_usable(run_dir: Path, source: str = "", key: str = "output_dir") -> None:
@@ -123,6 +126,18 @@ def lock(run_dir: Path, source: str = "", *, per_machine: bool = False, what: st
     if not _watcher:
         _watcher.append(threading.Thread(target=_watch, name="launcher-rundir-lock", daemon=True))
         _watcher[0].start()
+
+
+def on_lost(action: Any) -> None:
+    """Call ``action()`` (once, from the watcher thread) when a folder this process holds was removed and
+    another job has taken it: this job must stop, or two jobs write one folder. Without an action the process
+    gets SIGTERM."""
+    _on_lost[:] = [action]
+
+
+def lost() -> str:
+    """Why this process lost a folder it held to another job ("" while it holds them all)."""
+    return next((h.lost_why for h in _held.values() if h.lost), "")
 
 
 def lock_job(job: Any, *, per_machine: bool = False) -> None:
@@ -247,9 +262,14 @@ def _watch() -> None:
                 held.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = _take_file(held.path, held.source, held.holder, held.what)
             except (OSError, UsageError) as e:
-                print(f"[launcher] {held.path.parent} was removed while this job ran, and its lock could not "
-                      f"be taken again: {e}", file=sys.stderr, flush=True)
+                # Another job took it while this one could not look (stopped by Ctrl-Z, say): both would write
+                # one folder and both exit 0. This job stops.
+                held.lost_why = (f"the {held.what} {held.path.parent} was removed while this job ran, and it "
+                                 f"could not be taken again: {str(e).splitlines()[0]}")
                 held.lost = True
+                print(f"[launcher] {held.lost_why}; stopping this job", file=sys.stderr, flush=True)
+                action = _on_lost[0] if _on_lost else (lambda: os.kill(os.getpid(), signal.SIGTERM))
+                action()
                 continue
             os.close(held.fd)
             held.fd = fd

@@ -233,3 +233,71 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
         assert "Timed out" not in err and "stopped making progress" not in err, err
     finally:
         proc.kill()
+
+
+def test_a_run_directory_removed_under_a_running_job_is_made_again_and_the_job_goes_on(tmp_path):
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = start_long_job(tmp_path / "runs", "checkpoint.every_steps=10")
+    try:
+        assert wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 90), "no checkpoint"
+        shutil.rmtree(run_dir)
+        assert wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 30), "no checkpoint after"
+        saved = (run_dir / "checkpoints" / "latest").read_text()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "was removed while this job ran: the job goes on" in err, err
+    finally:
+        proc.kill()
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path / 'runs'}",
+                f"args.max_steps={int(saved[5:13])}", "args.epochs=100000")
+    assert r.returncode == 0 and f"resumed from {run_dir / 'checkpoints' / saved}" in r.stdout, r.stdout
+
+
+def test_a_job_whose_run_directory_another_job_took_while_it_was_stopped_stops(tmp_path):
+    """Ctrl-Z, the run directory removed, a second job of the same name started: on ``fg`` the first job
+    finds its folder taken and stops its ranks, exit 1, instead of both jobs writing one folder."""
+    from .conftest import left_behind, rank_pids
+
+    run_dir = tmp_path / "runs" / "tiny"
+    first = start_long_job(tmp_path / "runs", "checkpoint.every_steps=10")
+    second = None
+    try:
+        assert wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 90), "no checkpoint"
+        ranks = rank_pids(first.pid)
+        first.send_signal(signal.SIGTSTP)
+        assert wait_until(lambda: _states([first.pid]) == {"T"}, 5)
+        shutil.rmtree(run_dir)
+        second = start_long_job(tmp_path / "runs", "checkpoint.every_steps=10")
+        assert wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 90), "second: no checkpoint"
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 1, err
+        assert f"the run directory {run_dir} was removed while this job ran, and it could not be taken" in err
+        assert "another job holds it now; this job's ranks were stopped" in err and "HINT" in err, err
+        assert wait_until(lambda: not left_behind([], ranks), 5)
+        assert second.poll() is None, "the second job must go on"
+    finally:
+        first.kill()
+        if second is not None:
+            second.send_signal(signal.SIGINT)
+            second.communicate(timeout=60)
+
+
+def fails_in_a_removed_run_directory(job, args: examples.tiny.TinyArgs):
+    """Entry point: rank 0 removes the run directory, then raises."""
+    import launcher
+
+    launcher.barrier()
+    if launcher.get_rank() == 0:
+        shutil.rmtree(job.run_dir)
+        raise RuntimeError("boom after the run directory went")
+    launcher.barrier()
+
+
+def test_a_failure_in_a_removed_run_directory_is_reported_with_its_traceback(tmp_path):
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "data.num_workers=0",
+                "entry=tests.test_bad_day:fails_in_a_removed_run_directory", "distributed.timeout_s=30")
+    assert r.returncode == 1, r.stderr
+    assert "RuntimeError: boom after the run directory went" in r.stderr, r.stderr
+    assert "To enable traceback" not in r.stderr, r.stderr

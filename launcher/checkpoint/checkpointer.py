@@ -214,6 +214,11 @@ class Checkpointer:
         return path
 
     def _write(self, path: Path, payload: dict[str, Any], is_best: bool) -> Path:
+        # The run directory may have been removed under the job (rm -rf by mistake): the job goes on and its
+        # next checkpoint lands, instead of failing at the save (or at finish(), losing the whole run).
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _log(f"[launcher] {self.directory} was removed while the job ran: made again")
         digest = atomic_write_bytes(path, obj=payload)
         manifest = {"file": path.name, "crc32": digest, "bytes": path.stat().st_size, "step": payload["step"],
                     "epoch": payload["epoch"], "metric": payload["metric"]}

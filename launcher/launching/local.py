@@ -36,7 +36,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalEx
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
-from .. import internals
+from .. import internals, rundir
 from ..dist import HEARTBEAT_ENV
 from ..errors import LaunchError, RankFailure
 from ..spec import Process, RankSpec, rank_function
@@ -141,6 +141,8 @@ def spawn(
     # The agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs.
     environ = dict(os.environ)
     restore = _install_signal_handlers(agent)
+    # Another job took the run directory (removed under this one): its ranks go at once, then this launcher.
+    rundir.on_lost(functools.partial(_stop_at_once, agent))
     try:
         os.environ.update(threads)  # the agent passes OMP_NUM_THREADS on from here ("spawn" ranks inherit it)
         with _quiet_elastic_logs():
@@ -286,6 +288,12 @@ class _Agent(LocalElasticAgent):
             self.roster.publish(worker_group.group_rank, worker_group.group_world_size,
                                 [w.global_rank for w in worker_group.workers])
         return pids
+
+
+def _stop_at_once(agent: _Agent) -> None:
+    """The ranks' groups SIGKILLed, then SIGTERM to this launcher (its handler turns it into a stop)."""
+    _kill_groups(agent.current_pids)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _kill_groups(pids: list[int]) -> None:

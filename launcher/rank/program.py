@@ -211,6 +211,10 @@ def _reported(rank: int, counts_steps: bool = True, grace_s: float = 30.0) -> It
             _finish_writes(grace_s)
             raise SystemExit(128 + signal.SIGINT) from None
         e.add_note(f"[launcher] rank {rank} on {socket.gethostname()}" + (f", {where}" if where else ""))
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:  # its folder went with a removed run directory: the report was torch's placeholder
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(error_file), exist_ok=True)
         raise
 
 
