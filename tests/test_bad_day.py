@@ -301,3 +301,15 @@ def test_a_failure_in_a_removed_run_directory_is_reported_with_its_traceback(tmp
     assert r.returncode == 1, r.stderr
     assert "RuntimeError: boom after the run directory went" in r.stderr, r.stderr
     assert "To enable traceback" not in r.stderr, r.stderr
+
+
+def test_under_ci_a_cluster_that_cannot_start_fails_instead_of_skipping(monkeypatch):
+    """A bad package mirror made ``slurm/cluster.sh`` exit 3 and every cluster test a skip of a green run."""
+    from .conftest import cluster_cannot_run
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI: the SLURM cluster could not start: apt-get"):
+        cluster_cannot_run("apt-get install failed")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        cluster_cannot_run("no root")

@@ -11,6 +11,7 @@ import torch
 
 import launcher
 from launcher.data import ShardedIterableDataset, make_loader
+from launcher.data.loader import POLL_S
 from launcher.testing import run_distributed
 
 
@@ -108,23 +109,24 @@ def _slow_worker_start(worker_id):
 @pytest.mark.parametrize("delay, wait, fails", [(3.0, 60.0, False), (30.0, 3.0, True)])
 def test_a_slow_first_batch_is_allowed_and_a_stuck_worker_is_not(monkeypatch, delay, wait, fails, where):
     """The bound is the same whether the first batch or the worker's start-up (a worker_init_fn, a loaded
-    machine) is slow: a start-up over torch's 2 s poll used to fail at once, saying it had waited 600 s."""
+    machine) is slow: a start-up over torch's poll used to fail at once, saying it had waited 600 s."""
     import time
 
     monkeypatch.setenv("SHARD_DELAY" if where == "first batch" else "WORKER_START_DELAY", str(delay))
     ds = ShardedIterableDataset([0, 1, 2, 3], _slow_first_shard, sizes=[8] * 4, batch_size=4, rank=0,
                                 world_size=1, shuffle=False)
-    # the wait bound is ours; torch polls every 2 s
+    # the wait bound is ours; torch polls every POLL_S
     loader = make_loader(ds, num_workers=2, timeout=wait, worker_init_fn=_slow_worker_start)
     start = time.monotonic()
     if fails:
         with pytest.raises(RuntimeError, match=r"no batch from its DataLoader workers for \d+ s") as e:
             list(loader)
         said = int(str(e.value).split(" for ")[1].split()[0])  # the time it waited, whole seconds
-        # torch polls every 2 s; on 2 loaded cores a poll overran by 1.5 s (7 s said for 3, under make test)
-        assert wait <= said <= wait + 2 + 3, said
+        # torch polls every POLL_S; on 2 loaded cores a poll overran by 1.5 s (7 s said for 3 with a 2-s
+        # poll, under make test): 3 s of room for the load
+        assert wait <= said <= wait + POLL_S + 3, said
         # then torch's shutdown gives each worker stuck in worker_init_fn 5 s (a rank kills them at once)
-        assert time.monotonic() - start < wait + 2 + 2 * 5 + 5
+        assert time.monotonic() - start < wait + POLL_S + 2 * 5 + 5
     else:
         assert len(list(loader)) == 8 and time.monotonic() - start >= delay
 

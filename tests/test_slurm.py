@@ -27,7 +27,7 @@ from launcher.errors import EXIT_REQUEUE, StopForRequeue
 from launcher.launching import slurm
 from launcher.rank import stop
 
-from .conftest import ROOT, cmdline, killable_env, launcher_cmd, wait_until
+from .conftest import ROOT, cluster_cannot_run, cmdline, killable_env, launcher_cmd, wait_until
 
 CLUSTER = ROOT / "slurm" / "cluster.sh"
 
@@ -201,7 +201,7 @@ def slurm_env():
     already = "slurmctld: running" in was_up
     r = subprocess.run(["bash", str(CLUSTER), "up"], check=False, capture_output=True, text=True, timeout=600)
     if r.returncode == 3:
-        pytest.skip(f"no local SLURM cluster: {r.stderr.strip().splitlines()[-1]}")
+        cluster_cannot_run(f"no local SLURM cluster: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, f"slurm/cluster.sh up failed:\n{r.stderr}"
     conf = r.stdout.strip().split("=", 1)[1]
     env = {**os.environ, "SLURM_CONF": conf}

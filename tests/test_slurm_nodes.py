@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests import nodes
-from tests.conftest import ROOT, killable_env, launcher_cmd, wait_until
+from tests.conftest import ROOT, cluster_cannot_run, killable_env, launcher_cmd, wait_until
 
 CLUSTER = ROOT / "slurm" / "cluster.sh"
 
@@ -62,7 +62,7 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("slurm2"))
     r = c.script("up", timeout=600)
     if r.returncode == 3:
-        pytest.skip(f"no 2-node SLURM cluster: {r.stderr.strip().splitlines()[-1]}")
+        cluster_cannot_run(f"no 2-node SLURM cluster: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, f"cluster.sh up failed:\n{r.stderr}"
     yield c
     assert c.script("clean").returncode == 0
