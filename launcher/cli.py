@@ -55,12 +55,12 @@ def cmd_run(job: config_mod.Job) -> int:
     config_mod.write_resolved(job)
     what = f"{job.script} {' '.join(job.script_args)}".strip() if job.script else job.entry
     where = "" if nodes == (1, 1) else f" on this machine, meeting {d.nnodes} machine(s) at {d.rdzv_endpoint}"
+    # The launcher's own lines go to stderr: stdout is the ranks' (a sweep runner parses a script's output).
     print(f"[launcher] {job.name}: starting {nproc} rank(s) of {what}{where}; logs in {job.run_dir / 'logs'}",
-          flush=True)
+          file=sys.stderr, flush=True)
     try:
-        console = set(range(nproc)) if d.console == "all" else {0}
         results = spawn(spec, nproc, job.run_dir / "logs", max_restarts=d.max_restarts, nodes=nodes,
-                        console_ranks=console,
+                        console_ranks=d.console_ranks(nproc), log_line_prefix=d.log_line_prefix,
                         rdzv_endpoint=d.rdzv_endpoint, rdzv_id=d.rdzv_id or job.name)
     except SignalException as e:
         if rundir.lost():
@@ -73,11 +73,11 @@ def cmd_run(job: config_mod.Job) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ranks are gone, the outcome known: see console()
     ranks = f"rank(s) {_span(results)}" if nodes != (1, 1) else "rank(s)"
     if job.script:
-        print(f"[launcher] {job.name}: finished on {len(results)} {ranks}")
+        print(f"[launcher] {job.name}: finished on {len(results)} {ranks}", file=sys.stderr)
     else:
         first = min(results)
         print(f"[launcher] {job.name}: finished on {len(results)} {ranks}; rank {first} returned "
-              f"{results[first]!r}")
+              f"{results[first]!r}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -170,7 +170,14 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     add("--node-rank", dest="node_rank", type=int,
         help="accepted for torchrun's command lines; the c10d rendezvous numbers the machines")
     add("--standalone", action="store_true", help="one machine, rendezvous on this one (the default)")
+    add("--stop-grace-s", dest="stop_grace_s", type=float,
+        help="seconds a rank gets after Ctrl-C or SIGTERM before SIGKILL (distributed.stop_grace_s, 30)")
     add("--tee", help="show every rank's output on the console (torchrun's 0-3; default: rank 0 only)")
+    add("--local-ranks-filter", dest="local_ranks_filter",
+        help="the local ranks whose output the console shows, as 0,2 (distributed.console)")
+    add("--log-line-prefix-template", dest="log_line_prefix",
+        help="prefix of each rank's console lines, ${rank} and ${local_rank} substituted; '' for none "
+        "(distributed.log_line_prefix; default [rank${rank}]:)")
     add("--run-path", dest="run_path", action="store_true", help="the target is a script path, any suffix")
     add("--name", help="the run's name (name=; a script's defaults to the script's name)")
     add("--output-dir", dest="output_dir", help="parent folder of run directories (output_dir=)")
@@ -270,8 +277,14 @@ def load_run_job(args: argparse.Namespace) -> config_mod.Job:
     for key in ("name", "output_dir"):
         if getattr(args, key) is not None:
             options.append(f"{key}={json.dumps(getattr(args, key))}")
+    if args.stop_grace_s is not None:
+        options.append(f"distributed.stop_grace_s={args.stop_grace_s}")
     if args.tee is not None:
         options.append("distributed.console=all")
+    if args.local_ranks_filter is not None:
+        options.append(f"distributed.console={json.dumps(args.local_ranks_filter)}")
+    if args.log_line_prefix is not None:
+        options.append(f"distributed.log_line_prefix={json.dumps(args.log_line_prefix)}")
     if _is_script(args):
         script = f"-m {args.target}" if args.module else args.target
         name = args.target.rsplit(".", 1)[-1] if args.module else Path(args.target).stem

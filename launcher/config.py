@@ -55,8 +55,12 @@ class DistributedConfig:
     store (torchrun's ``--rdzv-endpoint``)."""
     rdzv_id: str | None = None
     """Names the run at the rendezvous, the same on every machine; defaults to the job's name."""
-    console: Literal["rank0", "all"] = field(default="rank0", metadata=IGNORED)
-    """Whose output the console shows besides the logs: rank 0's, or every rank's (torchrun's ``--tee``)."""
+    console: str | int = field(default="rank0", metadata=IGNORED)
+    """Whose output the console shows besides the logs: ``rank0`` (local rank 0), ``all`` (torchrun's
+    ``--tee``), or local ranks such as ``"0,2"`` (torchrun's ``--local-ranks-filter``)."""
+    log_line_prefix: str = field(default="[rank${rank}]:", metadata=IGNORED)
+    """Prefix of every console line of a rank (torchrun's ``--log-line-prefix-template``: ``${rank}``,
+    ``${local_rank}``, ``${role_name}``, ``${hostname}``); empty: none, for output a program reads."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: NCCL when every rank has its own CUDA device, Gloo otherwise."""
     sync_batchnorm: bool = True
@@ -87,11 +91,29 @@ class DistributedConfig:
             raise ConfigError(
                 f"distributed.nnodes: {self.nnodes} machines need a place to meet\nHINT: set "
                 "distributed.rdzv_endpoint=HOST:PORT, the address of one of the machines (the same on all)")
+        self.console_ranks(1)  # checked now: a bad value is refused before anything starts
         if self.rdzv_endpoint is not None:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(f"distributed.rdzv_endpoint: expected HOST:PORT, got {self.rdzv_endpoint!r}"
                                   "\nHINT: e.g. node01:29400 or 10.0.0.1:29400")
+
+    def console_ranks(self, nproc: int) -> set[int]:
+        """The local ranks whose output the console shows (see ``console``)."""
+        text = str(self.console).strip()
+        if text == "all":
+            return set(range(nproc))
+        if text == "rank0":
+            return {0}
+        try:
+            ranks = {int(r) for r in text.split(",")}
+        except ValueError:
+            ranks = {-1}
+        if min(ranks) < 0:
+            raise ConfigError(f"distributed.console: expected rank0, all or local ranks such as 0,2, got "
+                              f"{self.console!r}\nHINT: --tee shows every rank, --local-ranks-filter 0,1 "
+                              "some of them")
+        return ranks
 
     def node_range(self) -> tuple[int, int]:
         """``(min, max)`` machines from ``nnodes`` (``N`` or ``MIN:MAX``)."""

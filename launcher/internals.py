@@ -50,6 +50,10 @@ REQUIRED = [
     ("tarfile", "TarInfo.offset"),
     ("tarfile", "TarInfo.offset_data"),
     ("torch", "_dynamo"),
+    ("atexit", "_clear"),
+    ("atexit", "_run_exitfuncs"),
+    ("threading", "_shutdown"),
+    ("multiprocessing.resource_tracker", "_CLEANUP_FUNCS"),
 ]
 
 #: torch modules a rank imports on first use that its fork server imports once instead. ``torch._dynamo``:
@@ -231,6 +235,34 @@ def run_multiprocessing_exit() -> None:
     """What multiprocessing does at a normal interpreter exit (``multiprocessing.util._exit_function``):
     terminate and join leftover children, stop the fork server and remove its socket folder."""
     multiprocessing.util._exit_function()  # type: ignore[attr-defined]
+
+
+def forget_exit_handlers() -> None:
+    """A rank forked from the launcher's server: drop the ``atexit`` handlers it inherited (the launcher's
+    own, such as the one that stops the ranks' server); what the rank's code registers from here on runs at
+    its end (:func:`run_python_exit`). ``atexit._clear``."""
+    import atexit
+
+    atexit._clear()  # type: ignore[attr-defined]
+
+
+def run_python_exit() -> None:
+    """What Python's own end does, for a rank that leaves by ``os._exit`` (multiprocessing's children do):
+    wait for non-daemon threads, then run ``atexit`` handlers (a logging service closes its run there), then
+    flush the streams. ``threading._shutdown`` and ``atexit._run_exitfuncs``, as ``Py_FinalizeEx`` calls
+    them; each at most once."""
+    import atexit
+    import sys
+    import threading
+
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()  # type: ignore[attr-defined]
+    atexit._clear()  # type: ignore[attr-defined]
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def batchnorm_base() -> type:

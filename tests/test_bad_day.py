@@ -61,7 +61,7 @@ def test_two_jobs_sharing_a_checkpoint_folder_are_refused_while_one_runs(tmp_pat
         said = f"the checkpoint folder {shared} is in use by another job (pid {first.pid}"
         assert said in r.stderr, r.stderr
         assert "HINT: give each job a checkpoint.dir of its own" in r.stderr and "Traceback" not in r.stderr
-        assert "starting" not in r.stdout  # refused before any rank started or resumed anything
+        assert "starting" not in r.stderr  # refused before any rank started or resumed anything
         # `launcher submit` refuses at once too (not hours later in the queue)
         from launcher import config, rundir
         from launcher.errors import UsageError
@@ -110,7 +110,7 @@ def test_a_disk_that_cannot_be_written_is_refused_before_the_start(tmp_path, cas
     assert r.returncode == 2 or (case.endswith("torchrun") and r.returncode == 1), r.stdout + r.stderr
     assert named in r.stderr and "HINT" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr or case.endswith("torchrun"), r.stderr  # torchrun prints its own
-    assert "starting" not in r.stdout
+    assert "starting" not in r.stdout + r.stderr
     if case == "full disk":
         assert r.stdout.split() == ["filler"], r.stdout  # no run directory, lock or temp file left
     if case == "read-only checkpoint.dir":

@@ -71,7 +71,7 @@ def test_bad_job_is_refused_before_anything_starts(tmp_path, text, extra, named)
     assert not (tmp_path / "runs").exists()  # no run directory, no rank started
     assert {p.name for p in tmp_path.iterdir()} <= {"job.yaml"}  # nothing beside it either (name=../x)
     assert not os.path.exists("/tmp/launcher-abs")
-    assert "starting" not in r.stdout
+    assert "starting" not in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("what", ["a FIFO job file", "output_dir a file", "run directory a file"])

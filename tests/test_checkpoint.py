@@ -112,7 +112,7 @@ def test_a_run_stopped_by_max_steps_resumes_exactly_once_whatever_max_steps_was(
         for max_steps in (7, 16, 40):
             r = run_cli("run", *common, f"args.max_steps={max_steps}", f"output_dir={tmp_path / 'parts'}")
             assert r.returncode == 0, r.stderr
-            assert f"'step': {max_steps}" in r.stdout, r.stdout
+            assert f"'step': {max_steps}" in r.stderr, r.stderr
     finally:
         _, err = ref.communicate(timeout=120)
     assert ref.returncode == 0, err

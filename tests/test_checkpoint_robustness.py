@@ -61,7 +61,7 @@ def test_all_corrupt_is_refused_by_the_cli_before_any_rank_starts(tmp_path):
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={out}", "args.max_steps=8")
     assert r.returncode == 2, r.stderr
     assert "none is valid" in r.stderr and "step_00000004.pt" in r.stderr and "resume=never" in r.stderr
-    assert "starting" not in r.stdout
+    assert "starting" not in r.stdout + r.stderr
 
 
 def test_retention_never_counts_refused_files_nor_removes_the_newest(tmp_path):

@@ -20,7 +20,8 @@ import pytest
 
 from .conftest import ROOT
 
-SECTIONS = ("## Quick tour", "## Coming from torchrun", "## Examples", "### From a laptop to a cluster")
+SECTIONS = ("## Quick tour", "## Coming from torchrun", "## Coming from accelerate / Fabric", "## Examples",
+            "### From a laptop to a cluster")
 BIN = Path(sys.executable).parent
 TINY = ["args.max_steps=4"]
 CLASSIFY = ["args.max_steps=2", "args.epochs=1", "data.num_workers=0", "args.data_dir={data}"]
@@ -46,6 +47,12 @@ COMMANDS: dict[str, tuple[list[str] | None, str] | str] = {
     "launcher run --nproc-per-node 2 train.py 10 5 --batch_size 32":
         "tests/test_script_mode.py::test_the_script_runs_unchanged_and_trains_as_under_torchrun",
     "launcher run --nproc-per-node 2 -m mypkg.train 10 5": (None, "scripts"),
+    "launcher run --nproc-per-node 2 --log-line-prefix-template '' tests/scripts/result_json.py "
+    "2>/dev/null | tail -1": (None, "root"),
+    "launcher run --nproc-per-node 2 examples/accelerate_loop.py":
+        "tests/test_real_scripts.py::test_loops_written_for_accelerate_and_fabric_run_unchanged",
+    "launcher run --nproc-per-node 2 examples/fabric_loop.py":
+        "tests/test_real_scripts.py::test_loops_written_for_accelerate_and_fabric_run_unchanged",
     "python -m launcher.tools.tarshards ~/data/cifar10 data/cifar10 --format cifar10": (None, "home"),
     "python -m launcher.tools.tarshards ~/data/flowers data/flowers --val-fraction 0.1": (None, "home"),
     "launcher run jobs/classify.yaml args.data_dir=data/cifar10": ([*CLASSIFY[:3]], "home"),
@@ -183,6 +190,8 @@ def test_readme_command_runs_as_written(command, tmp_path, shapes, monkeypatch):
                        check=False)
     assert r.returncode == 0, f"$ {line}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     out = r.stdout + r.stderr
+    if "result_json" in command:  # the output a sweep runner reads: the result line alone
+        assert r.stdout == '{"result": 0.5}\n', r.stdout
     if command.startswith(("launcher run jobs", "python -m launcher run")):
         assert "finished on" in out, out[-2000:]
     if "train.py" in command or "mypkg" in command or "ddp_tutorial" in command:

@@ -73,7 +73,7 @@ def test_a_job_file_can_name_the_script_with_its_arguments(tmp_path):
     r = subprocess.run(launcher_cmd("run", "job.yaml"), cwd=tmp_path, capture_output=True, text=True,
                        timeout=300, check=False, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Batchsize: 16" in r.stdout and "finished on 2 rank(s)" in r.stdout
+    assert "Batchsize: 16" in r.stdout and "finished on 2 rank(s)" in r.stderr
 
 
 def entry_that_sets_up_its_own_group():
@@ -93,7 +93,7 @@ def test_an_entry_function_that_calls_init_process_group_itself_works(tmp_path):
                                     "entry=tests.test_script_mode:entry_that_sets_up_its_own_group"),
                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "rank 0 returned 3.0" in r.stdout
+    assert "rank 0 returned 3.0" in r.stderr
 
 
 def test_a_restarted_script_is_announced_with_its_cause_and_resumes(tmp_path):

@@ -59,20 +59,7 @@ def finish_writes_in_flight(bound_s: float, say: Any = print) -> None:
     Errors of the write are said, not raised: the stop goes on."""
     deadline = time.monotonic() + bound_s
     for ckpt in list(_LIVE):
-        pending, path = ckpt._pending, ckpt._pending_path
-        if pending is None or pending.done():
-            continue
-        name = path.name if path is not None else "a checkpoint"
-        say(f"[launcher] stopping: waiting for the checkpoint write in flight ({name}), at most "
-            f"{bound_s:.0f} s")
-        try:
-            pending.result(timeout=max(0.0, deadline - time.monotonic()))
-            say(f"[launcher] {name} is on disk")
-        except concurrent.futures.TimeoutError:
-            say(f"[launcher] {name} was not written within {bound_s:.0f} s: abandoned (the previous "
-                "checkpoint stays; distributed.stop_grace_s gives a stop more time)")
-        except Exception as e:  # noqa: BLE001 - the stop goes on; the write's error is said
-            say(f"[launcher] {name} could not be written: {e}")
+        ckpt.finish_write_in_flight(deadline, say)
 
 
 class Checkpointer:
@@ -238,6 +225,25 @@ class Checkpointer:
                 # The manifest first: never a manifest without its file.
                 p.with_suffix(".json").unlink(missing_ok=True)
                 p.unlink(missing_ok=True)
+
+    def finish_write_in_flight(self, deadline: float, say: Any = print) -> None:
+        """Wait until ``deadline`` (``time.monotonic()``) for the background write, saying so; its error
+        is said, not raised (see :func:`finish_writes_in_flight`)."""
+        pending, path = self._pending, self._pending_path
+        if pending is None or pending.done():
+            return
+        name = path.name if path is not None else "a checkpoint"
+        bound_s = max(0.0, deadline - time.monotonic())
+        say(f"[launcher] stopping: waiting for the checkpoint write in flight ({name}), at most "
+            f"{bound_s:.0f} s")
+        try:
+            pending.result(timeout=bound_s)
+            say(f"[launcher] {name} is on disk")
+        except concurrent.futures.TimeoutError:
+            say(f"[launcher] {name} was not written within {bound_s:.0f} s: abandoned (the previous "
+                "checkpoint stays; distributed.stop_grace_s gives a stop more time)")
+        except Exception as e:  # noqa: BLE001 - the stop goes on; the write's error is said
+            say(f"[launcher] {name} could not be written: {e}")
 
     def wait(self) -> None:
         """Block until the background write (if any) is on disk; re-raises its error."""

@@ -171,6 +171,7 @@ def failure(rank: int, pf: ProcessFailure) -> Failure:
             signame = signal.Signals(-pf.exitcode).name
         except ValueError:
             signame = str(-pf.exitcode)
+    _keep_in_log(pf, tb)
     return Failure(
         rank=rank,
         host=socket.gethostname(),
@@ -181,6 +182,22 @@ def failure(rank: int, pf: ProcessFailure) -> Failure:
         traceback=tb,
         log_tail=log_tail(pf),
     )
+
+
+_KEPT = "[launcher] the traceback above, from this rank's error report"
+
+
+def _keep_in_log(pf: ProcessFailure, tb: str) -> None:
+    """A rank's traceback goes to its error report (torch elastic's), not to its stderr: append it to the
+    rank's ``stderr.log`` too, once, where a user reading that rank's log looks for it (written after the
+    rank ended, so the console, which tails these logs, does not show it twice)."""
+    if not tb or not pf.error_file:
+        return
+    log = Path(pf.error_file).parent / "stderr.log"
+    with contextlib.suppress(OSError):
+        if log.is_file() and _KEPT not in log.read_text(errors="replace")[-(len(tb) + 200):]:
+            with open(log, "a") as f:
+                f.write(f"{tb.rstrip()}\n{_KEPT}\n")
 
 
 def log_tail(pf: ProcessFailure, lines: int = 30) -> str:

@@ -59,6 +59,7 @@ def spawn(
     *,
     max_restarts: int = 0,
     console_ranks: set[int] | None = frozenset({0}),  # type: ignore[assignment]
+    log_line_prefix: str = "[rank${rank}]:",
     nodes: tuple[int, int] = (1, 1),
     rdzv_endpoint: str | None = None,
     rdzv_id: str | None = None,
@@ -124,7 +125,9 @@ def spawn(
         spec=worker_spec,
         logs_specs=logs,
         start_method="forkserver" if server_env is not None else "spawn",
-        log_line_prefix_template="[rank${rank}]:",
+        # torch's agent takes an empty template for none given and prefixes "[rank0]:": a truthy "" asks for
+        # no prefix (torchrun's --log-line-prefix-template '' cannot either)
+        log_line_prefix_template=log_line_prefix or _NoPrefix(),
         exit_barrier_timeout=spec.startup_timeout_s,  # waiting for the other machines to finish
         **_shutdown_timeout(spec.stop_grace_s),
     )
@@ -221,6 +224,13 @@ def _shutdown_timeout(grace_s: float) -> dict[str, int]:
     if "shutdown_timeout" in inspect.signature(LocalElasticAgent.__init__).parameters:
         return {"shutdown_timeout": max(1, round(grace_s))}
     return {}
+
+
+class _NoPrefix(str):
+    """An empty line prefix that torch's agent does not take for a missing one."""
+
+    def __bool__(self) -> bool:
+        return True
 
 
 class _Agent(LocalElasticAgent):

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from .. import config as config_mod
-from .. import dist, rundir
+from .. import dist, internals, rundir
 from .. import entry as entry_mod
 from .. import env as env_mod
 from ..data import workerserver
@@ -82,6 +82,7 @@ def run_in_place_and_exit(job: config_mod.Job) -> NoReturn:
 
         traceback.print_exc()
         code = 1
+    internals.run_python_exit()  # threads, atexit handlers, streams: as python's own end under torchrun
     process.exit_now(code)
 
 
@@ -197,6 +198,9 @@ def _reported(rank: int, counts_steps: bool = True, grace_s: float = 30.0) -> It
         process.kill_children()
         raise
     except BaseException as e:
+        # torch's DataLoader handler of SIGCHLD raises "DataLoader worker ... is killed by signal" when a
+        # worker dies: the workers killed here would make it replace the exception being reported.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         process.kill_children()  # DataLoader workers are ended, not waited for
         if isinstance(e, SystemExit) and e.code in (0, None):
             dist.note_ended()
@@ -307,9 +311,14 @@ def forked_main(spec: RankSpec) -> Any:
     process.group_dies_with_this_process()  # before the at-fork hooks below
     process.forked_children_die_with_this_process()
     _fork_workers_server(spec, env_mod.detect())
+    internals.forget_exit_handlers()  # the launcher's; the rank's own code registers its own from here
     try:
         return execute(spec)
     except SystemExit as e:
         if e.code not in (0, None):
             raise
         return None
+    finally:
+        # Python's normal end, which a process of multiprocessing skips (it leaves by os._exit): a script's
+        # atexit handler closing its logging run used to never run, under `launcher run` only.
+        internals.run_python_exit()
