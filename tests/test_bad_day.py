@@ -19,7 +19,7 @@ from .conftest import ROOT, launcher_cmd, run_cli, wait_until
 from .test_cli import start_long_job
 
 #: Seconds the slowed checkpoint writer of :func:`slow_writes` takes per checkpoint.
-SLOW_WRITE_S = 4.0
+SLOW_WRITE_S = 3.0
 
 
 def slow_writes(job, args: examples.tiny.TinyArgs):
@@ -155,7 +155,7 @@ def test_a_stop_waits_for_the_checkpoint_write_in_flight_and_the_rerun_resumes_f
         try:
             line = ""
             assert proc.stdout is not None
-            while "[test] writing step_00000060.pt" not in line:  # the second save: one to resume from
+            while "[test] writing step_00000030.pt" not in line:  # without the wait: no checkpoint at all
                 line = proc.stdout.readline()
                 assert line, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.5)
@@ -167,15 +167,15 @@ def test_a_stop_waits_for_the_checkpoint_write_in_flight_and_the_rerun_resumes_f
         finally:
             proc.kill()
         assert proc.returncode == 128 + sig, (proc.returncode, err)
-        assert "waiting for the checkpoint write in flight (step_00000060.pt)" in err, err
-        assert "step_00000060.pt is on disk" in err, err
+        assert "waiting for the checkpoint write in flight (step_00000030.pt)" in err, err
+        assert "step_00000030.pt is on disk" in err, err
         assert took < SLOW_WRITE_S + 5, took  # waited for the write, not for the SIGKILL
         ckpts = run_root / "tiny" / "checkpoints"
-        assert (ckpts / "latest").read_text() == "step_00000060.pt"
-        r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=61",
+        assert (ckpts / "latest").read_text() == "step_00000030.pt"
+        r = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=31",
                     "args.epochs=100000", "data.num_workers=0")
         assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
-        assert "(step 60," in r.stdout, r.stdout
+        assert "(step 30," in r.stdout, r.stdout
     print(f"stop with a write in flight: worst {worst:.2f} s to exit")
 
 

@@ -21,6 +21,7 @@ import torch
 from .. import dist
 from ..rank import stop
 from ..rng import get_rng_state, set_rng_state
+from . import compat
 from .files import (
     FORMAT,
     CheckpointError,
@@ -119,7 +120,7 @@ class Checkpointer:
         self._stage = Staging(copy=async_save)
         self.last_saved: Path | None = None
         self._last_counters: tuple[int, int] | None = None  # (step, epoch) of the newest checkpoint
-        self._hyper = _hyperparameters(self.objects)  # what the optimizers were built with, this run
+        self._hyper = compat.hyperparameters(self.objects)  # what the optimizers were built with, this run
         if dist.is_main_process():
             self.directory.mkdir(parents=True, exist_ok=True)
             for p in remove_stale_temp_files(self.directory):
@@ -182,7 +183,7 @@ class Checkpointer:
                 "metric": metric,
                 "world_size": dist.get_world_size(),
                 "ranks": ranks,
-                "job": _job_dict(self.job),
+                "job": compat.job_dict(self.job),
                 "hyperparameters": self._hyper,
                 "versions": {"torch": str(torch.__version__), "python": platform.python_version(),
                              "launcher": _launcher_version()},
@@ -310,14 +311,15 @@ class Checkpointer:
         if found is None:
             return TrainState()
         path, data = found
-        restore_data = self._check_compatible(path, data)
+        restore_data = compat.check_compatible(self.job, path, data, _log)
         for k, obj in self.objects.items():
             if k not in data:
                 raise CheckpointError(
                     f"{path}: has no '{k}' state\nHINT: register the same objects as when saving"
                 )
             obj.load_state_dict(data[k])
-        self._apply_changed_hyperparameters(data.get("hyperparameters") or {})
+        compat.apply_changed_hyperparameters(self._hyper, self.objects, data.get("hyperparameters") or {},
+                                             _log)
         rank = dist.get_rank()
         mine = data["ranks"][rank] if rank < len(data["ranks"]) else None
         if mine is not None:
@@ -338,131 +340,6 @@ class Checkpointer:
         self.last_saved, self._last_counters = path, (state.step, state.epoch)
         _log(f"[launcher] resumed from {path} (step {state.step}, epoch {state.epoch})")
         return state
-
-    def _apply_changed_hyperparameters(self, saved: dict[str, Any]) -> None:
-        """An optimizer built with other hyperparameters than the checkpoint's run (``lr`` 0.01 -> 0.2 in the
-        job) gets the new ones, scaled onto the restored values so a schedule goes on from where it was;
-        restoring the optimizer's state would otherwise silently keep the old ones."""
-        for name, groups in self._hyper.items():
-            obj: Any = self.objects.get(name)
-            old_groups = saved.get(name)
-            if obj is None or not isinstance(old_groups, list) or len(old_groups) != len(groups):
-                continue
-            for i, (new, old) in enumerate(zip(groups, old_groups)):
-                for key, value in new.items():
-                    before = old.get(key)
-                    if before == value or not isinstance(value, (int, float)) or isinstance(value, bool):
-                        continue
-                    group = obj.param_groups[i]
-                    scale = value / before if isinstance(before, (int, float)) and before else None
-                    group[key] = group[key] * scale if scale is not None else value
-                    if key == "lr" and "initial_lr" in group:
-                        group["initial_lr"] = value
-                        for other in self.objects.values():  # schedulers compute lr from base_lrs
-                            sched: Any = other
-                            if getattr(sched, "optimizer", None) is obj and hasattr(sched, "base_lrs"):
-                                sched.base_lrs[i] = value
-                    _log(f"[launcher] applied on resume: {name} group {i} {key} {before} -> {value}")
-
-    def _check_compatible(self, path: Path, data: dict[str, Any]) -> bool:
-        """Compare the saved run with this one; raise on changes that break exact resume unless allowed.
-
-        Returns whether per-rank state (RNG, data position) can be restored.
-        """
-        if data.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a launcher checkpoint (format {data.get('format')!r})")
-        saved, now = data.get("job") or {}, _job_dict(self.job) or {}
-        # An ``args`` key absent on one side means its default, which the entry's dataclass says: the change
-        # list shows that value, not None.
-        defaults = _args_defaults(self.job)
-        for side in (saved, now):
-            if defaults and isinstance(side.get("args"), dict):
-                side["args"] = {**defaults, **side["args"]}
-        exact, ignored = _resume_keys(self.job)
-        changes = _diff(saved, now, ignored)
-        if data.get("world_size") != dist.get_world_size():
-            changes.insert(0, f"world size: {data.get('world_size')} -> {dist.get_world_size()}")
-        breaking = [c for c in changes if c.split(":")[0] in exact or c.startswith("world size")]
-        if changes:
-            _log("[launcher] the job changed since the checkpoint was written:\n  " + "\n  ".join(changes))
-        if breaking:
-            allowed = bool(self.job and self.job.checkpoint.allow_changes)
-            if not allowed:
-                raise CheckpointError(
-                    f"{path}: these changes break exact resume: {'; '.join(breaking)}\n"
-                    "HINT: undo them, start a new run (checkpoint.resume=never or a new name), or pass "
-                    "checkpoint.allow_changes=true to resume anyway (a sharded dataset's epoch goes on with "
-                    "the samples not yet seen; other data order and RNG streams will differ)"
-                )
-            return False
-        return True
-
-
-def _hyperparameters(objects: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Each optimizer's param-group settings as built (numbers only; ``initial_lr`` where a scheduler set
-    it stands for the built ``lr``)."""
-    out = {}
-    for name, obj in objects.items():
-        groups = getattr(obj, "param_groups", None)
-        if isinstance(groups, list) and hasattr(obj, "step"):
-            out[name] = [{k: g.get("initial_lr", v) if k == "lr" else v for k, v in g.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "initial_lr"}
-                         for g in groups]
-    return out
-
-
-def _args_defaults(job: Any) -> dict[str, Any]:
-    """The defaults of the entry's ``args`` dataclass ({} without a job, an entry or a dataclass)."""
-    if job is None or not getattr(job, "entry", ""):
-        return {}
-    import dataclasses
-
-    from ..config import ConfigError
-    from ..entry import args_class, resolve_entry
-
-    try:
-        cls = args_class(resolve_entry(job))
-    except ConfigError:
-        return {}
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls) if cls is not None else ():
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
-def _resume_keys(job: Any) -> tuple[set[str], set[str]]:
-    """Keys that break exact resume, and keys not compared (declared on the fields, the entry's too)."""
-    if job is None:
-        return set(), set()
-    from ..entry import resume_keys
-
-    return resume_keys(job, "exact"), resume_keys(job, "ignore")
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], ignored: set[str], prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        key = f"{prefix}{k}"
-        a, b = old.get(k), new.get(k)
-        if key in ignored:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, ignored, key + ".")
-        elif a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _job_dict(job: Any) -> dict[str, Any] | None:
-    if job is None:
-        return None
-    from ..config import to_dict
-
-    return to_dict(job)
-
 
 def _launcher_version() -> str:
     from .. import __version__
