@@ -75,4 +75,4 @@ def test_classify_writes_metrics_and_resumes_where_it_stopped(demo):
 def test_a_finished_classify_job_run_again_has_nothing_to_do(demo):
     again = demo[2]
     assert again.returncode == 0, again.stderr
-    assert "already finished" in again.stdout and "'val_accuracy': None" in again.stdout, again.stdout
+    assert "already finished" in again.stdout and "'val_accuracy': None" in again.stderr, again.stderr
