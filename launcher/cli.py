@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", help="job file (YAML), script (.py) or, with -m, a module")
     run.add_argument("rest", nargs=argparse.REMAINDER,
                      help="overrides and options (job file), or the script's arguments")
+    stacks = sub.add_parser("stacks", help="print every live rank's Python stacks (a job on this machine)",
+                            description="print every live rank's Python stacks, all threads, within 5 s")
+    stacks.add_argument("run_dir", help="the job's run directory (output_dir/name)")
     for name, text in (
         ("config", "print the resolved job file"),
         ("submit", "submit the job to SLURM through submitit"),
@@ -221,7 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             extra = [a for a in rest if a.startswith("-")]
             later.rest = [a for a in rest if not a.startswith("-")]
             args = later
-    else:
+    elif args.command != "stacks":
         args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
         extra = [a for a in extra if "=" not in a or a.startswith("-")]
     if extra:
@@ -299,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(load_run_job(args))
+        if args.command == "stacks":
+            from .launching.stacks import cmd_stacks
+
+            return cmd_stacks(Path(args.run_dir))
         job = config_mod.load(args.job, args.overrides)
         if args.command == "config":
             return cmd_config(job)

@@ -8,6 +8,7 @@ target is a ``"module:qualname"`` string resolved inside the rank, never a funct
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import Job
+
+#: The signal that asks a rank for all its threads' stacks (:mod:`launcher.rank.stacks`): a real-time one,
+#: used by neither SLURM (USR1/USR2/TERM), submitit nor torch; every rank replaces its default (terminate).
+STACKS_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR1
 
 #: Module name under which a target defined in a script's ``__main__`` is imported in the ranks.
 MAIN_ALIAS = "__launcher_main__"  # not __mp_main__: torch aliases that to the real __main__
@@ -80,6 +85,8 @@ class RankSpec:
     """glibc keeps freed host memory (see :mod:`launcher.rank.hostmem`)."""
     process: Process | None = None
     """Set by the local spawner for ranks forked from its server; None in place (torchrun, srun)."""
+    stacks_dir: str | None = None
+    """Where the rank dumps its threads' stacks on request (:mod:`launcher.rank.stacks`); None: nowhere."""
     worker_server_imports: tuple[str, ...] | None = None
     """A job with DataLoader workers: the rank forks their server before its process group, and the server
     imports these modules (:func:`launcher.data.workerserver.start_early`); None: no server until a loader
@@ -104,6 +111,7 @@ class RankSpec:
             "backend": d.backend, "timeout_s": d.timeout_s, "startup_timeout_s": d.startup_timeout_s,
             "max_requeues": job.slurm.max_requeues, "keep_freed_memory": d.keep_freed_memory,
             "stop_grace_s": d.stop_grace_s,
+            "stacks_dir": str((job.run_dir / "logs" / "stacks").absolute()),
         }
         if job.script:
             is_module = job.script.startswith("-m ")

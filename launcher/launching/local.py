@@ -20,6 +20,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,7 +41,7 @@ from .. import internals, rundir
 from ..dist import HEARTBEAT_ENV
 from ..errors import LaunchError, RankFailure
 from ..spec import Process, RankSpec, rank_function
-from . import failures, machines, rankserver
+from . import failures, machines, rankserver, stacks
 
 #: Most ranks started from the fork server: torch's process context sends every rank the result queues of
 #: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many
@@ -131,6 +132,8 @@ def spawn(
         exit_barrier_timeout=spec.startup_timeout_s,  # waiting for the other machines to finish
         **_shutdown_timeout(spec.stop_grace_s),
     )
+    agent.stacks_dir = Path(spec.stacks_dir) if spec.stacks_dir else None
+
     def cleanup() -> None:
         _before_exit(agent)
         agent.remove_error_files()
@@ -169,6 +172,7 @@ def spawn(
             why = agent.roster.lost() if agent.roster else ""
             stalled = why or failures.left_early(failed, heartbeats) or \
                 failures.stall_report(failed, heartbeats, agent.states_at_failure)
+            stalled += _where_stalled(agent, stalled)
             if stalled and agent.suspended_s > spec.timeout_s / 2:
                 # Gloo and NCCL count a collective's wait in monotonic time, which runs on while a process is
                 # stopped: a wait begun before Ctrl-Z can expire right after `fg`.
@@ -245,6 +249,8 @@ class _Agent(LocalElasticAgent):
         self.global_ranks: list[int] = []  # of this attempt's ranks, in local rank order
         self.roster: machines.Roster | None = None
         self.suspended_s = 0.0  # the longest Ctrl-Z so far
+        self.stacks_dir: Path | None = None  # where the ranks dump their stacks (launcher.rank.stacks)
+        self.stack_sizes: dict[int, int] = {}  # each rank's dump file before the failure's request
 
     def ranks_gone(self) -> bool:
         """This attempt's ranks have all ended (for the watchdog of a multi-machine run)."""
@@ -259,6 +265,12 @@ class _Agent(LocalElasticAgent):
             self.states_at_failure = {rank: failures.process_state(pid) for rank, pid in zip(ranks, pids)}
             states = self.states_at_failure
             _kill_groups([pid for rank, pid in zip(ranks, pids) if states[rank] in ("T", "t")])
+            _, processes = internals.agent_processes(self)
+            if self.stacks_dir is not None and any(p.exitcode not in (None, 0) for p in processes):
+                # a rank failed: where every other one is, before torch stops them (a C handler writes it
+                # at once, GIL or not)
+                alive = {r: pid for r, pid in zip(ranks, pids) if states[r] not in ("Z", "X", "?", "T", "t")}
+                self.stack_sizes = stacks.request(self.stacks_dir, alive)
 
     def remove_error_files(self) -> None:
         """torch.multiprocessing's per-rank traceback files of the last attempt, once they have been read."""
@@ -298,6 +310,20 @@ class _Agent(LocalElasticAgent):
             self.roster.publish(worker_group.group_rank, worker_group.group_world_size,
                                 [w.global_rank for w in worker_group.workers])
         return pids
+
+
+def _where_stalled(agent: _Agent, stalled: str) -> str:
+    """Where the rank that stopped making progress was when its peers failed: the innermost frame of the
+    user's code in its main thread (from the stacks asked for then); "" when unknown."""
+    m = re.match(r"rank (\d+) stopped making progress", stalled)
+    if m is None or agent.stacks_dir is None or int(m.group(1)) not in agent.stack_sizes:
+        return ""
+    rank = int(m.group(1))
+    dump = stacks.read_new(agent.stacks_dir, {rank: agent.stack_sizes[rank]}, wait_s=1.0)[rank]
+    at = stacks.where(dump)
+    if not at:
+        return f"\n(rank {rank} wrote no stacks: it may be in uninterruptible I/O)"
+    return f"\nrank {rank} was at {at} (every rank's threads: {agent.stacks_dir}/rank*.txt)"
 
 
 def _stop_at_once(agent: _Agent) -> None:

@@ -30,7 +30,7 @@ from ..data import workerserver
 from ..errors import StopForRequeue
 from ..rng import seed_everything
 from ..spec import MAIN_ALIAS, RankSpec
-from . import hostmem, interrupt, process, stop
+from . import hostmem, interrupt, process, stacks, stop
 
 
 def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
@@ -104,6 +104,7 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
     ``leaving``: the process exits afterwards (SLURM's stop signals are then ignored, see
     :func:`launcher.rank.stop.uninstall`)."""
     environment = env_mod.detect()
+    stacks.install(spec.stacks_dir, environment.rank())  # `launcher stacks`, and the report of a stall
     if spec.keep_freed_memory:
         hostmem.keep_freed_memory()
     if spec.runs_script:
