@@ -72,6 +72,9 @@ class DistributedConfig:
     bounds every wait for a batch from DataLoader workers (:func:`launcher.data.make_loader`)."""
     max_restarts: int = field(default=0, metadata=at_least(0))
     """Restart all ranks this many times after a failure; they resume from the last checkpoint."""
+    stall_warning_s: float | None = field(default=None, metadata=at_least(0, **IGNORED))
+    """Seconds without a step after which a rank's stack is printed once, the job untouched; null: 20 step
+    times, at least 30 s; never later than half of ``timeout_s``; 0: never."""
     stop_grace_s: float = field(default=30.0, metadata=above(0, **IGNORED))
     """Seconds a rank gets after Ctrl-C or SIGTERM (its own cleanup, a checkpoint write in flight) before it
     is killed; torchrun's is 30 s too. A second Ctrl-C kills at once."""

@@ -85,6 +85,8 @@ class RankSpec:
     """glibc keeps freed host memory (see :mod:`launcher.rank.hostmem`)."""
     process: Process | None = None
     """Set by the local spawner for ranks forked from its server; None in place (torchrun, srun)."""
+    stall_warning_s: float | None = None
+    """Seconds without a step before the launcher prints the rank's stack (see the job key)."""
     stacks_dir: str | None = None
     """Where the rank dumps its threads' stacks on request (:mod:`launcher.rank.stacks`); None: nowhere."""
     worker_server_imports: tuple[str, ...] | None = None
@@ -112,6 +114,7 @@ class RankSpec:
             "max_requeues": job.slurm.max_requeues, "keep_freed_memory": d.keep_freed_memory,
             "stop_grace_s": d.stop_grace_s,
             "stacks_dir": str((job.run_dir / "logs" / "stacks").absolute()),
+            "stall_warning_s": d.stall_warning_s,
         }
         if job.script:
             is_module = job.script.startswith("-m ")

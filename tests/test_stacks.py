@@ -3,6 +3,7 @@ through the installed ``launcher`` command."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 
@@ -61,3 +62,37 @@ def test_launcher_stacks_prints_every_live_rank_within_5s(tmp_path):
         proc.communicate(timeout=60)
     r = run_cli("stacks", str(tmp_path / "runs" / "tiny"), timeout=30)
     assert r.returncode == 1 and "no rank of" in r.stderr, r.stderr  # the job has ended: said, no wait
+
+
+def pause_here() -> None:
+    time.sleep(7)  # the line the early warning must name
+
+
+def pauses_in_rank_one(job) -> str:
+    """Entry point: rank 1 pauses 7 s in :func:`pause_here` after step 3, then both go on and finish."""
+    import torch
+    import torch.distributed as tdist
+
+    import launcher
+
+    for step in range(1, 7):
+        tdist.all_reduce(torch.ones(1))
+        launcher.note_step(step)
+        if step == 3 and launcher.get_rank() == 1:
+            pause_here()
+        time.sleep(0.2)
+    return "done"
+
+
+def test_a_rank_without_a_step_for_a_while_gets_its_stack_printed_once_and_the_job_goes_on(tmp_path):
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}",
+                "entry=tests.test_stacks:pauses_in_rank_one", "distributed.stall_warning_s=2",
+                "distributed.timeout_s=30", "data.num_workers=0")
+    assert r.returncode == 0, r.stderr
+    line = pause_here.__code__.co_firstlineno + 1
+    assert r.stderr.count("made no step for") == 1, r.stderr
+    # the step said is the last one its heartbeat (written at most once a second) shows: 1 to 3 here
+    said = r"\[launcher\] rank 1 made no step for \d+ s \(last step [123]\); the job goes on"
+    assert re.search(said, r.stderr), r.stderr
+    assert f"It is at {__file__}:{line} in pause_here" in r.stderr, r.stderr
+    assert "rank(s) 0 wait for it in a collective" in r.stderr, r.stderr

@@ -144,6 +144,10 @@ def spawn(
         agent.roster = machines.Roster(meet.host_ip, meet.port, rdzv.run_id, meet.local_addr)
         disarm = machines.watchdog(agent.ranks_gone, functools.partial(_wait_bound, agent, spec),
                                    agent.roster.lost, cleanup)
+    watch = None
+    if agent.stacks_dir is not None:  # a rank without a step for a while: its stack, once, the job untouched
+        watch = stacks.watch_for_stalls(heartbeats, agent.stacks_dir, agent.local_pids, spec.stall_warning_s,
+                                        spec.timeout_s, lambda: agent.resumed_at)
     # The agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs.
     environ = dict(os.environ)
     restore = _install_signal_handlers(agent)
@@ -188,6 +192,8 @@ def spawn(
             agent.roster.stop()
         if disarm is not None:
             disarm.set()
+        if watch is not None:
+            watch.set()
         agent.remove_error_files()
         shutil.rmtree(heartbeats, ignore_errors=True)
     return dict(sorted(result.return_values.items()))
@@ -249,8 +255,13 @@ class _Agent(LocalElasticAgent):
         self.global_ranks: list[int] = []  # of this attempt's ranks, in local rank order
         self.roster: machines.Roster | None = None
         self.suspended_s = 0.0  # the longest Ctrl-Z so far
+        self.resumed_at = 0.0  # time.time() of the last `fg` after a Ctrl-Z
         self.stacks_dir: Path | None = None  # where the ranks dump their stacks (launcher.rank.stacks)
         self.stack_sizes: dict[int, int] = {}  # each rank's dump file before the failure's request
+
+    def local_pids(self) -> dict[int, int]:
+        """``{global rank: pid}`` of this attempt's ranks on this machine."""
+        return dict(zip(self.global_ranks, self.current_pids))
 
     def ranks_gone(self) -> bool:
         """This attempt's ranks have all ended (for the watchdog of a multi-machine run)."""
@@ -381,6 +392,7 @@ def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
         os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell's `fg` or `bg` sent SIGCONT
         _signal_groups(groups, signal.SIGCONT)
         agent.suspended_s = max(agent.suspended_s, time.monotonic() - stopped)
+        agent.resumed_at = time.time()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)

@@ -6,12 +6,16 @@ collective timed out, to show where the rank that stopped making progress is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import statistics
 import sys
 import sysconfig
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..spec import STACKS_SIGNAL as SIGNAL
@@ -132,3 +136,94 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def main_thread(dump: str) -> str:
+    """The main thread's block of a faulthandler dump ("Current thread ..."), else the whole dump."""
+    blocks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", dump.strip())
+    return next((b for b in blocks if b.startswith("Current thread")), dump.strip())
+
+
+#: Early warning with no bound given: this many step times without a step, at least MIN_WARN_S seconds.
+WARN_STEPS = 20
+MIN_WARN_S = 30.0
+
+
+def warning_bound(given: float | None, timeout_s: float, step_s: float | None) -> float:
+    """Seconds without a step after which a rank's stack is printed: ``given``, else :data:`WARN_STEPS` step
+    times (at least :data:`MIN_WARN_S`), never later than half of ``timeout_s``; 0: never."""
+    if given is not None:
+        return min(given, timeout_s / 2) if given > 0 else 0.0
+    derived = max(MIN_WARN_S, WARN_STEPS * step_s) if step_s else timeout_s / 2
+    return min(derived, timeout_s / 2)
+
+
+def watch_for_stalls(heartbeats: Path, stacks: Path, pids: Callable[[], dict[int, int]], given: float | None,
+                     timeout_s: float, quiet_until: Callable[[], float]) -> threading.Event:
+    """A thread of the launcher that prints, once per stall, the stack of a rank that made no step for
+    :func:`warning_bound` seconds (the job goes on; its peers' collectives fail only at ``timeout_s``).
+    ``pids()``: ``{global rank: pid}`` of this machine's ranks now; ``quiet_until()``: a ``time.time()``
+    before which nothing is said (the job was suspended by Ctrl-Z until then). Set the event to stop it."""
+    done = threading.Event()
+
+    def run() -> None:
+        first: dict[int, tuple[int, float]] = {}
+        warned: dict[int, int] = {}  # rank -> the step it was warned about
+        while not done.wait(1.0):
+            with contextlib.suppress(Exception):  # a warning is a help: never a reason to stop the launcher
+                beats = _beats(heartbeats)
+                for rank, beat in beats.items():
+                    first.setdefault(rank, beat)
+                rates = [(b[1] - first[r][1]) / (b[0] - first[r][0])
+                         for r, b in beats.items() if b[0] > first[r][0]]
+                bound = warning_bound(given, timeout_s, statistics.median(rates) if rates else None)
+                now = time.time()
+                if bound <= 0 or now < quiet_until() + bound:
+                    continue
+                stale = {r: b for r, b in beats.items() if now - b[1] > bound and warned.get(r) != b[0]}
+                live = pids()
+                stale = {r: b for r, b in stale.items() if r in live}
+                if not stale or done.is_set():
+                    continue
+                warned.update({r: b[0] for r, b in stale.items()})
+                _warn(stale, read_new(stacks, request(stacks, {r: live[r] for r in stale}), wait_s=2.0), now,
+                      timeout_s)
+
+    threading.Thread(target=run, name="launcher-stall-watch", daemon=True).start()
+    return done
+
+
+def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int, str], now: float, timeout_s: float) -> None:
+    """Say where the stale ranks are. Ranks waiting in a collective for a peer stop stepping too: the ranks
+    that are not (the ones holding the others back) are shown, all of them when every one waits."""
+    waiting = {r for r, d in dumps.items() if _in_collective(d)}
+    shown = [r for r in sorted(stale) if r not in waiting] or sorted(stale)
+    for rank in shown:
+        step, at = stale[rank]
+        dump = dumps.get(rank, "")
+        place = f" It is at {where(dump)}:\n{main_thread(dump)}" if dump else " It wrote no stacks."
+        print(f"[launcher] rank {rank} made no step for {now - at:.0f} s (last step {step}); the job goes "
+              f"on, and its peers' collectives time out after distributed.timeout_s ({timeout_s:g} s)."
+              f"{place}", file=sys.stderr, flush=True)
+    if waiting and len(shown) < len(stale):
+        print(f"[launcher] rank(s) {', '.join(map(str, sorted(waiting)))} wait for it in a collective",
+              file=sys.stderr, flush=True)
+
+
+def _in_collective(dump: str) -> bool:
+    """The main thread's innermost frame is torch.distributed's (a collective waiting for a peer)."""
+    frames = [m for line in main_thread(dump).splitlines() if (m := _FRAME.match(line))]
+    return bool(frames) and f"torch{os.sep}distributed" in frames[0]["file"]
+
+
+def _beats(heartbeats: Path) -> dict[int, tuple[int, float]]:
+    """``{rank: (last step, time)}`` of the ranks still at work (those that wrote ``ended-rankN`` are not)."""
+    ended = {p.name[len("ended-rank"):] for p in heartbeats.glob("ended-rank*")}
+    out = {}
+    for p in heartbeats.glob("rank*"):
+        if p.name[4:] in ended:
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            words = p.read_text().split()
+            out[int(p.name[4:])] = (int(words[0]), float(words[1]))
+    return out
