@@ -118,7 +118,7 @@ def test_on_a_second_machine_the_stall_report_names_global_ranks(tmp_path):
         ranks[1].send_signal(signal.SIGSTOP)
         time.sleep(0.2)
         agent = _Agent.__new__(_Agent)  # the state _note_states reads, without an elastic agent around it
-        agent.states_at_failure, agent.global_ranks = {}, [2, 3]
+        agent.states_at_failure, agent.global_ranks, agent.stacks_dir = {}, [2, 3], None
         agent._note_states([p.pid for p in ranks])
         assert set(agent.states_at_failure) == {2, 3} and agent.states_at_failure[2] == "S"
         assert ranks[1].wait(timeout=5) == -signal.SIGKILL  # a stopped rank is killed at once
