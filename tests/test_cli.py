@@ -38,8 +38,8 @@ def test_the_tiny_job_runs_on_two_ranks_shows_progress_and_run_again_says_so(run
     again = run_cli("run", "jobs/tiny.yaml", f"output_dir={run_root}", "args.max_steps=20")
     assert again.returncode == 0, again.stderr
     assert "already finished: resumed at step 20" in again.stdout and "'loss': None" in again.stderr
-    # run ids sort by start time: the second run's logs come last
-    runs = sorted(p.name for p in (run_root / "tiny" / "logs").iterdir() if p.name[:8].isdigit())  # not stacks/
+    # run ids sort by start time: the second run's logs come last (stacks/ beside them is not a run)
+    runs = sorted(p.name for p in (run_root / "tiny" / "logs").iterdir() if p.name[:8].isdigit())
     assert len(runs) == 2 and runs[0] < runs[1] and runs[0][:8].isdigit()
 
 
