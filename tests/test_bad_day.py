@@ -313,3 +313,26 @@ def test_under_ci_a_cluster_that_cannot_start_fails_instead_of_skipping(monkeypa
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         cluster_cannot_run("no root")
+
+
+def test_a_stop_landing_in_torchs_metrics_wrapper_stays_a_stop(monkeypatch):
+    """torch elastic's ``prof`` wrapper reads ``start`` in a ``finally``: a SignalException raised before
+    ``start`` is set became an UnboundLocalError (a stopped job exited 1 with a traceback)."""
+    import signal as signals
+
+    from torch.distributed.elastic.metrics import api
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    from launcher.launching.local import stop_behind
+
+    def stopped() -> float:
+        raise SignalException("launcher got SIGINT", sigval=signals.SIGINT)
+
+    import types
+
+    # the signal lands on the wrapper's first line (the module's own `time`, not the process-wide one)
+    monkeypatch.setattr(api, "time", types.SimpleNamespace(time=stopped))
+    with pytest.raises(UnboundLocalError) as e:
+        api.prof(lambda: None)()
+    assert isinstance(stop_behind(e.value), SignalException)  # the trap is still there, and handled
+    assert stop_behind(UnboundLocalError("mine")).args == ("mine",)

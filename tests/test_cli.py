@@ -200,7 +200,10 @@ def _kill_the_launcher_once(run_root, group: bool, workers: int) -> tuple[float,
 
 
 def _last_step(run_root) -> str:
-    return max((p.name for p in (run_root / "tiny" / "checkpoints").glob("step_*.pt")), default="")
+    """The newest complete checkpoint (its manifest written: a kill during a save leaves a .pt without it,
+    which a rerun rightly refuses)."""
+    done = (run_root / "tiny" / "checkpoints").glob("step_*.json")
+    return max((p.with_suffix(".pt").name for p in done), default="")
 
 
 def test_ctrl_c_after_the_job_finished_keeps_its_exit_code(run_root):

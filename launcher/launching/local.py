@@ -158,6 +158,8 @@ def spawn(
         with _quiet_elastic_logs():
             try:
                 result = agent.run()
+            except UnboundLocalError as e:
+                raise stop_behind(e) from None
             except RendezvousError as e:  # the machine hosting the store is gone (or unreachable)
                 why = agent.roster.lost() if agent.roster else ""
                 raise LaunchError(f"the rendezvous at {rdzv.endpoint} failed: {why or e}") from None
@@ -321,6 +323,16 @@ class _Agent(LocalElasticAgent):
             self.roster.publish(worker_group.group_rank, worker_group.group_world_size,
                                 [w.global_rank for w in worker_group.workers])
         return pids
+
+
+def stop_behind(error: UnboundLocalError) -> BaseException:
+    """The stop an ``UnboundLocalError`` replaced, else the error itself.
+
+    Our SIGINT/SIGTERM handler raises SignalException wherever the main thread is; landing in torch elastic's
+    metrics wrapper (``metrics/api.py``, ``prof``) before its ``start = time.time()``, the wrapper's
+    ``finally`` replaced the stop with an UnboundLocalError: exit 1 and a traceback instead of 130 (seen once
+    in a loaded make test)."""
+    return error.__context__ if isinstance(error.__context__, SignalException) else error
 
 
 def _where_stalled(agent: _Agent, stalled: str) -> str:
