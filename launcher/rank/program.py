@@ -262,8 +262,10 @@ def _run_script(spec: RankSpec, environment: env_mod.ClusterEnvironment) -> Any:
     name = spec.script or spec.module or ""
     sys.argv = [name, *spec.argv]
     _script_group_defaults(spec)
+    _graceful_sigterm(spec.stop_grace_s)  # a script may use the launcher's Checkpointer too
     try:
-        with _reported(environment.rank(), counts_steps=False):  # scripts do not report their steps
+        # scripts do not report their steps
+        with _reported(environment.rank(), counts_steps=False, grace_s=spec.stop_grace_s):
             if spec.script is not None:
                 script = os.path.abspath(spec.script)  # __file__ is absolute, as under python and torchrun
                 sys.path.insert(0, os.path.dirname(script))  # as `python script.py`
