@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, killable_env, launcher_cmd
+from .conftest import ROOT, killable_env, launcher_cmd, torchrun_finished
 
 SCRIPTS = ROOT / "tests" / "scripts"
 
@@ -73,7 +73,7 @@ def test_atexit_handlers_run_after_the_threads_as_under_torchrun(tmp_path, end):
         out.mkdir()
         if end == "normal":
             r = _run([*argv, str(out)], tmp_path)
-            assert r.returncode == 0, r.stderr
+            assert r.returncode == 0 or (name == "torchrun" and torchrun_finished(r)), r.stderr
         else:
             proc, _, err = _stopped([*argv, str(out), "wait"], tmp_path, "rank 0 trained")
             assert proc.returncode in (130, 1), err  # torchrun's own exit code on SIGINT is 1
@@ -135,7 +135,7 @@ def test_loops_written_for_accelerate_and_fabric_run_unchanged(tmp_path, script)
     ours = _run(launcher_cmd("run", "--nproc-per-node", "2", "--log-line-prefix-template", "", path),
                 tmp_path)
     theirs = _run(torchrun_cmd("--nproc-per-node", "2", path), tmp_path)
-    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr[-3000:] + theirs.stderr[-3000:]
+    assert ours.returncode == 0 and torchrun_finished(theirs), ours.stderr[-3000:] + theirs.stderr[-3000:]
     result = [line for line in ours.stdout.splitlines() if line.startswith("RESULT")]
     assert result == [line for line in theirs.stdout.splitlines() if line.startswith("RESULT")], ours.stdout
     assert result[0].startswith("RESULT processes=2 loss="), result

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT, launcher_cmd
+from .conftest import ROOT, launcher_cmd, torchrun_finished
 
 SCRIPT = ROOT / "examples" / "ddp_tutorial.py"
 
@@ -38,7 +38,7 @@ def test_the_script_runs_unchanged_and_trains_as_under_torchrun(tmp_path):
     plain = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(SCRIPT), "3", "1"],
                            cwd=plain_dir, capture_output=True, text=True, timeout=300, check=False,
                            env=_env(tmp_path))  # torchrun's own log folders land in the test's folder
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert torchrun_finished(plain), plain.stderr[-3000:]
     ours = subprocess.run(launcher_cmd("run", "--nproc-per-node", "2", str(SCRIPT), "3", "1"), cwd=ours_dir,
                           capture_output=True, text=True, timeout=300, check=False, env=_env(tmp_path))
     assert ours.returncode == 0, ours.stderr[-3000:]
