@@ -19,7 +19,7 @@ from .conftest import ROOT, launcher_cmd, run_cli, wait_until
 from .test_cli import start_long_job
 
 #: Seconds the slowed checkpoint writer of :func:`slow_writes` takes per checkpoint.
-SLOW_WRITE_S = 3.0
+SLOW_WRITE_S = 2.5
 
 
 def slow_writes(job, args: examples.tiny.TinyArgs):

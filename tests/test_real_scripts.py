@@ -66,8 +66,9 @@ def test_the_first_error_is_the_one_reported_while_dataloader_workers_run(tmp_pa
 def test_atexit_handlers_run_after_the_threads_as_under_torchrun(tmp_path, end):
     """A script closing its logging run in an atexit handler: under ``launcher run`` the handler never ran."""
     script = str(SCRIPTS / "exit_handlers.py")
-    runs = {"ours": launcher_cmd("run", "--nproc-per-node", "2", script),
-            "torchrun": torchrun_cmd("--nproc-per-node", "2", script)}
+    runs = {"ours": launcher_cmd("run", "--nproc-per-node", "2", script)}
+    if end == "normal":  # beside torchrun once: its Ctrl-C exit differs anyway
+        runs["torchrun"] = torchrun_cmd("--nproc-per-node", "2", script)
     for name, argv in runs.items():
         out = tmp_path / name
         out.mkdir()
