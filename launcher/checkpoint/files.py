@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .. import internals, regularfile
+from .. import internals, processes, regularfile
 
 FORMAT = "launcher-checkpoint/1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -283,19 +283,10 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     removed = []
     for p in directory.glob(".*.tmp") if directory.is_dir() else []:
         pid = p.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not processes.alive(int(pid)):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..processes import alive as pid_alive
 from ..spec import STACKS_SIGNAL as SIGNAL
 
 #: Longest wait for the dumps; a rank that has not written by then is named as such.
@@ -112,7 +113,7 @@ def cmd_stacks(run_dir: Path) -> int:
               "directory of a running job (output_dir/name)", file=sys.stderr)
         return 2
     here = socket.gethostname()
-    local = {r: pid for r, (pid, host) in ranks.items() if host == here and _alive(pid)}
+    local = {r: pid for r, (pid, host) in ranks.items() if host == here and pid_alive(pid)}
     elsewhere = {r: host for r, (_, host) in ranks.items() if host != here}
     if not local and not elsewhere:
         print(f"launcher: no rank of {run_dir} is running", file=sys.stderr)
@@ -126,15 +127,6 @@ def cmd_stacks(run_dir: Path) -> int:
         print(f"== rank {rank} runs on {host}: run `launcher stacks {run_dir}` there (under SLURM: "
               f"srun --overlap --jobid JOBID -w {host} launcher stacks {run_dir})")
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
