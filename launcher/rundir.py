@@ -68,7 +68,7 @@ def check_usable(run_dir: Path, source: str = "", key: str = "output_dir") -> No
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        what = key if existing != run_dir else "the run directory" if key == "output_dir" else key
+        what = "the run directory" if existing == run_dir and key == "output_dir" else key
         raise UsageError(f"{where}{what}: {existing} is a file, not a folder\n{hint}, or remove the file")
     # access() answers EROFS for a read-only mount even to root, which permission bits do not stop: a
     # read-only checkpoint folder was otherwise found at the first save, hours in.

@@ -94,9 +94,7 @@ _NOT_USER = tuple({_PATHS["stdlib"], _PATHS["purelib"], _PATHS["platlib"], str(P
 def where(dump: str) -> str:
     """The innermost frame of the user's code in the main thread's stack of a faulthandler dump
     (``file:line in function``), else its innermost frame; "" when there is none."""
-    blocks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", dump.strip())
-    main = next((b for b in blocks if b.startswith("Current thread")), blocks[-1] if blocks else "")
-    frames = [m for line in main.splitlines() if (m := _FRAME.match(line))]
+    frames = _main_frames(dump)
     user = [m for m in frames if not os.path.realpath(m["file"]).startswith(_NOT_USER)]
     if not frames:
         return ""
@@ -204,8 +202,13 @@ def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int, str], now: float
 
 def _in_collective(dump: str) -> bool:
     """The main thread's innermost frame is torch.distributed's (a collective waiting for a peer)."""
-    frames = [m for line in main_thread(dump).splitlines() if (m := _FRAME.match(line))]
+    frames = _main_frames(dump)
     return bool(frames) and f"torch{os.sep}distributed" in frames[0]["file"]
+
+
+def _main_frames(dump: str) -> list[re.Match[str]]:
+    """The frames of the main thread's block of a dump, innermost first."""
+    return [m for line in main_thread(dump).splitlines() if (m := _FRAME.match(line))]
 
 
 def _beats(heartbeats: Path) -> dict[int, tuple[int, float]]:
