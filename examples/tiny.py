@@ -99,9 +99,8 @@ def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
         else:
             state.epoch += 1
     ckpt.finish(state)
-    # the weights' checksum, bit for bit: the same on every rank (DDP), and after a resume as without one
-    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
-                                      for p in launcher.unwrap(model).state_dict().values()))
+    # the weights' checksum, bit for bit: the same on every rank, and after a resume as without one
+    weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in launcher.full_state_dict(model).values()))
     return {"rank": launcher.get_rank(), "world_size": launcher.get_world_size(), "step": state.step,
             "epoch": state.epoch, "loss": loss.item(), "weights": weights.hexdigest()[:16],
             "device": str(device), "backend": tdist.get_backend() if tdist.is_initialized() else None}

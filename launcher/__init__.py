@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .dist import is_main_process as is_main_process
     from .dist import log as log
     from .dist import note_step as note_step
+    from .fsdp import full_state_dict as full_state_dict
     from .launching.api import launch as launch
     from .rng import seed_everything as seed_everything
     from .syncbn import SyncBatchNorm as SyncBatchNorm
@@ -64,6 +65,7 @@ _LAZY = {
     **dict.fromkeys(["CheckpointError", "Checkpointer", "TrainState", "load_checkpoint"], "checkpoint"),
     **dict.fromkeys(["ShardedIterableDataset", "make_loader"], "data"),
     "seed_everything": "rng",
+    "full_state_dict": "fsdp",
     "launch": "launching.api",
     **dict.fromkeys(["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"], "syncbn"),
     **dict.fromkeys(["accumulate", "unwrap", "wrap_for_job", "wrap_model"], "wrap"),
@@ -89,6 +91,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "convert_sync_batchnorm",
+    "full_state_dict",
     "get_device",
     "get_local_rank",
     "get_rank",

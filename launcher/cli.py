@@ -47,6 +47,7 @@ def cmd_run(job: config_mod.Job) -> int:
     survive_closed_pipes()  # `launcher run ... | head`: the ranks' server keeps the plain streams
     entry_mod.check_entry(job)
     _check_resumable(job)
+    _check_strategy(job)
 
     spec = RankSpec.for_job(job)
     d = job.distributed
@@ -148,6 +149,18 @@ launcher run [options] -m pkg.train [args]      a module, as python -m / torchru
 RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")
 
 
+def _check_strategy(job: config_mod.Job) -> None:
+    """FSDP settings that would fail at the first step on this machine are refused before it starts."""
+    d = job.distributed
+    if d.strategy == "fsdp" and job.script is None:
+        import torch
+
+        from . import dist, fsdp
+
+        cuda = torch.cuda.is_available()
+        fsdp.check(d.fsdp, dist.resolve_backend(d.backend, d.nproc_per_node), cuda, job.source)
+
+
 def _run_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``launcher run``, torchrun's spellings accepted (dashes or underscores)."""
     def add(*names: str, **kw: Any) -> None:
@@ -198,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     stacks = sub.add_parser("stacks", help="print every live rank's Python stacks (a job on this machine)",
                             description="print every live rank's Python stacks, all threads, within 5 s")
     stacks.add_argument("run_dir", help="the job's run directory (output_dir/name)")
+    merge = sub.add_parser("consolidate", help="write one file from a checkpoint (sharded or full)",
+                           description="write one file from a checkpoint, offline, in this process")
+    merge.add_argument("checkpoint", help="a checkpoint (step_N.dcp, step_N.pt) or a checkpoint folder")
+    merge.add_argument("out", help="the file to write (torch.load(weights_only=True) reads it)")
     for name, text in (
         ("config", "print the resolved job file"),
         ("submit", "submit the job to SLURM through submitit"),
@@ -224,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             extra = [a for a in rest if a.startswith("-")]
             later.rest = [a for a in rest if not a.startswith("-")]
             args = later
-    elif args.command != "stacks":
+    elif args.command not in ("stacks", "consolidate"):
         args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
         extra = [a for a in extra if "=" not in a or a.startswith("-")]
     if extra:
@@ -306,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             from .launching.stacks import cmd_stacks
 
             return cmd_stacks(Path(args.run_dir))
+        if args.command == "consolidate":
+            from .tools.consolidate import cmd_consolidate
+
+            return cmd_consolidate(Path(args.checkpoint), Path(args.out))
         job = config_mod.load(args.job, args.overrides)
         if args.command == "config":
             return cmd_config(job)

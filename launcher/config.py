@@ -42,6 +42,28 @@ def above(low: float, **metadata: Any) -> dict[str, Any]:
 
 
 @dataclass
+class FsdpConfig:
+    """FSDP2 settings (``distributed.strategy: fsdp``): torch's ``fully_shard`` options."""
+
+    shard_classes: list[str] = field(default_factory=list, metadata=EXACT)
+    """Class names of the modules sharded as one unit (the repeated block: ``TransformerBlock``); empty:
+    each child of the model that holds parameters. The model itself is always the last unit."""
+    reshard_after_forward: bool = True
+    """Free each unit's gathered parameters after its forward (gathered again for backward): less memory,
+    more communication."""
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata=EXACT)
+    """Compute forward and backward with parameters in this dtype (mixed precision); null: their own."""
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata=EXACT)
+    """Reduce gradients in this dtype; null: ``param_dtype``'s."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in host memory (GPU jobs)."""
+    offload_pin_memory: bool = True
+    """Pin the offloaded memory (faster copies; needs CUDA)."""
+    gradient_divide_factor: float | None = field(default=None, metadata=above(0, **EXACT))
+    """Divide summed gradients by this instead of the world size (NCCL only: Gloo lacks PREMUL_SUM)."""
+
+
+@dataclass
 class DistributedConfig:
     """How the ranks are started and talk to each other."""
 
@@ -63,6 +85,11 @@ class DistributedConfig:
     ``${local_rank}``, ``${role_name}``, ``${hostname}``); empty: none, for output a program reads."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: NCCL when every rank has its own CUDA device, Gloo otherwise."""
+    strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata=EXACT)
+    """``ddp``: every rank holds the whole model (DistributedDataParallel); ``fsdp``: parameters, gradients
+    and optimizer state are sharded over the ranks (FSDP2, ``distributed.fsdp``), checkpoints too."""
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    """FSDP2 settings, used when ``strategy`` is ``fsdp``."""
     sync_batchnorm: bool = True
     """Convert BatchNorm layers to :class:`launcher.SyncBatchNorm` when wrapping the model."""
     timeout_s: float = field(default=120.0, metadata=above(0))
@@ -86,7 +113,6 @@ class DistributedConfig:
     """Ranks keep the host memory CPU tensors free instead of returning it to the OS at every free (glibc
     ``mallopt``, see :mod:`launcher.hostmem`): no page faults on every activation of a CPU step, at the cost
     of resident memory staying near its peak."""
-
 
     def __post_init__(self) -> None:
         _, hi = self.node_range()
@@ -162,6 +188,9 @@ class CheckpointConfig:
     """``auto``: newest valid checkpoint in ``dir`` else a fresh start; ``never``; or a checkpoint path."""
     async_save: bool = True
     """Write files in a background thread; the step loop only pays for a copy to CPU memory."""
+    format: Literal["auto", "full", "sharded"] = field(default="auto", metadata=IGNORED)
+    """``full``: one file written by rank 0; ``sharded``: a folder where every rank writes its own part
+    (torch.distributed.checkpoint), loadable at any world size; ``auto``: sharded under FSDP, else full."""
     allow_changes: bool = field(default=False, metadata=IGNORED)
     """Resume even when world size, DataLoader workers or batch size changed: a sharded dataset's epoch goes
     on with exactly the samples not yet yielded, split over the new ranks and workers; ranks that existed take
@@ -257,6 +286,12 @@ class Job:
                 "HINT: set entry: examples.tiny:main (a module importable from the working directory), or "
                 "script: train.py to run a torchrun script"
             )
+
+        if self.distributed.strategy == "fsdp" and self.checkpoint.format == "full":
+            raise ConfigError(
+                "checkpoint.format: full needs the whole model on one rank, which distributed.strategy: fsdp "
+                "avoids\nHINT: checkpoint.format=sharded (or auto); `launcher consolidate CHECKPOINT OUT.pt` "
+                "writes one file from it")
 
     @property
     def run_dir(self) -> Path:

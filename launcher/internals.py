@@ -54,12 +54,14 @@ REQUIRED = [
     ("atexit", "_run_exitfuncs"),
     ("threading", "_shutdown"),
     ("multiprocessing.resource_tracker", "_CLEANUP_FUNCS"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"), ("torch.serialization", "_get_layout"),
 ]
+DCP_METADATA_PRIVATE = REQUIRED[-3:]  #: private names in a DCP ``.metadata`` pickle (checkpoint/sharded.py)
 
-#: torch modules a rank imports on first use that its fork server imports once instead. ``torch._dynamo``:
-#: every ``torch.optim.Optimizer`` imports it when it adds its first parameter group (``add_param_group``
-#: carries ``torch._disable_dynamo``, which imports it at its first call), compiling or not: over a second of
-#: CPU in every rank of every start.
+#: torch modules a rank imports on first use that its fork server imports once instead. ``torch._dynamo``: an
+#: optimizer imports it at its first parameter group (``add_param_group`` carries ``torch._disable_dynamo``),
+#: compiling or not: over a second of CPU in every rank of every start.
 LAZY_TORCH_MODULES = ["torch._dynamo"]
 
 
@@ -83,9 +85,8 @@ def forkserver_forget() -> None:
 
 
 def forkserver_kill() -> None:
-    """SIGKILL this process's fork server and reap it, then forget it as :meth:`ForkServer._stop` would
-    (``_forkserver._forkserver_pid`` / ``_forkserver_alive_fd`` / ``_forkserver_address``): the next use
-    starts a new one."""
+    """SIGKILL this process's fork server, reap it, forget it as ``ForkServer._stop`` would: the next use
+    starts a new one (``_forkserver._forkserver_pid`` / ``_forkserver_alive_fd`` / ``_forkserver_address``)"""
     import os
     import signal
 
@@ -210,10 +211,10 @@ _TRACKERS: set[int] = set()  # resource trackers started by start_resource_track
 
 
 def remove_tempdir_with_tracker() -> None:
-    """Have the resource tracker remove this process's ``pymp-*`` folder (made now if missing) once the whole
-    job is gone: a normal exit removes it, a SIGKILL does not, and the tracker outlives every process of the
-    job. Only with a tracker that :func:`start_resource_tracker_alone` started (``_resource_tracker._pid``;
-    others know no "folder" kind); a path the tracker's protocol cannot carry (a ':') is left out."""
+    """Have the resource tracker remove this process's ``pymp-*`` folder (made now if missing) once the job is
+    gone (a SIGKILL does not remove it; the tracker outlives the job). Only with a tracker that
+    :func:`start_resource_tracker_alone` started (``_resource_tracker._pid``; others know no "folder" kind);
+    a path the tracker's protocol cannot carry (a ':') is left out."""
     from multiprocessing import resource_tracker, util
 
     if resource_tracker._resource_tracker._pid not in _TRACKERS:  # type: ignore[attr-defined]

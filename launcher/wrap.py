@@ -1,4 +1,5 @@
-"""Model wrapping: move to the rank's device, convert BatchNorm to SyncBatchNorm, wrap in DDP; and back."""
+"""Model wrapping: move to the rank's device, convert BatchNorm to SyncBatchNorm, wrap in DDP or shard with
+FSDP2 (:mod:`launcher.fsdp`); and back."""
 
 from __future__ import annotations
 
@@ -66,8 +67,13 @@ def _buffers_all_synced(model: nn.Module, group: Any) -> bool:
 
 
 def wrap_for_job(model: nn.Module, job: Any) -> nn.Module:
-    """:func:`wrap_model` with the options of ``job.distributed``."""
+    """:func:`wrap_model` with the options of ``job.distributed``; with ``strategy: fsdp``, the model is
+    sharded instead (:func:`launcher.fsdp.shard`; a model built on the meta device is materialized)."""
     d = job.distributed
+    if d.strategy == "fsdp":
+        from . import fsdp
+
+        return fsdp.shard(model, d.fsdp, sync_batchnorm=d.sync_batchnorm)
     return wrap_model(
         model,
         sync_batchnorm=d.sync_batchnorm,
@@ -77,7 +83,8 @@ def wrap_for_job(model: nn.Module, job: Any) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (or the model itself)."""
+    """The plain module inside DDP (or the model itself: FSDP2 shards a module in place; its
+    ``state_dict()`` holds this rank's shards, :func:`launcher.full_state_dict` the whole)."""
     return model.module if isinstance(model, DDP) else model
 
 
@@ -85,10 +92,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 def accumulate(model: nn.Module, sync: bool) -> Iterator[None]:
     """Gradient accumulation: ``with accumulate(model, sync=is_last_micro_batch): loss.backward()``.
 
-    Skips DDP's gradient all-reduce (``no_sync``) on all but the last micro-batch of an optimizer step.
+    Skips DDP's gradient all-reduce (``no_sync``), or FSDP's reduce-scatter, on all but the last
+    micro-batch of an optimizer step.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     if isinstance(model, DDP) and not sync:
         with model.no_sync():
             yield
+    elif isinstance(model, FSDPModule) and not sync:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
     else:
         yield

@@ -21,7 +21,7 @@ import torch
 from .. import dist
 from ..rank import stop
 from ..rng import get_rng_state, set_rng_state
-from . import compat
+from . import compat, sharded, states
 from .files import (
     FORMAT,
     CheckpointError,
@@ -86,7 +86,7 @@ class Checkpointer:
         ``every_steps``, storing ``job``; ``kwargs`` as for the constructor (``per_rank``, ``model=``...)."""
         c = job.checkpoint
         return cls(job.checkpoint_dir, keep_last=c.keep_last, async_save=c.async_save,
-                   every_steps=c.every_steps, job=job, **kwargs)
+                   every_steps=c.every_steps, job=job, format=c.format, **kwargs)
 
     def __init__(
         self,
@@ -98,6 +98,7 @@ class Checkpointer:
         job: Any = None,
         per_rank: dict[str, Any] | None = None,
         best_mode: str = "max",
+        format: str = "auto",
         **objects: Any,
     ) -> None:
         from ..wrap import unwrap
@@ -110,6 +111,16 @@ class Checkpointer:
         self.per_rank = dict(per_rank or {})
         self.objects = {k: (unwrap(v) if k == "model" else v) for k, v in objects.items()}
         self.best_mode = best_mode
+        if format not in ("auto", "full", "sharded"):
+            raise ValueError(f"format: expected auto, full or sharded, got {format!r}")
+        fsdp = any(states.is_fsdp(o) for o in self.objects.values())
+        if fsdp and format == "full":
+            raise CheckpointError("format='full' needs the whole model on one rank, which FSDP avoids\nHINT: "
+                                  "format='sharded'; `launcher consolidate` writes one file from it")
+        #: One folder written by every rank (torch.distributed.checkpoint), instead of one file by rank 0.
+        self.sharded = format == "sharded" or (format == "auto" and fsdp)
+        self._group = sharded.writer_group(job) if self.sharded else None
+        self._saves = 0  # sharded saves so far: the same count on every rank
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         # Both threads start here, before the training loop forks DataLoader workers (see fsync_thread).
         self._pool.submit(int).result()
@@ -172,23 +183,12 @@ class Checkpointer:
         mine = {"rng": get_rng_state()}
         if per_rank:
             mine.update({k: v.state_dict() for k, v in self.per_rank.items()})
+        if self.sharded:
+            return self._save_sharded(state, metric, mine, is_best)
         ranks = dist.all_gather_object(mine)
         path = self.directory / f"step_{state.step:08d}.pt"
         if dist.is_main_process():
-            payload = {
-                "format": FORMAT,
-                "step": state.step,
-                "epoch": state.epoch,
-                "best_metric": state.best_metric,
-                "metric": metric,
-                "world_size": dist.get_world_size(),
-                "ranks": ranks,
-                "job": compat.job_dict(self.job),
-                "hyperparameters": self._hyper,
-                "versions": {"torch": str(torch.__version__), "python": platform.python_version(),
-                             "launcher": _launcher_version()},
-                "time": time.time(),
-            }
+            payload = {**self._header(state, metric), "ranks": ranks}
             payload.update({k: v.state_dict() for k, v in self.objects.items()})
             self.wait()  # at most one write in flight, and it has let go of the staging buffers
             payload = self._stage(payload)
@@ -201,6 +201,64 @@ class Checkpointer:
         self._last_counters = (state.step, state.epoch)
         return path
 
+    def _header(self, state: TrainState, metric: float | None) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "step": state.step,
+            "epoch": state.epoch,
+            "best_metric": state.best_metric,
+            "metric": metric,
+            "world_size": dist.get_world_size(),
+            "job": compat.job_dict(self.job),
+            "hyperparameters": self._hyper,
+            "versions": {"torch": str(torch.__version__), "python": platform.python_version(),
+                         "launcher": _launcher_version()},
+            "time": time.time(),
+        }
+
+    def _save_sharded(self, state: TrainState, metric: float | None, mine: dict[str, Any],
+                      is_best: bool) -> Path:
+        """Every rank writes its shards, its RNG and data position (see :mod:`.sharded`)."""
+        kinds = states.kinds(self.objects)
+        rest, tensors = sharded.split(states.state_dicts(self.objects, kinds))
+        header = None
+        if dist.is_main_process():
+            header = {**self._header(state, metric),
+                      "objects": {k: {"kind": kinds[k], "rest": rest[k]} for k in self.objects}}
+        path = self.directory / f"step_{state.step:08d}{sharded.SUFFIX}"
+        self._saves += 1
+        self.wait()
+        staged = self._stage(tensors)
+        if self.async_save:
+            self._pending_path = path
+            self._pending = self._pool.submit(self._write_sharded, path, staged, header, mine, is_best,
+                                              self._saves)
+        else:
+            self._write_sharded(path, staged, header, mine, is_best, self._saves)
+        self.last_saved = path
+        self._last_counters = (state.step, state.epoch)
+        return path
+
+    def _write_sharded(self, path: Path, tensors: dict[str, Any], header: dict[str, Any] | None,
+                       mine: dict[str, Any], is_best: bool, seq: int) -> Path:
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _log(f"[launcher] {self.directory} was removed while the job ran: made again")
+        manifest = sharded.write(path, tensors, header, mine, self._group, seq)
+        if manifest is not None:
+            assert header is not None
+            manifest.update(step=header["step"], epoch=header["epoch"], metric=header["metric"])
+            self._finish_write(path, manifest, is_best)
+        return path
+
+    def _finish_write(self, path: Path, manifest: dict[str, Any], is_best: bool) -> None:
+        """The manifest last: a checkpoint without one was never finished."""
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(manifest).encode())
+        atomic_write_bytes(self.directory / "latest", path.name.encode())
+        if is_best:
+            atomic_write_bytes(self.directory / "best", path.name.encode())
+        self._prune(path)
+
     def _write(self, path: Path, payload: dict[str, Any], is_best: bool) -> Path:
         # The run directory may have been removed under the job (rm -rf by mistake): the job goes on and its
         # next checkpoint lands, instead of failing at the save (or at finish(), losing the whole run).
@@ -210,11 +268,7 @@ class Checkpointer:
         digest = atomic_write_bytes(path, obj=payload)
         manifest = {"file": path.name, "crc32": digest, "bytes": path.stat().st_size, "step": payload["step"],
                     "epoch": payload["epoch"], "metric": payload["metric"]}
-        atomic_write_bytes(path.with_suffix(".json"), json.dumps(manifest).encode())
-        atomic_write_bytes(self.directory / "latest", path.name.encode())
-        if is_best:
-            atomic_write_bytes(self.directory / "best", path.name.encode())
-        self._prune(path)
+        self._finish_write(path, manifest, is_best)
         return path
 
     def _prune(self, written: Path) -> None:
@@ -225,7 +279,10 @@ class Checkpointer:
             if p.name != best and p != written:
                 # The manifest first: never a manifest without its file.
                 p.with_suffix(".json").unlink(missing_ok=True)
-                p.unlink(missing_ok=True)
+                if p.is_dir():
+                    sharded.remove(p)
+                else:
+                    p.unlink(missing_ok=True)
 
     def finish_write_in_flight(self, deadline: float, say: Any = print) -> None:
         """Wait until ``deadline`` (``time.monotonic()``) for the background write, saying so; its error
@@ -312,12 +369,17 @@ class Checkpointer:
             return TrainState()
         path, data = found
         restore_data = compat.check_compatible(self.job, path, data, _log)
-        for k, obj in self.objects.items():
-            if k not in data:
-                raise CheckpointError(
-                    f"{path}: has no '{k}' state\nHINT: register the same objects as when saving"
-                )
-            obj.load_state_dict(data[k])
+        missing = [k for k in self.objects if k not in (data["objects"] if data.get("sharded") else data)]
+        if missing:
+            raise CheckpointError(f"{path}: has no '{missing[0]}' state\nHINT: register the same objects as "
+                                  "when saving")
+        if data.get("sharded"):
+            self._load_sharded(path, data)
+        elif any(states.is_fsdp(o) for o in self.objects.values()):
+            states.load_full_into_fsdp(self.objects, data)
+        else:
+            for k, obj in self.objects.items():
+                obj.load_state_dict(data[k])
         compat.apply_changed_hyperparameters(self._hyper, self.objects, data.get("hyperparameters") or {},
                                              _log)
         rank = dist.get_rank()
@@ -340,6 +402,10 @@ class Checkpointer:
         self.last_saved, self._last_counters = path, (state.step, state.epoch)
         _log(f"[launcher] resumed from {path} (step {state.step}, epoch {state.epoch})")
         return state
+
+    def _load_sharded(self, path: Path, data: dict[str, Any]) -> None:
+        states.load_sharded(self.objects, path, data, self._group)
+
 
 def _launcher_version() -> str:
     from .. import __version__

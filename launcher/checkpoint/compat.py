@@ -44,6 +44,12 @@ def check_compatible(job: Any, path: Path, data: dict[str, Any], log: Any = prin
     """
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a launcher checkpoint (format {data.get('format')!r})")
+    import torch
+
+    written_by = (data.get("versions") or {}).get("torch")
+    if written_by and written_by != str(torch.__version__):
+        log(f"[launcher] warning: {path.name} was written by torch {written_by}, this run has "
+            f"{torch.__version__}: the state loads; numerics and sharded layouts may differ from that run")
     saved, now = data.get("job") or {}, job_dict(job) or {}
     # An ``args`` key absent on one side means its default, which the entry's dataclass says: the change
     # list shows that value, not None.

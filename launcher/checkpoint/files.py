@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import sys
 import threading
 import zlib
@@ -36,7 +37,7 @@ import torch
 from .. import internals, processes, regularfile
 
 FORMAT = "launcher-checkpoint/1"
-_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")  # .dcp: a sharded checkpoint's folder (see .sharded)
 
 
 class CheckpointError(RuntimeError):
@@ -179,6 +180,11 @@ def verify(path: Path) -> dict[str, Any]:
         manifest = json.loads(regularfile.read_text(manifest_path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: no readable manifest ({e})") from None
+    if isinstance(manifest, dict) and path.suffix == ".dcp":
+        from . import sharded
+
+        sharded.verify(path, manifest)
+        return manifest
     if not isinstance(manifest, dict) or not isinstance(manifest.get("crc32"), str) \
             or not isinstance(manifest.get("bytes"), int):
         raise CheckpointError(f"{path}: the manifest is not a launcher manifest (corrupt)")
@@ -198,6 +204,10 @@ def load_file(path: str | os.PathLike[str], verify_checksum: bool = True) -> dic
     path = Path(path)
     if verify_checksum and path.with_suffix(".json").exists():
         verify(path)
+    if path.suffix == ".dcp" and path.is_dir():
+        from . import sharded
+
+        return sharded.read(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for unsafe or broken pickles
@@ -273,21 +283,27 @@ def move_aside(path: Path, reason: str) -> Path:
     folder.mkdir(exist_ok=True)
     for p in (path, path.with_suffix(".json")):
         if p.exists():
+            if p.is_dir() and (folder / p.name).exists():
+                shutil.rmtree(folder / p.name)  # refused before: the newer refusal replaces it
             os.replace(p, folder / p.name)
     (folder / f"{path.stem}.why.txt").write_text(reason + "\n")
     return folder / path.name
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Temp files of saves whose process is gone (a save killed half-way): ``.NAME.PID.tmp``."""
+    """Temp files of saves whose process is gone (a save killed half-way): ``.NAME.PID.tmp``; and the temp
+    folders of sharded saves (``.step_N.dcp.SEQ.tmp``: called when a job starts, holding the folder's
+    lock)."""
     removed = []
     for p in directory.glob(".*.tmp") if directory.is_dir() else []:
         pid = p.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not processes.alive(int(pid)):
+        if ".dcp." in p.name and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif pid.isdigit() and not processes.alive(int(pid)):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-    return True
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -296,9 +312,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     No launcher object is needed and no pickled code runs. Raises CheckpointError when nothing valid exists.
     """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and p.suffix != ".dcp":
         found = find_latest(p, log=lambda msg: print(msg, file=sys.stderr))
         if found is None:
             raise CheckpointError(f"{p}: no valid checkpoint in this directory")
-        return found[1]
-    return load_file(p)
+        p, data = found
+    else:
+        data = load_file(p)
+    if data.get("sharded"):
+        from .states import consolidate
+
+        return consolidate(p)
+    return data

@@ -21,6 +21,20 @@ class Staging:
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __call__(self, obj: Any, key: tuple[Any, ...] = ()) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(obj, DTensor):
+            buf: Any  # an FSDP shard: its local part is copied, the DTensor kept around it
+            if not self.copy:
+                return obj.detach()
+            buf = self._buffers.get(key)
+            local = obj.to_local()
+            if buf is None or buf.shape != obj.shape or buf.to_local().shape != local.shape \
+                    or buf.dtype != obj.dtype:
+                buf = self._buffers[key] = obj.detach().to("cpu", copy=True)
+            else:
+                buf.to_local().copy_(local)
+            return buf
         if isinstance(obj, torch.Tensor):
             t = obj.detach()
             if not self.copy:
