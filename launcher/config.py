@@ -60,7 +60,8 @@ class FsdpConfig:
     offload_pin_memory: bool = True
     """Pin the offloaded memory (faster copies; needs CUDA)."""
     gradient_divide_factor: float | None = field(default=None, metadata=above(0, **EXACT))
-    """Divide summed gradients by this instead of the world size (NCCL only: Gloo lacks PREMUL_SUM)."""
+    """Divide summed gradients by this instead of the world size (on Gloo, which lacks the PREMUL_SUM
+    reduction torch uses for it, gradients are summed and divided apart)."""
 
 
 @dataclass

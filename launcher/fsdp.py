@@ -20,13 +20,9 @@ from .typed import ConfigError
 
 
 def check(cfg: Any, backend: str, cuda: bool, source: str = "") -> None:
-    """Refuse the settings of ``distributed.fsdp`` that cannot work with ``backend`` on this machine."""
+    """Refuse the settings of ``distributed.fsdp`` that cannot work with ``backend`` on this machine (no
+    combination depends on the backend today: a divide factor on Gloo is made to work, see :func:`shard`)."""
     where = f"{source}: " if source else ""
-    if cfg.gradient_divide_factor is not None and backend == "gloo":
-        raise ConfigError(
-            f"{where}distributed.fsdp.gradient_divide_factor: FSDP divides by a custom factor with the "
-            "PREMUL_SUM reduction, which Gloo does not have (the first backward would fail)\nHINT: drop it "
-            "(gradients are averaged over the ranks), or run with NCCL on GPUs")
     if cfg.cpu_offload and cfg.offload_pin_memory and not cuda:
         raise ConfigError(
             f"{where}distributed.fsdp.offload_pin_memory: pinned memory needs CUDA, and this machine has none"
@@ -92,7 +88,13 @@ def shard(model: nn.Module, cfg: Any, *, sync_batchnorm: bool = True) -> nn.Modu
             fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     if cfg.gradient_divide_factor is not None:
-        model.set_gradient_divide_factor(cfg.gradient_divide_factor)  # type: ignore[operator]
+        gloo = _backend() == "gloo"
+        for m in model.modules():  # torch sets each unit's own factor (not its submodules')
+            if is_fsdp(m):
+                m.set_gradient_divide_factor(cfg.gradient_divide_factor)  # type: ignore[operator]
+                # a factor other than the world size reduces with PREMUL_SUM, which Gloo lacks (the first
+                # backward failed): sum, and divide apart
+                m.set_force_sum_reduction_for_comms(gloo)  # type: ignore[operator]
     if on_meta:
         materialize(model, device)
     return model

@@ -70,12 +70,16 @@ def flatten(d, prefix=""):
 
 
 def test_bit_exact_resume_after_sigkill(tmp_path):
+    """Killed and resumed under FSDP (sharded checkpoints every 5 steps, written in the background by every
+    rank) against DDP uninterrupted: the same model and optimizer, bit for bit (on CPU the two strategies
+    sum these gradients alike; tests/test_fsdp.py checks it for a run stopped by max_steps)."""
     common = ["jobs/tiny.yaml", "args.max_steps=36", "args.epochs=3", "checkpoint.every_steps=5"]
     # the uninterrupted reference runs beside the one killed (CPU results do not depend on the load)
     ref = subprocess.Popen(launcher_cmd("run", *common, f"output_dir={tmp_path / 'ref'}"), cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "killed"
     log = tmp_path / "killed.log"
+    common.append("distributed.strategy=fsdp")
     with open(log, "w") as sink:
         proc = subprocess.Popen(launcher_cmd("run", *common, f"output_dir={out}", "args.step_sleep=0.15"),
                                 cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,

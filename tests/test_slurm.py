@@ -353,6 +353,7 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
             "args.epochs=100",
             "args.step_sleep=0.2",
             "checkpoint.every_steps=10",
+            "distributed.strategy=fsdp",  # the sharded writer on the requeue path (DDP's: the next test)
             "--wait",
         ),
         cwd=ROOT,
@@ -372,7 +373,7 @@ def test_external_requeue_saves_at_the_step_boundary_and_resumes(job_env, run_ro
         proc.kill()
     assert proc.returncode == 0, out + err
     stopped = int(re.search(r"stop requested at step (\d+)", out).group(1))
-    resumed = int(re.search(r"resumed from .*step_(\d+)\.pt", out).group(1))
+    resumed = int(re.search(r"resumed from .*step_(\d+)\.dcp", out).group(1))
     assert 10 < stopped < 40 and resumed == stopped  # saved at the step boundary: nothing beyond it lost
     assert "'step': 40" in out
     # --wait returns once both ranks wrote their results; SLURM marks the job completed a moment later.
