@@ -54,7 +54,7 @@ def fsdp_facts():
     rank, world = launcher.get_rank(), launcher.get_world_size()
     torch.manual_seed(0)
     ref = build()
-    torch.manual_seed(0 if rank == 0 else 1234 + rank)  # other ranks build other weights: rank 0's win, as in DDP
+    torch.manual_seed(0 if rank == 0 else 1234 + rank)  # the others build other weights: rank 0 wins
     model = fsdp.shard(build(), FsdpConfig())
     start_equal = all(torch.equal(launcher.full_state_dict(model)[k], v) for k, v in ref.state_dict().items()
                       if k in dict(ref.named_parameters()))
@@ -153,8 +153,8 @@ def test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends(tmp_path):
     DDP: model and optimizer equal bit for bit, read back through load_checkpoint and the consolidate
     command. (On CPU, reduce-scatter then all-gather sums these gradients as DDP's all-reduce does.)"""
     common = ["jobs/tiny.yaml", "args.epochs=3", "checkpoint.every_steps=100"]
-    ref = subprocess.Popen(launcher_cmd("run", *common, "args.max_steps=40", f"output_dir={tmp_path / 'ddp'}"),
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    straight = launcher_cmd("run", *common, "args.max_steps=40", f"output_dir={tmp_path / 'ddp'}")
+    ref = subprocess.Popen(straight, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for max_steps in (7, 16, 40):
             r = run_cli("run", *common, "distributed.strategy=fsdp", f"args.max_steps={max_steps}",
@@ -257,7 +257,10 @@ class RunsCode:
         return (os.system, (f"touch {os.environ.get('TMPDIR', '/tmp')}/launcher-pwned",))
 
 
-@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "crafted .metadata", "crafted header"])
+DAMAGES = ["truncated shard", "missing shard", "crafted .metadata", "crafted header"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_or_crafted_sharded_checkpoint_is_refused(tmp_path, damage, capsys):
     from launcher.checkpoint import files
 
