@@ -52,7 +52,7 @@ def measure(folder: str, timing: bool) -> dict[str, Any]:
     from launcher.checkpoint import Checkpointer, TrainState
     from launcher.config import FsdpConfig
 
-    rank, world = launcher.get_rank(), launcher.get_world_size()
+    rank = launcher.get_rank()
     x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(rank))
     out: dict[str, Any] = {}
     for strategy in ("ddp", "fsdp"):

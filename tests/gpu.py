@@ -13,6 +13,9 @@ One line per check, PASS or FAIL with its numbers; exit 1 when any fails. Withou
   ``launcher.SyncBatchNorm`` uses on CUDA), on a one-rank NCCL group, fp32 and bf16;
 * pinned-loader: images/s of ResNet-18 fed by the sharded loader (4 workers, pinned memory, non-blocking
   copies) / the same loop fed from GPU memory;
+* fsdp-nccl: the tiny job under ``distributed.strategy: fsdp`` on NCCL, bf16 parameters and fp32 gradient
+  reduction: its loss within bf16's reach of the DDP run's; fp32 FSDP 6 + resume + 6 equal to 12 straight, bit
+  for bit (a sharded checkpoint staged from GPU memory);
 * bench-gpu: ``python -m benchmarks gpu`` (launcher vs plain torchrun script, ResNet-18, bf16).
 """
 
@@ -80,6 +83,27 @@ def nccl_tiny(tmp: Path) -> str:
     assert straight["backend"] == "nccl" and straight["device"] == "cuda:0", straight
     assert straight["weights"] == resumed["weights"], (straight, resumed)
     return f"NCCL, weights {straight['weights']} straight and resumed"
+
+
+@check("fsdp-nccl")
+def fsdp_nccl(tmp: Path) -> str:
+    common = ["jobs/tiny.yaml", "distributed.nproc_per_node=1", "args.deterministic=true",
+              "checkpoint.every_steps=6"]
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    ddp = _returned(_run("run", *common, "args.max_steps=12", f"output_dir={tmp}/ddp", env=env))
+    fsdp = [*common, "distributed.strategy=fsdp"]
+    mixed = _returned(_run("run", *fsdp, "args.max_steps=12", f"output_dir={tmp}/bf16",
+                           "distributed.fsdp.param_dtype=bfloat16", "distributed.fsdp.reduce_dtype=float32",
+                           env=env))
+    assert mixed["backend"] == "nccl" and mixed["device"] == "cuda:0", mixed
+    losses = float(ddp["loss"]), float(mixed["loss"])  # type: ignore[arg-type]
+    assert abs(losses[0] - losses[1]) < 0.05, (ddp, mixed)
+    straight = _returned(_run("run", *fsdp, "args.max_steps=12", f"output_dir={tmp}/a", env=env))
+    _run("run", *fsdp, "args.max_steps=6", f"output_dir={tmp}/b", env=env)
+    resumed = _returned(_run("run", *fsdp, "args.max_steps=12", f"output_dir={tmp}/b", env=env))
+    assert straight["weights"] == resumed["weights"], (straight, resumed)
+    return (f"loss DDP fp32 {losses[0]:.4f}, FSDP bf16/fp32 {losses[1]:.4f}; FSDP resumed = straight "
+            f"({straight['weights']})")
 
 
 @check("amp-classify")

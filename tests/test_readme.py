@@ -20,8 +20,8 @@ import pytest
 
 from .conftest import ROOT
 
-SECTIONS = ("## Quick tour", "## Coming from torchrun", "## Coming from accelerate / Fabric", "## Examples",
-            "### From a laptop to a cluster")
+SECTIONS = ("## Quick tour", "## Coming from torchrun", "## Coming from accelerate / Fabric",
+            "## DDP to FSDP: one key", "## Examples", "### From a laptop to a cluster")
 BIN = Path(sys.executable).parent
 TINY = ["args.max_steps=4"]
 CLASSIFY = ["args.max_steps=2", "args.epochs=1", "data.num_workers=0", "args.data_dir={data}"]
@@ -53,6 +53,10 @@ COMMANDS: dict[str, tuple[list[str] | None, str] | str] = {
         "tests/test_real_scripts.py::test_loops_written_for_accelerate_and_fabric_run_unchanged",
     "launcher run --nproc-per-node 2 examples/fabric_loop.py":
         "tests/test_real_scripts.py::test_loops_written_for_accelerate_and_fabric_run_unchanged",
+    "launcher run jobs/tiny.yaml distributed.strategy=fsdp": (TINY, "root"),
+    "launcher run jobs/classify.yaml distributed.strategy=fsdp": (CLASSIFY, "root"),
+    "launcher consolidate runs/tiny/checkpoints tiny.pt":
+        "tests/test_fsdp.py::test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends",
     "python -m launcher.tools.tarshards ~/data/cifar10 data/cifar10 --format cifar10": (None, "home"),
     "python -m launcher.tools.tarshards ~/data/flowers data/flowers --val-fraction 0.1": (None, "home"),
     "launcher run jobs/classify.yaml args.data_dir=data/cifar10": ([*CLASSIFY[:3]], "home"),
