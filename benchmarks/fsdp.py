@@ -130,6 +130,7 @@ def run() -> list[dict[str, object]]:
                            "(rank 0, medians of 4)"},
                 {"name": "step time FSDP / DDP on Gloo, W=2 (8 x 1024-wide Linear, batch 64)", "value": step,
                  "target": "reported", "ok": True,
-                 "detail": f"DDP {res[0]['ddp_step_s'] * 1e3:.0f} ms, FSDP {res[0]['fsdp_step_s'] * 1e3:.0f} ms"},
+                 "detail": f"DDP {res[0]['ddp_step_s'] * 1e3:.0f} ms, "
+                           f"FSDP {res[0]['fsdp_step_s'] * 1e3:.0f} ms"},
             ]
     return rows
