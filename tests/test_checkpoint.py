@@ -208,10 +208,12 @@ def test_one_checksum_per_file_and_torch_save_settings_left_as_they_were(tmp_pat
 
 
 @pytest.mark.parametrize("async_save", [True, False])
-def test_saves_start_no_threads(tmp_path, monkeypatch, async_save):
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_saves_start_no_threads(tmp_path, monkeypatch, async_save, fmt):
     # A thread starting while the training loop forks DataLoader workers can hang a worker (CPython 3.11):
-    # the Checkpointer starts its threads when created, and saves reuse them.
-    ck = Checkpointer(tmp_path, keep_last=2, async_save=async_save, model=Box())
+    # the Checkpointer starts its threads when created, and saves reuse them (torch.distributed.checkpoint's
+    # writer too: one writing thread, the caller's).
+    ck = Checkpointer(tmp_path, keep_last=2, async_save=async_save, format=fmt, model=Box())
     started = []
     original = threading.Thread.start
     monkeypatch.setattr(

@@ -44,7 +44,42 @@ def _trap(fn):
     return None
 
 
-def fsdp_facts():
+def _async_save_keeps_the_moment(model, folder):
+    """An async sharded save writes the shards as they were when it was called, training going on in place
+    while the write is held back (the shards are copied into reused staging buffers)."""
+    import time
+
+    from launcher.checkpoint import sharded
+
+    real = sharded._write
+
+    def held_back(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    sharded._write = held_back
+    try:
+        ck = Checkpointer(folder, async_save=True, model=model)
+        kept = []
+        for step in (1, 2):  # the second save copies into the first's buffers
+            expected = launcher.full_state_dict(model)
+            ck.save(TrainState(step=step))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.to_local().add_(1.0)
+            ck.wait()
+            launcher.barrier()
+            if launcher.get_rank() == 0:
+                saved = load_checkpoint(folder / f"step_{step:08d}.dcp")["model"]
+                kept.append(all(torch.equal(saved[k], v) for k, v in expected.items()))
+            launcher.barrier()
+        ck.close()
+        return all(kept)
+    finally:
+        sharded._write = real
+
+
+def fsdp_facts(folder):
     """On each rank: how FSDP compares with one process holding the whole batch, and torch's traps."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -109,15 +144,17 @@ def fsdp_facts():
         fully_shard(m, mesh=fsdp.mesh(), offload_policy=CPUOffloadPolicy())
         m(torch.randn(2, 4)).sum().backward()
 
-    return {"start_equal": start_equal, "grad_error": grad_error, "bytes_ratio": shard_bytes / full_bytes,
+    moment = _async_save_keeps_the_moment(model, folder)
+    return {"start_equal": start_equal, "moment": moment, "grad_error": grad_error, "bytes_ratio": shard_bytes / full_bytes,
             "meta_equal": meta_equal, "rng_kept": rng_kept, "mesh": fsdp.mesh().device_type,
             "premul_sum": _trap(divide_factor_on_gloo), "pinned": _trap(pinned_offload_without_cuda),
             "factor_error": factor_error,
             "type": type(model).__name__}
 
 
-def test_fsdp_on_gloo_computes_what_one_process_computes():
-    out = run_distributed(fsdp_facts, world_size=2, timeout_s=120)
+def test_fsdp_on_gloo_computes_what_one_process_computes(tmp_path):
+    out = run_distributed(fsdp_facts, tmp_path, world_size=2, timeout_s=120)
+    assert out[0]["moment"], "an async sharded save wrote shards changed after it was called"
     for rank, facts in out.items():
         assert facts["type"] == "FSDPSequential", facts
         assert facts["start_equal"], f"rank {rank} did not start from rank 0's weights"
