@@ -145,7 +145,8 @@ def fsdp_facts(folder):
         m(torch.randn(2, 4)).sum().backward()
 
     moment = _async_save_keeps_the_moment(model, folder)
-    return {"start_equal": start_equal, "moment": moment, "grad_error": grad_error, "bytes_ratio": shard_bytes / full_bytes,
+    return {"start_equal": start_equal, "moment": moment, "grad_error": grad_error,
+            "bytes_ratio": shard_bytes / full_bytes,
             "meta_equal": meta_equal, "rng_kept": rng_kept, "mesh": fsdp.mesh().device_type,
             "premul_sum": _trap(divide_factor_on_gloo), "pinned": _trap(pinned_offload_without_cuda),
             "factor_error": factor_error,
