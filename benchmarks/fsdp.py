@@ -100,10 +100,33 @@ def measure(folder: str, timing: bool) -> dict[str, Any]:
     return out
 
 
+def meta_peak(layers: int, width: int) -> float:
+    """A model built on the meta device, sharded and materialized: this rank's peak resident memory growth,
+    in bytes (``ru_maxrss``: the rank is fresh, so its high-water mark before is its baseline)."""
+    import resource
+
+    from launcher import fsdp
+    from launcher.config import FsdpConfig
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    fsdp.shard(model, FsdpConfig())
+    return float((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
 def run() -> list[dict[str, object]]:
     from launcher.testing import run_distributed
 
     rows: list[dict[str, object]] = []
+    layers, width = 16, 2048  # 256 MiB of fp32 parameters, 16 MiB per layer
+    model_bytes = layers * (width * width + width) * 4
+    peak = max(run_distributed(meta_peak, layers, width, world_size=2, timeout_s=600).values()) / model_bytes
+    goal = 0.5 + 1 / layers + 0.05  # its shards, one layer at full size, and slack for the allocator
+    rows.append({"name": "peak memory growth of a meta-device model materialized / the model's bytes, W=2",
+                 "value": peak, "target": f"<= {goal:.3f}", "ok": peak <= goal,
+                 "detail": f"{layers} x Linear({width}, {width}): {model_bytes / 2**20:.0f} MiB; "
+                           "ru_maxrss of each rank"})
     for world in (2, 4):
         with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as folder:
             res = run_distributed(measure, folder, world == 2, world_size=world, timeout_s=600)

@@ -153,6 +153,7 @@ def fsdp_facts(folder):
             "type": type(model).__name__}
 
 
+@pytest.mark.slow  # starts ranks or the launcher
 def test_fsdp_on_gloo_computes_what_one_process_computes(tmp_path):
     out = run_distributed(fsdp_facts, tmp_path, world_size=2, timeout_s=120)
     assert out[0]["moment"], "an async sharded save wrote shards changed after it was called"
@@ -172,6 +173,7 @@ def test_fsdp_on_gloo_computes_what_one_process_computes(tmp_path):
             assert facts["pinned"], "pinned CPU offload worked without CUDA: the refusal is no longer needed"
 
 
+@pytest.mark.slow  # starts the launcher
 @pytest.mark.parametrize("setting, named", [
     ("distributed.fsdp.cpu_offload=true", "distributed.fsdp.offload_pin_memory"),
     ("checkpoint.format=full", "checkpoint.format: full"),
@@ -186,6 +188,7 @@ def test_settings_that_fail_at_the_first_step_are_refused_before_the_start(tmp_p
     assert "starting" not in r.stderr and not (tmp_path / "tiny" / "logs").exists()
 
 
+@pytest.mark.slow  # starts ranks or the launcher
 def test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends(tmp_path):
     """max_steps 7, 16, 40 under FSDP (sharded checkpoints, every rank writing) against 40 straight under
     DDP: model and optimizer equal bit for bit, read back through load_checkpoint and the consolidate
@@ -217,6 +220,7 @@ def test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends(tmp_path):
     tiny.load_state_dict(torch.load(out, weights_only=True)["model"])
 
 
+@pytest.mark.slow  # starts ranks or the launcher
 def test_reshard_on_resume_and_switch_strategies(tmp_path):
     """DDP at 2 ranks -> FSDP at 3 -> FSDP at 1 -> DDP at 2: each resumes where the last stopped, the
     epoch going on with the samples not yet seen."""
@@ -375,6 +379,7 @@ print("left:", sorted(p for p in __import__("os").listdir(sys.argv[1])))
 """
 
 
+@pytest.mark.slow  # starts ranks or the launcher
 def test_a_full_disk_during_a_sharded_save_is_named_and_the_previous_checkpoint_stays(tmp_path):
     from .test_bad_day import _in_private_mount, _needs_private_mounts
 
