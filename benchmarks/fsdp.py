@@ -134,8 +134,8 @@ def run() -> list[dict[str, object]]:
     goal = 0.5 + 1 / layers + 1 / (2 * layers) + 0.01
     rows.append({"name": "peak live bytes materializing a meta-device model / the model's bytes, W=2",
                  "value": peak, "target": f"<= {goal:.3f}", "ok": peak <= goal,
-                 "detail": f"{layers} x Linear({width}, {width}): {model_bytes / 2**20:.0f} MiB; ru_maxrss of "
-                           "each rank, large blocks mapped one by one"})
+                 "detail": f"{layers} x Linear({width}, {width}): {model_bytes / 2**20:.0f} MiB; "
+                           "ru_maxrss of each rank, large blocks mapped one by one"})
     for world in (2, 4):
         with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as folder:
             res = run_distributed(measure, folder, world == 2, world_size=world, timeout_s=600)
