@@ -49,8 +49,7 @@ class FsdpConfig:
     """Class names of the modules sharded as one unit (the repeated block: ``TransformerBlock``); empty:
     each child of the model that holds parameters. The model itself is always the last unit."""
     reshard_after_forward: bool = True
-    """Free each unit's gathered parameters after its forward (gathered again for backward): less memory,
-    more communication."""
+    """Free each unit's gathered parameters after its forward (less memory, more communication)."""
     param_dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata=EXACT)
     """Compute forward and backward with parameters in this dtype (mixed precision); null: their own."""
     reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata=EXACT)
@@ -60,8 +59,7 @@ class FsdpConfig:
     offload_pin_memory: bool = True
     """Pin the offloaded memory (faster copies; needs CUDA)."""
     gradient_divide_factor: float | None = field(default=None, metadata=above(0, **EXACT))
-    """Divide summed gradients by this instead of the world size (on Gloo, which lacks the PREMUL_SUM
-    reduction torch uses for it, gradients are summed and divided apart)."""
+    """Divide summed gradients by this, not the world size (on Gloo, lacking PREMUL_SUM: sum, then divide)."""
 
 
 @dataclass
@@ -103,6 +101,8 @@ class DistributedConfig:
     stall_warning_s: float | None = field(default=None, metadata=at_least(0, **IGNORED))
     """Seconds without a step after which a rank's stack is printed once, the job untouched; null: 20 step
     times, at least 30 s; never later than half of ``timeout_s``; 0: never."""
+    progress_s: float = field(default=30.0, metadata=at_least(0, **IGNORED))
+    """Seconds between progress lines (samples/s, a straggler named), each in ``logs/perf.jsonl``; 0: off."""
     stop_grace_s: float = field(default=30.0, metadata=above(0, **IGNORED))
     """Seconds a rank gets after Ctrl-C or SIGTERM (its own cleanup, a checkpoint write in flight) before it
     is killed; torchrun's is 30 s too. A second Ctrl-C kills at once."""
@@ -289,10 +289,9 @@ class Job:
             )
 
         if self.distributed.strategy == "fsdp" and self.checkpoint.format == "full":
-            raise ConfigError(
-                "checkpoint.format: full needs the whole model on one rank, which distributed.strategy: fsdp "
-                "avoids\nHINT: checkpoint.format=sharded (or auto); `launcher consolidate CHECKPOINT OUT.pt` "
-                "writes one file from it")
+            raise ConfigError("checkpoint.format: full needs the whole model on one rank, which distributed."
+                              "strategy: fsdp avoids\nHINT: checkpoint.format=sharded (or auto); `launcher "
+                              "consolidate CHECKPOINT OUT.pt` writes one file from it")
 
     @property
     def run_dir(self) -> Path:

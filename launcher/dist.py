@@ -141,11 +141,30 @@ def note_step(step: int) -> None:
 #: Set by ``launcher run`` for the ranks it spawns: a folder where each rank leaves its last step and when.
 HEARTBEAT_ENV = "LAUNCHER_HEARTBEAT_DIR"
 _beat: dict[str, Any] = {"fd": None, "pid": None, "last": 0.0}
+#: Cumulated in this rank: seconds waiting for a batch (the launcher's loader), seconds with a gradient
+#: all-reduce in flight (DDP), samples the loader gave. The launcher turns them into figures per window.
+_waits: dict[str, float] = {"data": 0.0, "sync": 0.0, "samples": 0, "sync_end": 0.0}
+
+
+def note_data_wait(seconds: float, samples: int) -> None:
+    """The loader waited ``seconds`` for a batch of ``samples`` (not collective; a few additions)."""
+    _waits["data"] += seconds
+    _waits["samples"] += samples
+
+
+def note_sync(started: float, ended: float) -> None:
+    """A gradient all-reduce ran from ``started`` to ``ended`` (``time.perf_counter()``); overlapping ones
+    count once."""
+    begin = max(started, _waits["sync_end"])
+    if ended > begin:
+        _waits["sync"] += ended - begin
+    _waits["sync_end"] = max(_waits["sync_end"], ended)
 
 
 def _heartbeat(step: int) -> None:
-    """At most once a second: ``"STEP TIME"`` into this rank's heartbeat file (one ``pwrite``), so that the
-    launcher can tell, when a collective times out, which rank stopped making progress."""
+    """At most once a second: ``"STEP TIME DATA_S SYNC_S SAMPLES"`` into this rank's heartbeat file (one
+    ``pwrite``), so that the launcher can tell, when a collective times out, which rank stopped making
+    progress, and, while the job runs, how fast it goes and which rank holds the others back."""
     folder = os.environ.get(HEARTBEAT_ENV)
     now = time.time()
     if not folder or now - _beat["last"] < 1.0:
@@ -154,7 +173,9 @@ def _heartbeat(step: int) -> None:
         _beat.update(pid=os.getpid(), fd=os.open(os.path.join(folder, f"rank{get_rank()}"),
                                                   os.O_WRONLY | os.O_CREAT, 0o600))
     _beat["last"] = now
-    os.pwrite(_beat["fd"], f"{step} {now:.3f}".ljust(40).encode(), 0)
+    w = _waits
+    os.pwrite(_beat["fd"], f"{step} {now:.3f} {w['data']:.4f} {w['sync']:.4f} {w['samples']:.0f}".ljust(80)
+              .encode(), 0)
 
 
 def note_ended() -> None:

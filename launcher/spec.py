@@ -87,6 +87,8 @@ class RankSpec:
     """Set by the local spawner for ranks forked from its server; None in place (torchrun, srun)."""
     stall_warning_s: float | None = None
     """Seconds without a step before the launcher prints the rank's stack (see the job key)."""
+    progress_s: float = 0.0
+    """Seconds between the launcher's progress lines (see the job key); 0: none (``launcher.launch``)."""
     stacks_dir: str | None = None
     """Where the rank dumps its threads' stacks on request (:mod:`launcher.rank.stacks`); None: nowhere."""
     worker_server_imports: tuple[str, ...] | None = None
@@ -114,7 +116,7 @@ class RankSpec:
             "max_requeues": job.slurm.max_requeues, "keep_freed_memory": d.keep_freed_memory,
             "stop_grace_s": d.stop_grace_s,
             "stacks_dir": str((job.run_dir / "logs" / "stacks").absolute()),
-            "stall_warning_s": d.stall_warning_s,
+            "stall_warning_s": d.stall_warning_s, "progress_s": d.progress_s,
         }
         if job.script:
             is_module = job.script.startswith("-m ")

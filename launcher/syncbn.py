@@ -27,6 +27,7 @@ subclass ``torch.nn.SyncBatchNorm`` (DDP rejects that class on CPU); it has the 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from . import internals
+from .dist import note_sync
 
 _BatchNorm: Any = internals.batchnorm_base()
 
@@ -62,6 +64,7 @@ class _Gather:
     """
 
     def __init__(self, t: torch.Tensor, world: int, group: Any) -> None:
+        self.started = time.perf_counter()
         self.out = t.new_empty(world * t.numel())
         work = _all_gather_flat(self.out, t, group=group, async_op=True)
         assert work is not None  # async_op=True always returns a handle
@@ -70,6 +73,7 @@ class _Gather:
 
     def wait(self) -> torch.Tensor:
         self.work.wait()
+        note_sync(self.started, time.perf_counter())  # a slower peer shows as this rank's wait (straggler)
         return self.out.view(self.world, -1)
 
 

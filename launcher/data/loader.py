@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -117,7 +118,7 @@ def _watched_class(base: type) -> type:
 
         def __iter__(self) -> Any:
             if self.num_workers == 0:
-                return super().__iter__()
+                return _Explained(super().__iter__(), explain=False)
             try:
                 return _Explained(super().__iter__())  # starting the workers waits for them too
             except RuntimeError as e:
@@ -129,10 +130,12 @@ def _watched_class(base: type) -> type:
 
 
 class _Explained:
-    """A DataLoader iterator whose errors say which worker died and how, or how long the rank waited."""
+    """A DataLoader iterator whose errors say which worker died and how, or how long the rank waited; the
+    time each batch took to come is noted for the launcher's figures (``launcher.dist.note_data_wait``)."""
 
-    def __init__(self, it: Any) -> None:
+    def __init__(self, it: Any, explain: bool = True) -> None:
         self.it = it
+        self.explain = explain
 
     def __iter__(self) -> _Explained:
         return self
@@ -141,10 +144,22 @@ class _Explained:
         return getattr(self.it, name)
 
     def __next__(self) -> Any:
+        started = time.perf_counter()
         try:
-            return next(self.it)
+            batch = next(self.it)
         except RuntimeError as e:
+            if not self.explain:
+                raise
             raise RuntimeError(_explain(self.it, e)) from e
+        dist.note_data_wait(time.perf_counter() - started, _batch_size(batch))
+        return batch
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor."""
+    while isinstance(batch, (list, tuple, dict)) and batch:
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() else 0
 
 
 def _iterator_in(error: BaseException) -> Any:

@@ -41,7 +41,7 @@ from .. import internals, rundir
 from ..dist import HEARTBEAT_ENV
 from ..errors import LaunchError, RankFailure
 from ..spec import Process, RankSpec, rank_function
-from . import failures, machines, rankserver, stacks
+from . import failures, machines, perf, rankserver, stacks
 
 #: Most ranks started from the fork server: torch's process context sends every rank the result queues of
 #: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many
@@ -144,10 +144,10 @@ def spawn(
         agent.roster = machines.Roster(meet.host_ip, meet.port, rdzv.run_id, meet.local_addr)
         disarm = machines.watchdog(agent.ranks_gone, functools.partial(_wait_bound, agent, spec),
                                    agent.roster.lost, cleanup)
-    watch = None
+    watch = perf.watch(heartbeats, log_dir, spec.progress_s)  # a progress line, perf.jsonl, a straggler named
     if agent.stacks_dir is not None:  # a rank without a step for a while: its stack, once, the job untouched
-        watch = stacks.watch_for_stalls(heartbeats, agent.stacks_dir, agent.local_pids, spec.stall_warning_s,
-                                        spec.timeout_s, lambda: agent.resumed_at)
+        stacks.watch_for_stalls(heartbeats, agent.stacks_dir, agent.local_pids, spec.stall_warning_s,
+                                spec.timeout_s, lambda: agent.resumed_at, watch)
     # The agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs.
     environ = dict(os.environ)
     restore = _install_signal_handlers(agent)
@@ -194,8 +194,7 @@ def spawn(
             agent.roster.stop()
         if disarm is not None:
             disarm.set()
-        if watch is not None:
-            watch.set()
+        watch.set()
         agent.remove_error_files()
         shutil.rmtree(heartbeats, ignore_errors=True)
     return dict(sorted(result.return_values.items()))

@@ -149,12 +149,14 @@ def warning_bound(given: float | None, timeout_s: float, step_s: float | None) -
 
 
 def watch_for_stalls(heartbeats: Path, stacks: Path, pids: Callable[[], dict[int, int]], given: float | None,
-                     timeout_s: float, quiet_until: Callable[[], float]) -> threading.Event:
+                     timeout_s: float, quiet_until: Callable[[], float],
+                     done: threading.Event | None = None) -> threading.Event:
     """A thread of the launcher that prints, once per stall, the stack of a rank that made no step for
     :func:`warning_bound` seconds (the job goes on; its peers' collectives fail only at ``timeout_s``).
     ``pids()``: ``{global rank: pid}`` of this machine's ranks now; ``quiet_until()``: a ``time.time()``
-    before which nothing is said (the job was suspended by Ctrl-Z until then). Set the event to stop it."""
-    done = threading.Event()
+    before which nothing is said (the job was suspended by Ctrl-Z until then). Set the event (``done``, or
+    a new one) to stop it."""
+    done = done or threading.Event()
 
     def run() -> None:
         first: dict[int, tuple[int, float]] = {}
@@ -213,12 +215,6 @@ def _main_frames(dump: str) -> list[re.Match[str]]:
 
 def _beats(heartbeats: Path) -> dict[int, tuple[int, float]]:
     """``{rank: (last step, time)}`` of the ranks still at work (those that wrote ``ended-rankN`` are not)."""
-    ended = {p.name[len("ended-rank"):] for p in heartbeats.glob("ended-rank*")}
-    out = {}
-    for p in heartbeats.glob("rank*"):
-        if p.name[4:] in ended:
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            words = p.read_text().split()
-            out[int(p.name[4:])] = (int(words[0]), float(words[1]))
-    return out
+    from .perf import read_beats
+
+    return {r: (b.step, b.time) for r, b in read_beats(heartbeats).items()}
