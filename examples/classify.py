@@ -9,7 +9,6 @@ resume, a progress line with throughput and ETA, metrics in ``metrics.jsonl`` an
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from torchvision.models.resnet import BasicBlock
 from tqdm import tqdm
 
 import launcher
-from launcher import EXACT, above, at_least
+from launcher import EXACT, above, at_least, curves
 from launcher.data.tar import DecodeImage, open_shards, read_tar
 
 from . import recipes
@@ -117,16 +116,16 @@ def sharded(root: Path, job: launcher.Job, args: ClassifyArgs,
 
 class Report:
     """What a step and an epoch report, in one place, on rank 0 only: tqdm on an interactive terminal (a line
-    every ``every`` steps otherwise), a row in ``metrics.jsonl`` every ``every`` steps and after each
-    validation, the same numbers in TensorBoard when it is installed, and the learning curves as a PNG."""
+    every ``every`` steps otherwise); through the launcher, a row in ``metrics.jsonl`` (and TensorBoard, when
+    installed) every ``every`` steps and after each validation (``launcher.log_metrics``), and the curves as
+    a PNG (what ``launcher curves RUN_DIR`` draws)."""
 
     def __init__(self, run_dir: Path, total: int, initial: int, every: int) -> None:
         self.on = launcher.is_main_process()
         self.tty = self.on and sys.stderr.isatty()
-        self.rows, self.curves = run_dir / "metrics.jsonl", run_dir / "curves.png"
+        self.run_dir = run_dir
         self.total, self.every, self.start, self.first = total, every, time.time(), initial
         self.bar = tqdm(total=total, initial=initial, unit="step", disable=not self.tty)
-        self.writer = _tensorboard(run_dir) if self.on else None
 
     def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
         """After optimizer step ``step`` (counted from 1) of ``epoch`` (0-based)."""
@@ -141,58 +140,23 @@ class Report:
             print(f"step {step}/{self.total} loss={loss:.3f} lr={lr:.3g} {rate:.1f} step/s eta {eta:.0f}s",
                   flush=True)
         if step % self.every == 0:
-            self._row({"kind": "train", "step": step, "epoch": epoch + 1, "loss": loss, "lr": lr})
+            launcher.log_metrics(step, kind="train", epoch=epoch + 1, loss=loss, lr=lr)
 
     def validation(self, step: int, epoch: int, loss: float, report: dict[str, Any], classes: list[str],
                    samples_per_s: float) -> None:
         """After the validation that ends ``epoch`` (0-based), or ends a run stopped inside it."""
         if not self.on:
             return
-        self._row({"kind": "val", "step": step, "epoch": epoch + 1, **report, "samples_per_s": samples_per_s})
+        launcher.log_metrics(step, kind="val", epoch=epoch + 1, **report, samples_per_s=samples_per_s)
         pr = zip(classes, report["precision"], report["recall"])
         rec = ", ".join(f"{c} {p:.2f}/{r:.2f}" for c, p, r in pr)
         print(f"epoch {epoch + 1} step {step}: loss {loss:.3f} val acc {report['accuracy']:.3f} "
               f"(precision/recall {rec}) {samples_per_s:.0f} samples/s", flush=True)
-        plot_curves(self.rows, self.curves)
-
-    def _row(self, row: dict[str, Any]) -> None:
-        with open(self.rows, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+        if (self.run_dir / "metrics.jsonl").exists():  # written through the launcher's run directory
+            curves.draw(self.run_dir)
 
     def close(self) -> None:
         self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def plot_curves(metrics_file: Path, out: Path) -> None:
-    """Loss, validation accuracy and learning rate against step, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    train = [r for r in rows if r["kind"] == "train"]
-    val = [r for r in rows if r["kind"] == "val"]
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    ax[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    ax[0].set_title("train loss")
-    ax[1].plot([r["step"] for r in val], [r["accuracy"] for r in val], marker="o")
-    ax[1].set_title("val accuracy")
-    ax[2].plot([r["step"] for r in train], [r["lr"] for r in train])
-    ax[2].set_title("learning rate")
-    for a in ax:
-        a.set_xlabel("step")
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(out)
 
 
 def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.device) -> dict[str, Any]:
@@ -284,10 +248,3 @@ def main(job: launcher.Job, args: ClassifyArgs) -> dict[str, Any]:
     return {"step": state.step, "epoch": state.epoch, "val_accuracy": report.get("accuracy"),
             "best_accuracy": state.best_metric}
 
-
-def _tensorboard(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .dist import note_step as note_step
     from .fsdp import full_state_dict as full_state_dict
     from .launching.api import launch as launch
+    from .metrics import log_metrics as log_metrics
     from .rng import seed_everything as seed_everything
     from .syncbn import SyncBatchNorm as SyncBatchNorm
     from .syncbn import convert_sync_batchnorm as convert_sync_batchnorm
@@ -66,6 +67,7 @@ _LAZY = {
     **dict.fromkeys(["ShardedIterableDataset", "make_loader"], "data"),
     "seed_everything": "rng",
     "full_state_dict": "fsdp",
+    "log_metrics": "metrics",
     "launch": "launching.api",
     **dict.fromkeys(["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"], "syncbn"),
     **dict.fromkeys(["accumulate", "unwrap", "wrap_for_job", "wrap_model"], "wrap"),
@@ -101,6 +103,7 @@ __all__ = [
     "load_checkpoint",
     "load_job",
     "log",
+    "log_metrics",
     "make_loader",
     "note_step",
     "revert_sync_batchnorm",

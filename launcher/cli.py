@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     stacks = sub.add_parser("stacks", help="print every live rank's Python stacks (a job on this machine)",
                             description="print every live rank's Python stacks, all threads, within 5 s")
     stacks.add_argument("run_dir", help="the job's run directory (output_dir/name)")
+    curves = sub.add_parser("curves", help="draw a run's curves (metrics.jsonl, perf.jsonl) to a PNG",
+                            description="draw a run's curves (metrics.jsonl, logs/perf.jsonl) to a PNG")
+    curves.add_argument("run_dir", help="the job's run directory (output_dir/name)")
+    curves.add_argument("-o", "--out", help="the PNG to write (default RUN_DIR/curves.png)")
     merge = sub.add_parser("consolidate", help="write one file from a checkpoint (sharded or full)",
                            description="write one file from a checkpoint, offline, in this process")
     merge.add_argument("checkpoint", help="a checkpoint (step_N.dcp, step_N.pt) or a checkpoint folder")
@@ -241,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             extra = [a for a in rest if a.startswith("-")]
             later.rest = [a for a in rest if not a.startswith("-")]
             args = later
-    elif args.command not in ("stacks", "consolidate"):
+    elif args.command not in ("stacks", "consolidate", "curves"):
         args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
         extra = [a for a in extra if "=" not in a or a.startswith("-")]
     if extra:
@@ -323,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             from .launching.stacks import cmd_stacks
 
             return cmd_stacks(Path(args.run_dir))
+        if args.command == "curves":
+            from .curves import cmd_curves
+
+            return cmd_curves(Path(args.run_dir), Path(args.out) if args.out else None)
         if args.command == "consolidate":
             from .tools.consolidate import cmd_consolidate
 

@@ -89,6 +89,8 @@ class RankSpec:
     """Seconds without a step before the launcher prints the rank's stack (see the job key)."""
     progress_s: float = 0.0
     """Seconds between the launcher's progress lines (see the job key); 0: none (``launcher.launch``)."""
+    run_dir: str | None = None
+    """The job's run directory (``launcher.log_metrics`` writes there); None: none (``launcher.launch``)."""
     stacks_dir: str | None = None
     """Where the rank dumps its threads' stacks on request (:mod:`launcher.rank.stacks`); None: nowhere."""
     worker_server_imports: tuple[str, ...] | None = None
@@ -116,6 +118,7 @@ class RankSpec:
             "max_requeues": job.slurm.max_requeues, "keep_freed_memory": d.keep_freed_memory,
             "stop_grace_s": d.stop_grace_s,
             "stacks_dir": str((job.run_dir / "logs" / "stacks").absolute()),
+            "run_dir": str(job.run_dir.absolute()),
             "stall_warning_s": d.stall_warning_s, "progress_s": d.progress_s,
         }
         if job.script:

@@ -62,7 +62,8 @@ def test_classify_writes_metrics_and_resumes_where_it_stopped(demo):
     expected = sum(EpochPlan(sizes, 2, 1, 32, seed=0, epoch=e, shuffle_buffer=64).batches_per_rank()
                    for e in range(epochs))
     assert max(r["step"] for r in rows) == expected > 0  # every batch of every epoch, across the resume
-    assert (run / "curves.png").stat().st_size > 1000
+    assert (run / "curves.png").stat().st_size > 1000  # drawn by launcher.curves, as `launcher curves` does
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # launcher.log_metrics' TensorBoard
     assert (run / "checkpoints" / "best").exists()
     # Epochs are numbered from 1 and match the steps: every row of epoch e sits at or before the end of epoch
     # e, after the end of epoch e - 1; the last validation is the last epoch's.

@@ -115,3 +115,29 @@ def test_a_balanced_job_names_nobody(tmp_path):
     _check_schema(windows)
     assert all(w["straggler"] is None for w in windows), [(w["straggler"], w["behind_s"]) for w in windows]
     assert "straggler" not in err
+    # the same figures in TensorBoard (installed with the dev extra), and drawn by `launcher curves`
+    assert list((tmp_path / "tiny" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    r = run_cli("curves", str(tmp_path / "tiny"))
+    assert r.returncode == 0 and "(1 curves)" in r.stderr, r.stderr
+    assert (tmp_path / "tiny" / "curves.png").stat().st_size > 1000
+
+
+def metrics_rows(folder):
+    """Each rank logs its rank as the loss, reduced by mean, and its own number unreduced."""
+    import launcher
+    from launcher import metrics
+
+    metrics.set_run_dir(folder)
+    launcher.log_metrics(1, kind="train", reduce="mean", loss=float(launcher.get_rank()), note="x")
+    launcher.log_metrics(2, mine=launcher.get_rank())
+    return launcher.get_rank()
+
+
+def test_log_metrics_writes_rank_0s_rows_reduced_on_request(tmp_path):
+    from launcher.testing import run_distributed
+
+    run_distributed(metrics_rows, tmp_path, world_size=2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("kind"), r.get("loss"), r.get("note"), r.get("mine")) for r in rows] == [
+        (1, "train", 0.5, "x", None), (2, None, None, None, 0)]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

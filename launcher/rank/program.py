@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from .. import config as config_mod
-from .. import dist, internals, rundir
+from .. import dist, internals, metrics, rundir
 from .. import entry as entry_mod
 from .. import env as env_mod
 from ..data import workerserver
@@ -105,6 +105,7 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
     :func:`launcher.rank.stop.uninstall`)."""
     environment = env_mod.detect()
     stacks.install(spec.stacks_dir, environment.rank())  # `launcher stacks`, and the report of a stall
+    metrics.set_run_dir(spec.run_dir)
     if spec.keep_freed_memory:
         hostmem.keep_freed_memory()
     if spec.runs_script:
