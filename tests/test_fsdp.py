@@ -190,14 +190,14 @@ def test_settings_that_fail_at_the_first_step_are_refused_before_the_start(tmp_p
 
 @pytest.mark.slow  # starts ranks or the launcher
 def test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends(tmp_path):
-    """max_steps 7, 16, 40 under FSDP (sharded checkpoints, every rank writing) against 40 straight under
+    """max_steps 7 then 40 under FSDP (sharded checkpoints, every rank writing) against 40 straight under
     DDP: model and optimizer equal bit for bit, read back through load_checkpoint and the consolidate
     command. (On CPU, reduce-scatter then all-gather sums these gradients as DDP's all-reduce does.)"""
     common = ["jobs/tiny.yaml", "args.epochs=3", "checkpoint.every_steps=100"]
     straight = launcher_cmd("run", *common, "args.max_steps=40", f"output_dir={tmp_path / 'ddp'}")
     ref = subprocess.Popen(straight, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for max_steps in (7, 16, 40):
+        for max_steps in (7, 40):  # mid-epoch, then on across two epoch ends
             r = run_cli("run", *common, "distributed.strategy=fsdp", f"args.max_steps={max_steps}",
                         f"output_dir={tmp_path / 'fsdp'}")
             assert r.returncode == 0, r.stderr
@@ -222,11 +222,11 @@ def test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends(tmp_path):
 
 @pytest.mark.slow  # starts ranks or the launcher
 def test_reshard_on_resume_and_switch_strategies(tmp_path):
-    """DDP at 2 ranks -> FSDP at 3 -> FSDP at 1 -> DDP at 2: each resumes where the last stopped, the
-    epoch going on with the samples not yet seen."""
+    """DDP at 2 ranks -> FSDP at 3 -> DDP at 1: each resumes where the last stopped (a full checkpoint into
+    sharded objects, a sharded one into plain ones), the epoch going on with the samples not yet seen."""
     base = ["jobs/tiny.yaml", f"output_dir={tmp_path}", "checkpoint.every_steps=100", "args.log_every=1",
             "checkpoint.allow_changes=true", "data.num_workers=1"]
-    steps = [("ddp", 2, 6), ("fsdp", 3, 10), ("fsdp", 1, 14), ("ddp", 2, 18)]
+    steps = [("ddp", 2, 6), ("fsdp", 3, 10), ("ddp", 1, 14)]
     for i, (strategy, ranks, max_steps) in enumerate(steps):
         r = run_cli("run", *base, f"distributed.strategy={strategy}", f"distributed.nproc_per_node={ranks}",
                     f"args.max_steps={max_steps}")

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,8 @@ COMMANDS: dict[str, tuple[list[str] | None, str] | str] = {
         "tests/test_real_scripts.py::test_loops_written_for_accelerate_and_fabric_run_unchanged",
     "launcher run --nproc-per-node 2 examples/fabric_loop.py":
         "tests/test_real_scripts.py::test_loops_written_for_accelerate_and_fabric_run_unchanged",
-    "launcher run jobs/tiny.yaml distributed.strategy=fsdp": (TINY, "root"),
+    "launcher run jobs/tiny.yaml distributed.strategy=fsdp":
+        "tests/test_fsdp.py::test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends",
     "launcher run jobs/classify.yaml distributed.strategy=fsdp": (CLASSIFY, "root"),
     "launcher consolidate runs/tiny/checkpoints tiny.pt":
         "tests/test_fsdp.py::test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends",
@@ -167,13 +169,16 @@ RUNNABLE = [c for c, how in COMMANDS.items() if not isinstance(how, str)]
 
 
 @pytest.mark.parametrize("command", RUNNABLE)
-def test_readme_command_runs_as_written(command, tmp_path, shapes, monkeypatch):
+def test_readme_command_runs_as_written(command, tmp_path, shapes, monkeypatch, request):
     if command.startswith("python -m launcher.tools.tarshards ~/data/cifar10"):
         pytest.importorskip("torchvision")
     overrides, where = COMMANDS[command]  # type: ignore[misc]
-    (tmp_path / "tmp").mkdir()  # torchrun's log folders, multiprocessing's sockets: in the test's folder
+    # torchrun's log folders, multiprocessing's sockets: in a folder of the test's own, with a short path (a
+    # socket's path has at most 107 bytes; pytest's folder names for this test grow with its index)
+    tmp = Path(tempfile.mkdtemp(prefix="rd-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-           "TMPDIR": str(tmp_path / "tmp")}
+           "TMPDIR": str(tmp)}
     cwd = ROOT
     if where == "home":
         cwd = env["HOME"] = str(_home(tmp_path))
