@@ -117,6 +117,55 @@ def test_the_slower_rank_is_named_with_its_cause_and_a_balanced_job_names_nobody
     assert (tmp_path / "tiny" / "curves.png").stat().st_size > 1000
 
 
+def collectives_in_steps(folder, steps):
+    """On each rank: the collectives of ``steps`` steps of a DDP model with BatchNorm fed by the launcher's
+    loader, with the heartbeat (and its figures) on: counted by name."""
+    import os
+    from collections import Counter
+
+    import torch.distributed as tdist
+
+    import launcher
+    from launcher import syncbn
+    from launcher.data import ShardedIterableDataset, make_loader
+
+    os.environ["LAUNCHER_HEARTBEAT_DIR"] = str(folder)
+    counts: Counter[str] = Counter()
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    names = ["all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce_scatter_tensor",
+             "all_gather_into_tensor", "broadcast_object_list", "gather_object", "monitored_barrier"]
+    for name in names:
+        setattr(tdist, name, counted(name, getattr(tdist, name)))
+    syncbn._all_gather_flat = counted("syncbn_gather", syncbn._all_gather_flat)
+    model = launcher.wrap_model(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                                    torch.nn.ReLU(), torch.nn.Linear(16, 2)))
+    ds = ShardedIterableDataset([(i, 8) for i in range(8)], examples.tiny.read_shard, sizes=[8] * 8,
+                                batch_size=4)
+    batches = iter(make_loader(ds))
+    counts.clear()  # what building the model and the loader did is not a step's
+    for step in range(1, steps + 1):
+        x, y = next(batches)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        launcher.note_step(step)  # the heartbeat with the waits and samples
+    return dict(counts)
+
+
+def test_the_figures_add_no_collective_to_a_step(tmp_path):
+    from launcher.testing import run_distributed
+
+    for rank, counts in run_distributed(collectives_in_steps, tmp_path, 3).items():
+        # per step: DDP's one gradient all-reduce (one bucket), SyncBatchNorm's gathers (forward, backward)
+        assert counts == {"all_reduce": 3, "syncbn_gather": 6}, (rank, counts)
+    beat = (tmp_path / "rank0").read_text().split()  # at most one a second: step, time, waits, samples
+    assert len(beat) == 5 and int(beat[4]) >= 4, beat
+
+
 def metrics_rows(folder):
     """Each rank logs its rank as the loss, reduced by mean, and its own number unreduced."""
     import launcher
