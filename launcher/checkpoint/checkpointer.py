@@ -73,6 +73,8 @@ class Checkpointer:
         every_steps: :meth:`step` saves every this many steps (0: never; save at epoch ends yourself).
         job: the resolved :class:`launcher.Job`, stored for resume checks (optional).
         per_rank: objects whose state differs per rank (the data loader), saved for every rank.
+        format: ``full`` (one file, rank 0), ``sharded`` (a folder every rank writes its part of, loadable at
+            any world size: :mod:`.sharded`), ``auto`` (sharded when the model is FSDP-sharded).
         **objects: objects with ``state_dict``/``load_state_dict`` (model, optimizer, scheduler, scaler...);
             a DDP model is unwrapped so the saved ``model`` is a plain state_dict.
 
