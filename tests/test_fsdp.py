@@ -222,11 +222,12 @@ def test_fsdp_resumes_bit_exactly_and_ends_where_ddp_ends(tmp_path):
 
 @pytest.mark.slow  # starts ranks or the launcher
 def test_reshard_on_resume_and_switch_strategies(tmp_path):
-    """DDP at 2 ranks -> FSDP at 3 -> DDP at 1: each resumes where the last stopped (a full checkpoint into
-    sharded objects, a sharded one into plain ones), the epoch going on with the samples not yet seen."""
+    """DDP at 2 ranks -> FSDP at 3 -> FSDP at 1 -> DDP at 2: each resumes where the last stopped (a full
+    checkpoint into sharded objects, a sharded one resharded, a sharded one into plain objects), the epoch
+    going on with the samples not yet seen."""
     base = ["jobs/tiny.yaml", f"output_dir={tmp_path}", "checkpoint.every_steps=100", "args.log_every=1",
             "checkpoint.allow_changes=true", "data.num_workers=1"]
-    steps = [("ddp", 2, 6), ("fsdp", 3, 10), ("ddp", 1, 14)]
+    steps = [("ddp", 2, 6), ("fsdp", 3, 10), ("fsdp", 1, 14), ("ddp", 2, 18)]
     for i, (strategy, ranks, max_steps) in enumerate(steps):
         r = run_cli("run", *base, f"distributed.strategy={strategy}", f"distributed.nproc_per_node={ranks}",
                     f"args.max_steps={max_steps}")
