@@ -15,7 +15,7 @@ import pytest
 
 import examples.tiny
 
-from .conftest import ROOT, launcher_cmd, run_cli, wait_until
+from .conftest import ROOT, killable_env, launcher_cmd, run_cli, wait_until
 from .test_cli import start_long_job
 
 #: Seconds the slowed checkpoint writer of :func:`slow_writes` takes per checkpoint.
@@ -43,10 +43,11 @@ def _needs_private_mounts():
         pytest.skip("needs root and unshare for a private tmpfs")
 
 
-def _in_private_mount(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _in_private_mount(script: str, *args: str, timeout: float = 120,
+                      env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``script`` (sh) in a mount namespace of its own: its tmpfs mounts vanish with it."""
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
 
 def test_two_jobs_sharing_a_checkpoint_folder_are_refused_while_one_runs(tmp_path):
@@ -106,7 +107,8 @@ def test_a_disk_that_cannot_be_written_is_refused_before_the_start(tmp_path, cas
         if case == "full disk under torchrun":  # the rank takes the run directory itself
             r = _in_private_mount(FULL.format(launcher=f"{Path(launcher_cmd()[0]).with_name('torchrun')} "
                                               "--standalone --nproc-per-node 1 -m launcher"),
-                                  str(tmp_path / "mnt"), "name=d")
+                                  str(tmp_path / "mnt"), "name=d",
+                                  env=killable_env(tmp_path))  # torchrun's log folder: not in /tmp
     assert r.returncode == 2 or (case.endswith("torchrun") and r.returncode == 1), r.stdout + r.stderr
     assert named in r.stderr and "HINT" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr or case.endswith("torchrun"), r.stderr  # torchrun prints its own
