@@ -70,12 +70,17 @@ def _reduced(values: dict[str, Any], how: str) -> dict[str, Any]:
     return {**values, **dict(zip(names, t.tolist()))}
 
 
+def summary_writer(folder: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` in ``folder`` when the ``tensorboard`` package is installed (an
+    optional extra); None otherwise."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
 def _board(folder: Path) -> Any:
     if _run["board"] is None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # an optional extra
-            _run["board"] = False
-        else:
-            _run["board"] = SummaryWriter(str(folder / "tensorboard"))
+        _run["board"] = summary_writer(folder / "tensorboard") or False
     return _run["board"] or None

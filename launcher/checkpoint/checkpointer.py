@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import shutil
 import time
 import weakref
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from .. import dist
+from ..fsdp import is_fsdp
 from ..rank import stop
 from ..rng import get_rng_state, set_rng_state
 from . import compat, sharded, states
@@ -115,7 +117,7 @@ class Checkpointer:
         self.best_mode = best_mode
         if format not in ("auto", "full", "sharded"):
             raise ValueError(f"format: expected auto, full or sharded, got {format!r}")
-        fsdp = any(states.is_fsdp(o) for o in self.objects.values())
+        fsdp = any(is_fsdp(o) for o in self.objects.values())
         if fsdp and format == "full":
             raise CheckpointError("format='full' needs the whole model on one rank, which FSDP avoids\nHINT: "
                                   "format='sharded'; `launcher consolidate` writes one file from it")
@@ -243,9 +245,7 @@ class Checkpointer:
 
     def _write_sharded(self, path: Path, tensors: dict[str, Any], header: dict[str, Any] | None,
                        mine: dict[str, Any], is_best: bool, seq: int) -> Path:
-        if not self.directory.is_dir():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            _log(f"[launcher] {self.directory} was removed while the job ran: made again")
+        self._make_directory_again()
         manifest = sharded.write(path, tensors, header, mine, self._group, seq)
         if manifest is not None:
             assert header is not None
@@ -261,12 +261,15 @@ class Checkpointer:
             atomic_write_bytes(self.directory / "best", path.name.encode())
         self._prune(path)
 
-    def _write(self, path: Path, payload: dict[str, Any], is_best: bool) -> Path:
+    def _make_directory_again(self) -> None:
         # The run directory may have been removed under the job (rm -rf by mistake): the job goes on and its
         # next checkpoint lands, instead of failing at the save (or at finish(), losing the whole run).
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
             _log(f"[launcher] {self.directory} was removed while the job ran: made again")
+
+    def _write(self, path: Path, payload: dict[str, Any], is_best: bool) -> Path:
+        self._make_directory_again()
         digest = atomic_write_bytes(path, obj=payload)
         manifest = {"file": path.name, "crc32": digest, "bytes": path.stat().st_size, "step": payload["step"],
                     "epoch": payload["epoch"], "metric": payload["metric"]}
@@ -282,7 +285,7 @@ class Checkpointer:
                 # The manifest first: never a manifest without its file.
                 p.with_suffix(".json").unlink(missing_ok=True)
                 if p.is_dir():
-                    sharded.remove(p)
+                    shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
 
@@ -376,8 +379,8 @@ class Checkpointer:
             raise CheckpointError(f"{path}: has no '{missing[0]}' state\nHINT: register the same objects as "
                                   "when saving")
         if data.get("sharded"):
-            self._load_sharded(path, data)
-        elif any(states.is_fsdp(o) for o in self.objects.values()):
+            states.load_sharded(self.objects, path, data, self._group)
+        elif any(is_fsdp(o) for o in self.objects.values()):
             states.load_full_into_fsdp(self.objects, data)
         else:
             for k, obj in self.objects.items():
@@ -404,9 +407,6 @@ class Checkpointer:
         self.last_saved, self._last_counters = path, (state.step, state.epoch)
         _log(f"[launcher] resumed from {path} (step {state.step}, epoch {state.epoch})")
         return state
-
-    def _load_sharded(self, path: Path, data: dict[str, Any]) -> None:
-        states.load_sharded(self.objects, path, data, self._group)
 
 
 def _launcher_version() -> str:

@@ -322,5 +322,5 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data.get("sharded"):
         from .states import consolidate
 
-        return consolidate(p)
+        return consolidate(p, data)
     return data

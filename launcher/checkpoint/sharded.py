@@ -104,7 +104,7 @@ def write(path: Path, tensors: dict[str, Any], header: dict[str, Any] | None, mi
     tmp = temp_folder(path, seq)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        return _write(path, tmp, rank, tensors, header, mine, group)
+        return _write(path, tmp, rank, tensors, header, mine, group if distributed else None)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the newest
         # DCP gathers every rank's write error into one CheckpointException (not an OSError)
@@ -117,10 +117,10 @@ def write(path: Path, tensors: dict[str, Any], header: dict[str, Any] | None, mi
 
 def _write(path: Path, tmp: Path, rank: int, tensors: dict[str, Any], header: dict[str, Any] | None,
            mine: dict[str, Any], group: Any) -> dict[str, Any] | None:
+    """:func:`write`'s work in ``tmp``; ``group`` None: not distributed."""
     import torch.distributed as tdist
     import torch.distributed.checkpoint as dcp
 
-    distributed = tdist.is_initialized()
     files = {rank_file(rank): atomic_write_bytes(tmp / rank_file(rank), obj=mine)}
     # One writing thread (thread_count=1): a thread started per save can hang a DataLoader fork (see
     # files.fsync_thread). sync_files: each file is fsynced before DCP reports it written.
@@ -130,7 +130,7 @@ def _write(path: Path, tmp: Path, rank: int, tensors: dict[str, Any], header: di
         files[p.name] = _crc32(p)
     mine_files = {name: (crc, (tmp / name).stat().st_size) for name, crc in files.items()}
     everyone: list[Any] = [mine_files]
-    if distributed:
+    if group is not None:
         everyone = [None] * tdist.get_world_size(group)
         tdist.all_gather_object(everyone, mine_files, group=group)
     if header is None:
@@ -282,7 +282,4 @@ def load_all(path: Path) -> dict[str, Any]:
     return template
 
 
-def remove(path: Path) -> None:
-    """Remove a checkpoint folder."""
-    shutil.rmtree(path, ignore_errors=True)
 

@@ -15,12 +15,6 @@ from .files import CheckpointError
 MODEL, OPTIMIZER, EMPTY_OPTIMIZER, OBJECT = "model", "optimizer", "optimizer-without-state", "object"
 
 
-def is_fsdp(model: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def _model_of(opt: torch.optim.Optimizer, objects: dict[str, Any]) -> nn.Module:
     """The registered model whose parameters ``opt`` updates."""
     first = next((p for g in opt.param_groups for p in g["params"]), None)
@@ -134,10 +128,11 @@ def by_numbers(osd: dict[str, Any]) -> dict[str, Any]:
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
 
 
-def consolidate(path: Any) -> dict[str, Any]:
+def consolidate(path: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """A sharded checkpoint folder as one dict of the shape of a full checkpoint: plain tensors, the model a
-    plain state_dict, an optimizer numbered as ``optimizer.state_dict()`` is (no process group)."""
-    data = sharded.read(path)
+    plain state_dict, an optimizer numbered as ``optimizer.state_dict()`` is (no process group). ``data``:
+    the folder's :func:`.sharded.read`, when read already."""
+    data = dict(data) if data is not None else sharded.read(path)
     tensors = sharded.load_all(path)
     objects = data.pop("objects")
     for k, entry in objects.items():

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..metrics import summary_writer
+
 
 @dataclass
 class Beat:
@@ -99,15 +101,6 @@ def line(w: dict[str, Any]) -> str:
     return text
 
 
-def _tensorboard(folder: Path) -> Any:
-    """A SummaryWriter in ``folder`` when the ``tensorboard`` package is installed; None otherwise."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # an optional extra
-        return None
-    return SummaryWriter(str(folder))
-
-
 def watch(heartbeats: Path, log_dir: Path, every_s: float) -> threading.Event:
     """A thread of the launcher: every ``every_s`` seconds, one window into ``perf.jsonl`` (and TensorBoard),
     and the progress line on stderr. Set the event to stop it. ``every_s`` 0: nothing."""
@@ -130,7 +123,7 @@ def watch(heartbeats: Path, log_dir: Path, every_s: float) -> threading.Event:
                     out.write(json.dumps(w) + "\n")
                     out.flush()
                     print(line(w), file=sys.stderr, flush=True)
-                    board = board or _tensorboard(log_dir / "tensorboard")
+                    board = board or summary_writer(log_dir / "tensorboard")
                     if board is not None:
                         for key in ("samples_per_s", "step_s"):
                             board.add_scalar(f"perf/{key}", w[key], w["step"])

@@ -125,7 +125,6 @@ def cmd_stacks(run_dir: Path) -> int:
         print(f"== rank {rank} runs on {host}: run `launcher stacks {run_dir}` there (under SLURM: "
               f"srun --overlap --jobid JOBID -w {host} launcher stacks {run_dir})")
     return 0
-    return True
 
 
 def main_thread(dump: str) -> str:
