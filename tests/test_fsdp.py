@@ -79,6 +79,22 @@ def _async_save_keeps_the_moment(model, folder):
         sharded._write = real
 
 
+def _mesh_on_a_gpu_host(fsdp, config, own=True):
+    """The mesh a Gloo job's model gets where torch sees an accelerator (torch's default mesh follows it, and
+    fails here without CUDA): ``own=False`` asks torch's default instead of the launcher's."""
+    from torch.distributed.fsdp import fully_shard
+
+    real = torch._C._get_accelerator
+    torch._C._get_accelerator = lambda: torch.device("cuda")  # type: ignore[misc]
+    try:
+        model = fsdp.shard(nn.Linear(4, 4), config()) if own else fully_shard(nn.Linear(4, 4))
+        return model.weight.device_mesh.device_type
+    except Exception as e:  # noqa: BLE001 - what torch's default does here is the answer
+        return f"{type(e).__name__}: {e}"[:200]
+    finally:
+        torch._C._get_accelerator = real
+
+
 def fsdp_facts(folder):
     """On each rank: how FSDP compares with one process holding the whole batch, and torch's traps."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
@@ -145,11 +161,14 @@ def fsdp_facts(folder):
         m(torch.randn(2, 4)).sum().backward()
 
     moment = _async_save_keeps_the_moment(model, folder)
+    gpu_host_mesh = _mesh_on_a_gpu_host(fsdp, FsdpConfig)
+    torch_default_mesh = _mesh_on_a_gpu_host(fsdp, FsdpConfig, own=False)
     return {"start_equal": start_equal, "moment": moment, "grad_error": grad_error,
             "bytes_ratio": shard_bytes / full_bytes,
             "meta_equal": meta_equal, "rng_kept": rng_kept, "mesh": fsdp.mesh().device_type,
             "premul_sum": _trap(divide_factor_on_gloo), "pinned": _trap(pinned_offload_without_cuda),
-            "factor_error": factor_error,
+            "factor_error": factor_error, "gpu_host_mesh": gpu_host_mesh,
+            "torch_default_mesh": torch_default_mesh,
             "type": type(model).__name__}
 
 
@@ -165,6 +184,8 @@ def test_fsdp_on_gloo_computes_what_one_process_computes(tmp_path):
         assert facts["meta_equal"], f"rank {rank}: meta-device init differs from the same model built on CPU"
         assert facts["rng_kept"], "materializing a meta model moved the rank's own generator"
         assert facts["mesh"] == "cpu", facts  # torch's default follows the accelerator, not the backend
+        assert facts["gpu_host_mesh"] == "cpu", facts  # even where torch sees a GPU, where torch's own
+        assert facts["torch_default_mesh"] != "cpu", facts  # default mesh is a CUDA one (failing here)
         # torch's own divide factor fails on Gloo; the job key's works there
         assert facts["premul_sum"] and "PREMUL_SUM" in facts["premul_sum"].upper(), facts["premul_sum"]
         assert facts["factor_error"] < 1e-5, facts
