@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import examples.tiny
 import launcher
 from launcher.checkpoint import Checkpointer, CheckpointError, TrainState, load_checkpoint
 from launcher.testing import run_distributed
@@ -369,6 +370,40 @@ def test_a_sharded_save_killed_half_way_is_never_resumed_and_is_cleaned_up(tmp_p
     c = Checkpointer(tmp_path, model=model, optimizer=opt)
     assert not half.exists() and "removed .step_00000003.dcp.3.tmp" in capsys.readouterr().out
     assert c.resume().step == 2
+
+
+def killed_mid_save(job, args: examples.tiny.TinyArgs):
+    """Entry point: the tiny job whose rank 1 is SIGKILLed inside its part of the second sharded save (the
+    temp folder made, rank 0 writing into it)."""
+    import signal
+
+    from launcher.checkpoint import sharded
+
+    real, saves = sharded._write, [0]
+
+    def dying(*a, **kw):
+        saves[0] += 1
+        if saves[0] == 2 and launcher.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **kw)
+
+    sharded._write = dying
+    return examples.tiny.main(job, args)
+
+
+@pytest.mark.slow  # starts the launcher
+def test_a_rank_killed_mid_save_never_leaves_a_checkpoint_to_resume_from_but_the_previous_one(tmp_path):
+    """The surviving rank's failed save removes the temp folder (one left by a whole job killed at once is
+    removed at the next start: test_a_sharded_save_killed_half_way_is_never_resumed_and_is_cleaned_up)."""
+    base = ["jobs/tiny.yaml", "distributed.strategy=fsdp", f"output_dir={tmp_path}",
+            "checkpoint.every_steps=5", "args.max_steps=20"]
+    r = run_cli("run", *base, "entry=tests.test_fsdp:killed_mid_save")
+    assert r.returncode != 0 and "rank 1" in r.stderr and "SIGKILL" in r.stderr, r.stderr[-3000:]
+    ckdir = tmp_path / "tiny" / "checkpoints"
+    assert sorted(os.listdir(ckdir)) == ["latest", "step_00000005.dcp", "step_00000005.json"]
+    r = run_cli("run", *base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {ckdir}/step_00000005.dcp" in r.stdout and "'step': 20" in r.stderr, r.stdout
 
 
 def test_torch_version_change_is_said_on_resume(tmp_path, capsys, monkeypatch):
