@@ -14,3 +14,14 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent's pid of a live process (Linux's ``/proc``); None when it has ended or is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the name, in parentheses, may hold spaces
+    return None if state in ("Z", "X") else int(ppid)

@@ -54,8 +54,13 @@ def test_launcher_stacks_prints_every_live_rank_within_5s(tmp_path):
         r = run_cli("stacks", str(tmp_path / "runs" / "tiny"), timeout=30)
         took = time.monotonic() - started
         assert r.returncode == 0, r.stderr
-        assert r.stdout.count("== rank ") == 2 and "Current thread" in r.stdout, r.stdout
+        titles = re.findall(r"^== (rank \d(?:, DataLoader worker \d)?) \(pid", r.stdout, re.MULTILINE)
+        # jobs/tiny.yaml: 2 workers per rank; between two epochs a rank may have none alive for a moment
+        assert titles[:1] == ["rank 0"] and "rank 1" in titles, r.stdout
+        assert len(titles) >= 4 and "rank 0, DataLoader worker 0" in titles, r.stdout
+        assert "Current thread" in r.stdout, r.stdout
         assert "examples/tiny.py" in r.stdout, r.stdout  # the training loop, where the main thread is
+        assert "in _worker_loop" in r.stdout.split("DataLoader worker 0 (pid")[1], r.stdout  # its own stack
         assert took < 5, took
     finally:
         proc.send_signal(signal.SIGINT)
@@ -68,18 +73,41 @@ def pause_here() -> None:
     time.sleep(7)  # the line the early warning must name
 
 
+def _read(n: int):
+    return range(n)
+
+
+_seen = [0]  # samples this DataLoader worker has made
+
+
+def _sample(x: int):
+    """A sample of :func:`pauses_in_rank_one`'s data: rank 1's DataLoader worker pauses in
+    :func:`pause_here` at its 13th sample (the rank's 4th batch of 4)."""
+    import os
+
+    import torch
+
+    _seen[0] += 1
+    if os.environ.get("RANK") == "1" and _seen[0] == 13:
+        pause_here()
+    return torch.tensor([float(x)])
+
+
 def pauses_in_rank_one(job) -> str:
-    """Entry point: rank 1 pauses 7 s in :func:`pause_here` after step 3, then both go on and finish."""
+    """Entry point: rank 1's DataLoader worker pauses 7 s in :func:`pause_here` after three batches, then
+    both ranks go on and finish 6 steps."""
     import torch
     import torch.distributed as tdist
 
     import launcher
 
-    for step in range(1, 7):
+    data = launcher.ShardedIterableDataset([256], _read, sizes=[256], batch_size=4,
+                                           transform=_sample, shuffle=False)
+    for step, _batch in enumerate(launcher.make_loader(data, job=job), start=1):
         tdist.all_reduce(torch.ones(1))
         launcher.note_step(step)
-        if step == 3 and launcher.get_rank() == 1:
-            pause_here()
+        if step == 6:
+            break
         time.sleep(0.2)
     return "done"
 
@@ -87,12 +115,14 @@ def pauses_in_rank_one(job) -> str:
 def test_a_rank_without_a_step_for_a_while_gets_its_stack_printed_once_and_the_job_goes_on(tmp_path):
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}",
                 "entry=tests.test_stacks:pauses_in_rank_one", "distributed.stall_warning_s=2",
-                "distributed.timeout_s=30", "data.num_workers=0")
+                "distributed.timeout_s=30", "data.num_workers=1")
     assert r.returncode == 0, r.stderr
     line = pause_here.__code__.co_firstlineno + 1
     assert r.stderr.count("made no step for") == 1, r.stderr
-    # the step said is the last one its heartbeat (written at most once a second) shows: 1 to 3 here
-    said = r"\[launcher\] rank 1 made no step for \d+ s \(last step [123]\); the job goes on"
+    # the step said is the last one its heartbeat (written at most once a second) shows
+    said = r"\[launcher\] rank 1 made no step for \d+ s \(last step [1-6]\); the job goes on"
     assert re.search(said, r.stderr), r.stderr
-    assert f"It is at {__file__}:{line} in pause_here" in r.stderr, r.stderr
+    loop = f"{__file__}:{pauses_in_rank_one.__code__.co_firstlineno + 10} in pauses_in_rank_one"
+    assert f"It is at {loop}" in r.stderr, r.stderr  # the rank waits for its batch, in the user's loop
+    assert f"Its DataLoader worker 0 is at {__file__}:{line} in pause_here" in r.stderr, r.stderr
     assert "rank(s) 0 wait for it in a collective" in r.stderr, r.stderr

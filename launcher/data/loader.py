@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import dist, internals
-from ..rank import stop
+from ..rank import stacks, stop
 from . import workerserver
 from .dataset import ShardedIterableDataset, positions
 
@@ -51,6 +51,8 @@ def make_loader(
     wait_s = float(kw.pop("timeout", 0) or dist.data_timeout_s())
     if num_workers > 0 and stop.installed():
         kw["worker_init_fn"] = functools.partial(_ignore_stop_signals, kw.get("worker_init_fn"))
+    if num_workers > 0 and (where := stacks.for_workers()) is not None:  # `launcher stacks` sees workers too
+        kw["worker_init_fn"] = functools.partial(stacks.in_worker, where, kw.get("worker_init_fn"))
     if num_workers > 0 and "multiprocessing_context" not in kw:
         kw["multiprocessing_context"] = workerserver.for_workers(dataset, kw.get("worker_init_fn"))
     with warnings.catch_warnings():

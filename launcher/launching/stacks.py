@@ -15,12 +15,16 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from ..processes import alive as pid_alive
+from ..processes import parent_of
 from ..spec import STACKS_SIGNAL as SIGNAL
 
+#: A rank (its number) or a DataLoader worker (:func:`worker_key`).
+Key = TypeVar("Key", bound=int | str)
 #: Longest wait for the dumps; a rank that has not written by then is named as such.
 WAIT_S = 5.0
 
@@ -31,50 +35,72 @@ def folder(run_dir: Path) -> Path:
 
 def ranks_of(stacks: Path) -> dict[int, tuple[int, str]]:
     """``{rank: (pid, host)}`` from the ranks' ``rankN.pid`` files."""
+    return {int(name[4:]): where for name, where in _pid_files(stacks).items() if name[4:].isdigit()}
+
+
+def workers_of(stacks: Path) -> dict[int, dict[int, tuple[int, str]]]:
+    """``{rank: {worker: (pid, host)}}`` from the DataLoader workers' ``rankN-workerW.pid`` files (a later
+    epoch's workers replace an earlier one's)."""
+    out: dict[int, dict[int, tuple[int, str]]] = {}
+    for name, where in _pid_files(stacks).items():
+        if m := re.fullmatch(r"rank(\d+)-worker(\d+)", name):
+            out.setdefault(int(m.group(1)), {})[int(m.group(2))] = where
+    return {r: dict(sorted(w.items())) for r, w in sorted(out.items())}
+
+
+def _pid_files(stacks: Path) -> dict[str, tuple[int, str]]:
     out = {}
     for p in stacks.glob("rank*.pid"):
         try:
             pid, host = p.read_text().split()
-            out[int(p.name[4:-4])] = (int(pid), host)
+            out[p.name[:-4]] = (int(pid), host)
         except (OSError, ValueError):
             continue
     return dict(sorted(out.items()))
 
 
-def request(stacks: Path, pids: dict[int, int]) -> dict[int, int]:
-    """Signal each rank (``{rank: pid}``) for its stacks; returns the size of each rank's dump file before,
-    where its new dump starts (:func:`read_new`)."""
+def worker_key(rank: int, worker: int) -> str:
+    """A DataLoader worker's key for :func:`request` and :func:`read_new` (a rank's key is its number)."""
+    return f"rank{rank}-worker{worker}"
+
+
+def _dump_file(stacks: Path, key: int | str) -> Path:
+    return stacks / (f"rank{key}.txt" if isinstance(key, int) else f"{key}.txt")
+
+
+def request(stacks: Path, pids: Mapping[Key, int]) -> dict[Key, int]:
+    """Signal each process (``{key: pid}``, a key being a rank or a :func:`worker_key`) for its stacks;
+    returns the size of each one's dump file before, where its new dump starts (:func:`read_new`)."""
     sizes = {}
-    for rank, pid in pids.items():
-        path = stacks / f"rank{rank}.txt"
-        sizes[rank] = path.stat().st_size if path.exists() else 0
+    for key, pid in pids.items():
+        sizes[key] = _size(_dump_file(stacks, key))
         try:
             os.kill(pid, SIGNAL)
         except (ProcessLookupError, PermissionError):
-            sizes.pop(rank)
+            sizes.pop(key)
     return sizes
 
 
-def read_new(stacks: Path, sizes: dict[int, int], wait_s: float = WAIT_S) -> dict[int, str]:
-    """What each rank wrote after ``sizes`` (``{rank: dump}``, "" for one that wrote nothing), waiting up to
-    ``wait_s`` for every rank and until the dumps stop growing."""
+def read_new(stacks: Path, sizes: Mapping[Key, int], wait_s: float = WAIT_S) -> dict[Key, str]:
+    """What each process wrote after ``sizes`` (``{key: dump}``, "" for one that wrote nothing), waiting up
+    to ``wait_s`` for every one and until the dumps stop growing."""
     deadline = time.monotonic() + wait_s
-    last: dict[int, int] = {}
+    last: dict[Key, int] = {}
     while True:
-        now = {r: _size(stacks / f"rank{r}.txt") for r in sizes}
+        now = {r: _size(_dump_file(stacks, r)) for r in sizes}
         done = all(now[r] > sizes[r] for r in sizes) and now == last
         if done or time.monotonic() > deadline:
             break
         last = now
         time.sleep(0.1)
     out = {}
-    for rank, start in sizes.items():
+    for key, start in sizes.items():
         try:
-            with open(stacks / f"rank{rank}.txt", errors="replace") as f:
+            with open(_dump_file(stacks, key), errors="replace") as f:
                 f.seek(start)
-                out[rank] = f.read()
+                out[key] = f.read()
         except OSError:
-            out[rank] = ""
+            out[key] = ""
     return out
 
 
@@ -103,7 +129,8 @@ def where(dump: str) -> str:
 
 
 def cmd_stacks(run_dir: Path) -> int:
-    """``launcher stacks RUN_DIR``: every live rank's stacks on this machine, within :data:`WAIT_S`."""
+    """``launcher stacks RUN_DIR``: every live rank's and DataLoader worker's stacks on this machine, within
+    :data:`WAIT_S`."""
     stacks = folder(run_dir)
     ranks = ranks_of(stacks)
     if not ranks:
@@ -116,15 +143,37 @@ def cmd_stacks(run_dir: Path) -> int:
     if not local and not elsewhere:
         print(f"launcher: no rank of {run_dir} is running", file=sys.stderr)
         return 1
-    dumps = read_new(stacks, request(stacks, local))
-    for rank, dump in dumps.items():
-        print(f"== rank {rank} (pid {local[rank]} on {here})")
-        print(dump.rstrip() if dump else f"(no stacks within {WAIT_S:.0f} s: the process may be stopped or "
-              "in uninterruptible I/O)")
+    workers = _live_workers(stacks, local)
+    pids: dict[int | str, int] = {r: pid for r, pid in local.items()}  # the key type widened
+    pids.update({worker_key(r, w): pid for r, ws in workers.items() for w, pid in ws.items()})
+    dumps = read_new(stacks, request(stacks, pids))
+    for rank in local:
+        titles: dict[int | str, str] = {rank: f"rank {rank}"}
+        for w in workers.get(rank, {}):
+            titles[worker_key(rank, w)] = f"rank {rank}, DataLoader worker {w}"
+        for key, title in titles.items():
+            if key in dumps:
+                print(f"== {title} (pid {pids[key]} on {here})")
+                print(dumps[key].rstrip() if dumps[key] else f"(no stacks within {WAIT_S:.0f} s: the process "
+                      "may be stopped or in uninterruptible I/O)")
     for rank, host in elsewhere.items():
         print(f"== rank {rank} runs on {host}: run `launcher stacks {run_dir}` there (under SLURM: "
               f"srun --overlap --jobid JOBID -w {host} launcher stacks {run_dir})")
     return 0
+
+
+def _live_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[int, dict[int, int]]:
+    """``{rank: {worker: pid}}``: the live DataLoader workers of ``ranks`` (``{rank: pid}``, this machine's),
+    those whose parent is the rank or the rank's own fork server (:mod:`launcher.data.workerserver`)."""
+    out: dict[int, dict[int, int]] = {}
+    for rank, workers in workers_of(stacks).items():
+        if rank not in ranks:
+            continue
+        for w, (pid, _) in workers.items():
+            parent = parent_of(pid)
+            if parent is not None and (parent == ranks[rank] or parent_of(parent) == ranks[rank]):
+                out.setdefault(rank, {})[w] = pid
+    return out
 
 
 def main_thread(dump: str) -> str:
@@ -177,22 +226,30 @@ def watch_for_stalls(heartbeats: Path, stacks: Path, pids: Callable[[], dict[int
                 if not stale or done.is_set():
                     continue
                 warned.update({r: b[0] for r, b in stale.items()})
-                _warn(stale, read_new(stacks, request(stacks, {r: live[r] for r in stale}), wait_s=2.0), now,
-                      timeout_s)
+                workers = _live_workers(stacks, {r: live[r] for r in stale})
+                asked: dict[int | str, int] = {r: live[r] for r in stale}
+                asked.update({worker_key(r, w): pid for r, ws in workers.items() for w, pid in ws.items()})
+                _warn(stale, read_new(stacks, request(stacks, asked), wait_s=2.0), now, timeout_s)
 
     threading.Thread(target=run, name="launcher-stall-watch", daemon=True).start()
     return done
 
 
-def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int, str], now: float, timeout_s: float) -> None:
-    """Say where the stale ranks are. Ranks waiting in a collective for a peer stop stepping too: the ranks
-    that are not (the ones holding the others back) are shown, all of them when every one waits."""
-    waiting = {r for r, d in dumps.items() if _in_collective(d)}
+def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | str, str], now: float,
+          timeout_s: float) -> None:
+    """Say where the stale ranks are, and their DataLoader workers (in ``dumps`` under :func:`worker_key`).
+    Ranks waiting in a collective for a peer stop stepping too: the ranks that are not (the ones holding the
+    others back) are shown, all of them when every one waits."""
+    waiting = {r for r in stale if _in_collective(dumps.get(r, ""))}
     shown = [r for r in sorted(stale) if r not in waiting] or sorted(stale)
     for rank in shown:
         step, at = stale[rank]
         dump = dumps.get(rank, "")
         place = f" It is at {where(dump)}:\n{main_thread(dump)}" if dump else " It wrote no stacks."
+        for key, worker_dump in dumps.items():
+            if isinstance(key, str) and key.startswith(f"rank{rank}-worker"):
+                place += f"\nIts DataLoader worker {key.rpartition('worker')[2]} is at " \
+                         f"{where(worker_dump) or '(no stacks written)'}"
         print(f"[launcher] rank {rank} made no step for {now - at:.0f} s (last step {step}); the job goes "
               f"on, and its peers' collectives time out after distributed.timeout_s ({timeout_s:g} s)."
               f"{place}", file=sys.stderr, flush=True)

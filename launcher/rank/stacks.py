@@ -1,9 +1,11 @@
-"""Every rank can dump all its threads' Python stacks on a signal, without the GIL, ptrace or a port.
+"""Every rank and DataLoader worker can dump all its threads' Python stacks on a signal, without the GIL,
+ptrace or a port.
 
-``faulthandler.register`` installs a C handler: a rank stuck in C code that holds the GIL, or in a
+``faulthandler.register`` installs a C handler: a process stuck in C code that holds the GIL, or in a
 ``time.sleep``, still writes where it is. A process cannot dump another's stack, so the process that knows
-every pid (the launcher, or ``launcher stacks RUN_DIR``) sends :data:`SIGNAL`; each rank appends its dump to
-``RUN_DIR/logs/stacks/rankN.txt`` and says where it is in ``rankN.pid`` (``PID HOST``).
+every pid (the launcher, or ``launcher stacks RUN_DIR``) sends :data:`SIGNAL`; each process appends its dump
+to ``RUN_DIR/logs/stacks/NAME.txt`` and says where it is in ``NAME.pid`` (``PID HOST``), NAME being
+``rankN`` or ``rankN-workerW`` (DataLoader worker W of rank N, from :func:`in_worker`).
 """
 
 from __future__ import annotations
@@ -11,27 +13,48 @@ from __future__ import annotations
 import faulthandler
 import os
 import socket
+from collections.abc import Callable
 from typing import IO
 
 from ..spec import STACKS_SIGNAL as SIGNAL
 
-_files: list[IO[str]] = []  # kept open for the life of the rank: faulthandler writes to the descriptor
+_files: list[IO[str]] = []  # kept open for the life of the process: faulthandler writes to the descriptor
+_where: tuple[str, int] | None = None  # (folder, rank) of this rank, for its DataLoader workers
 
 
-def install(folder: str | None, rank: int) -> None:
-    """Dump every thread's stack into ``folder/rank{rank}.txt`` on :data:`SIGNAL` (nothing when ``folder``
-    is None or cannot be written: stacks are a help, never a reason to fail a rank)."""
+def install(folder: str | None, rank: int, name: str | None = None) -> None:
+    """Dump every thread's stack into ``folder/NAME.txt`` on :data:`SIGNAL` (NAME: ``name``, else
+    ``rank{rank}``); nothing when ``folder`` is None or cannot be written: stacks are a help, never a reason
+    to fail a rank."""
+    global _where
     if not folder:
         return
+    if name is None:
+        _where = (folder, rank)
+    name = name or f"rank{rank}"
     try:
         os.makedirs(folder, exist_ok=True)
-        dump = open(os.path.join(folder, f"rank{rank}.txt"), "a")  # noqa: SIM115 - kept open, see _files
+        dump = open(os.path.join(folder, f"{name}.txt"), "a")  # noqa: SIM115 - kept open, see _files
         faulthandler.register(SIGNAL, file=dump, all_threads=True, chain=False)
         _files.append(dump)
-        pid_file = os.path.join(folder, f"rank{rank}.pid")
+        pid_file = os.path.join(folder, f"{name}.pid")
         tmp = f"{pid_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.write(f"{os.getpid()} {socket.gethostname()}\n")
         os.replace(tmp, pid_file)
     except OSError:
         return
+
+
+def for_workers() -> tuple[str, int] | None:
+    """``(folder, rank)`` for :func:`in_worker` when this rank dumps its stacks, else None."""
+    return _where
+
+
+def in_worker(where: tuple[str, int], user_init: Callable[[int], None] | None, worker_id: int) -> None:
+    """A DataLoader worker's init: its stacks on :data:`SIGNAL` too (``rank{N}-worker{W}``), then the
+    user's ``worker_init_fn``."""
+    folder, rank = where
+    install(folder, rank, name=f"rank{rank}-worker{worker_id}")
+    if user_init is not None:
+        user_init(worker_id)
