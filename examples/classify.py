@@ -188,6 +188,7 @@ def main(job: launcher.Job, args: ClassifyArgs) -> dict[str, Any]:
     val_loader = launcher.make_loader(val_ds, job=job)
     steps_per_epoch = train_ds.batches_per_rank(loader.num_workers) // args.grad_accum
     total = min(args.max_steps or 10**12, args.epochs * steps_per_epoch)
+    launcher.set_total_steps(total)  # the launcher's progress line shows an ETA
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: recipes.warmup_cosine(s, args.warmup_steps, total))
     amp_dtype = launcher.autocast_dtype(args.amp, device)

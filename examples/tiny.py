@@ -75,6 +75,7 @@ def main(job: launcher.Job, args: TinyArgs) -> dict[str, Any]:
     ckpt = launcher.Checkpointer.for_job(job, per_rank={"data": loader}, model=model, optimizer=opt)
     state = ckpt.resume()
     max_steps = args.max_steps or 10**12
+    launcher.set_total_steps(min(max_steps, args.epochs * ds.batches_per_rank(job.data.num_workers)))  # ETA
     if state.epoch >= args.epochs or state.step >= max_steps:
         launcher.log(f"already finished: resumed at step {state.step}, epoch {state.epoch}; nothing to train "
                      "(start over with checkpoint.resume=never or another name)")

@@ -60,7 +60,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(
         ["all_gather_object", "autocast_dtype", "barrier", "broadcast_object", "get_device", "get_local_rank",
-         "get_rank", "get_world_size", "is_main_process", "log", "note_step"],
+         "get_rank", "get_world_size", "is_main_process", "log", "note_step", "set_total_steps"],
         "dist",
     ),
     **dict.fromkeys(["CheckpointError", "Checkpointer", "TrainState", "load_checkpoint"], "checkpoint"),
@@ -108,6 +108,7 @@ __all__ = [
     "note_step",
     "revert_sync_batchnorm",
     "seed_everything",
+    "set_total_steps",
     "unwrap",
     "wrap_for_job",
     "wrap_model",

@@ -144,6 +144,20 @@ _beat: dict[str, Any] = {"fd": None, "pid": None, "last": 0.0}
 #: Cumulated in this rank: seconds waiting for a batch (the launcher's loader), seconds with a gradient
 #: all-reduce in flight (DDP), samples the loader gave. The launcher turns them into figures per window.
 _waits: dict[str, float] = {"data": 0.0, "sync": 0.0, "samples": 0, "sync_end": 0.0}
+#: Known once: the FLOPs of one sample's step and the device's peak FLOP/s (:mod:`launcher.rank.figures`),
+#: the run's last step (:func:`set_total_steps`); 0: not known.
+_known: dict[str, float] = {"flops": 0.0, "peak": 0.0, "total": 0}
+
+
+def set_total_steps(total: int | None) -> None:
+    """The run's last step, when you know it: the launcher's progress line then shows an ETA. Not
+    collective; call it on any rank (each rank's heartbeat carries it), again if it changes."""
+    _known["total"] = total or 0
+
+
+def note_flops(per_sample: float, peak: float) -> None:
+    """FLOPs of one sample's training step, and the device's peak FLOP/s (0: not known), for the MFU."""
+    _known.update(flops=per_sample, peak=peak)
 
 
 def note_data_wait(seconds: float, samples: int) -> None:
@@ -162,9 +176,10 @@ def note_sync(started: float, ended: float) -> None:
 
 
 def _heartbeat(step: int) -> None:
-    """At most once a second: ``"STEP TIME DATA_S SYNC_S SAMPLES"`` into this rank's heartbeat file (one
-    ``pwrite``), so that the launcher can tell, when a collective times out, which rank stopped making
-    progress, and, while the job runs, how fast it goes and which rank holds the others back."""
+    """At most once a second: ``"STEP TIME DATA_S SYNC_S SAMPLES FLOPS PEAK TOTAL"`` into this rank's
+    heartbeat file (one ``pwrite``), so that the launcher can tell, when a collective times out, which rank
+    stopped making progress, and, while the job runs, how fast it goes and which rank holds the others
+    back."""
     folder = os.environ.get(HEARTBEAT_ENV)
     now = time.time()
     if not folder or now - _beat["last"] < 1.0:
@@ -173,9 +188,9 @@ def _heartbeat(step: int) -> None:
         _beat.update(pid=os.getpid(), fd=os.open(os.path.join(folder, f"rank{get_rank()}"),
                                                   os.O_WRONLY | os.O_CREAT, 0o600))
     _beat["last"] = now
-    w = _waits
-    os.pwrite(_beat["fd"], f"{step} {now:.3f} {w['data']:.4f} {w['sync']:.4f} {w['samples']:.0f}".ljust(80)
-              .encode(), 0)
+    w, k = _waits, _known
+    os.pwrite(_beat["fd"], f"{step} {now:.3f} {w['data']:.4f} {w['sync']:.4f} {w['samples']:.0f} "
+              f"{k['flops']:.6g} {k['peak']:.6g} {k['total']:.0f}".ljust(128).encode(), 0)
 
 
 def note_ended() -> None:

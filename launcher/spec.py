@@ -89,6 +89,9 @@ class RankSpec:
     """Seconds without a step before the launcher prints the rank's stack (see the job key)."""
     progress_s: float = 0.0
     """Seconds between the launcher's progress lines (see the job key); 0: none (``launcher.launch``)."""
+    figures: bool = True
+    """The rank times its waits and counts FLOPs for the launcher's figures (:mod:`launcher.rank.figures`);
+    off with ``distributed.progress_s: 0``."""
     run_dir: str | None = None
     """The job's run directory (``launcher.log_metrics`` writes there); None: none (``launcher.launch``)."""
     stacks_dir: str | None = None
@@ -119,7 +122,7 @@ class RankSpec:
             "stop_grace_s": d.stop_grace_s,
             "stacks_dir": str((job.run_dir / "logs" / "stacks").absolute()),
             "run_dir": str(job.run_dir.absolute()),
-            "stall_warning_s": d.stall_warning_s, "progress_s": d.progress_s,
+            "stall_warning_s": d.stall_warning_s, "progress_s": d.progress_s, "figures": d.progress_s > 0,
         }
         if job.script:
             is_module = job.script.startswith("-m ")

@@ -7,12 +7,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist
+from .rank import figures
 from .syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 _BUFFER_SYNC_KWARGS = ("broadcast_buffers", "forward_sync_buffers")
@@ -54,49 +53,8 @@ def wrap_model(
     )
     if not any(k in ddp_kwargs for k in _BUFFER_SYNC_KWARGS) and _buffers_all_synced(model, process_group):
         ddp.broadcast_buffers = False  # set after construction: the initial sync has run (any torch version)
-    _time_sync_unless_hooked(ddp, process_group)
+    figures.watch_ddp(ddp, process_group)  # the launcher's figures: all-reduce wait, FLOPs
     return ddp
-
-
-def _time_sync_unless_hooked(ddp: DDP, group: Any) -> None:
-    """At the first forward, unless the user registered a comm hook of their own (DDP takes one), time the
-    gradient all-reduce: how long this rank's gradients waited for the others' (the launcher's straggler
-    figures). Registered then, not now, so that a user's ``register_comm_hook`` after wrapping still works."""
-    own: list[Any] = []
-    register = ddp.register_comm_hook
-
-    def users_hook(state: object, hook: Any) -> None:
-        own.append(hook)
-        register(state, hook)
-
-    def first_forward(module: nn.Module, args: Any) -> None:
-        handle.remove()
-        if not own:
-            register(group, _timed_allreduce)
-
-    ddp.register_comm_hook = users_hook  # type: ignore[method-assign]
-    handle = ddp.register_forward_pre_hook(first_forward)
-
-
-def _timed_allreduce(group: Any, bucket: Any) -> Any:
-    """What DDP does without a hook, timed from start to end (:func:`launcher.dist.note_sync`): gradients
-    scaled by 1/W as the reducer scales them (the same bits as without a hook), then summed over the ranks."""
-    import time
-
-    started = time.perf_counter()
-    buffer = bucket.buffer()
-    buffer.mul_(1.0 / tdist.get_world_size(group))
-
-    def ended(fut: Any) -> Any:
-        dist.note_sync(started, time.perf_counter())
-        return fut.value()[0]
-
-    return tdist.all_reduce(buffer, group=group, async_op=True).get_future().then(ended)
-
-
-# DDP checks a hook's annotations against the classes themselves (this module's are strings)
-_timed_allreduce.__annotations__.update(bucket=tdist.GradBucket)
-_timed_allreduce.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
 def _buffers_all_synced(model: nn.Module, group: Any) -> bool:
@@ -117,7 +75,7 @@ def wrap_for_job(model: nn.Module, job: Any) -> nn.Module:
     if d.strategy == "fsdp":
         from . import fsdp
 
-        return fsdp.shard(model, d.fsdp, sync_batchnorm=d.sync_batchnorm)
+        return figures.watch_fsdp(fsdp.shard(model, d.fsdp, sync_batchnorm=d.sync_batchnorm))
     return wrap_model(
         model,
         sync_batchnorm=d.sync_batchnorm,

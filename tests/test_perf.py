@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,12 +55,15 @@ def slow_rank1_in_phases(job, args: examples.tiny.TinyArgs):
     return examples.tiny.main(job, args)
 
 
-def hooks_in_use(own: bool):
-    """On each rank: how many times a user's hook ran, and whether the launcher's timed the all-reduce."""
+def hooks_in_use(own: bool, figures_on: bool = True):
+    """On each rank: how many times a user's hook ran, whether the launcher's timed the all-reduce, and the
+    FLOPs per sample it counted (``figures_on`` False: what ``distributed.progress_s=0`` does)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     import launcher
+    from launcher.rank import figures
 
+    figures.enable(figures_on)
     calls = []
 
     def mine(state, bucket):
@@ -73,14 +77,25 @@ def hooks_in_use(own: bool):
         model(torch.randn(3, 4)).sum().backward()
     from launcher import dist
 
-    return len(calls), dist._waits["sync"] > 0
+    return len(calls), dist._waits["sync"] > 0, dist._known["flops"]
 
 
 def test_a_users_comm_hook_registered_after_wrapping_replaces_the_timed_one():
     from launcher.testing import run_distributed
 
-    assert run_distributed(hooks_in_use, True)[1] == (2, False)  # theirs ran, ours never registered
-    assert run_distributed(hooks_in_use, False)[1] == (0, True)  # ours timed the all-reduce
+    # a step of Linear(4, 2): 2 * 4 * 2 FLOPs per sample forward, three times that with the backward
+    assert run_distributed(hooks_in_use, True)[1] == (2, False, 48)  # theirs ran, ours never registered
+    assert run_distributed(hooks_in_use, False)[1] == (0, True, 48)  # ours timed the all-reduce
+    assert run_distributed(hooks_in_use, False, False)[1] == (0, False, 0)  # figures off: nothing added
+
+
+def windows_by_phase(run: Path, phases: int) -> tuple[list[dict], dict[int, list[dict]]]:
+    """The windows of ``run``'s perf.jsonl, and per phase those inside it (a window spans the steps after
+    the previous one's, to its own; both ranks in it)."""
+    windows = [json.loads(line) for line in (run / "tiny" / "logs" / "perf.jsonl").read_text().splitlines()]
+    spans = [(before["step"], w) for before, w in itertools.pairwise(windows) if len(w["ranks"]) == 2]
+    return windows, {p: [w for first, w in spans if p * PHASE + 5 < first and w["step"] < (p + 1) * PHASE - 2]
+                     for p in range(phases)}
 
 
 def test_the_slower_rank_is_named_with_its_cause_and_a_balanced_job_names_nobody(tmp_path):
@@ -89,18 +104,13 @@ def test_the_slower_rank_is_named_with_its_cause_and_a_balanced_job_names_nobody
                 "args.epochs=100", "args.log_every=0",
                 "data.num_workers=0", "checkpoint.every_steps=0", "distributed.progress_s=0.5")
     assert r.returncode == 0, r.stdout + r.stderr
-    perf = tmp_path / "tiny" / "logs" / "perf.jsonl"
-    windows = [json.loads(line) for line in perf.read_text().splitlines()]
+    windows, seen = windows_by_phase(tmp_path, 3)
     assert len(windows) > 6, windows
     for w in windows:  # the schema of docs/watching.md
         assert {"time", "step", "samples_per_s", "straggler", "ranks"} <= w.keys(), w
         for rank in w["ranks"]:
             assert {"rank", "host", "step_s", "data_wait_s", "sync_wait_s"} <= rank.keys(), rank
             assert rank["step_s"] > 0 and rank["data_wait_s"] >= 0 and rank["sync_wait_s"] >= 0, rank
-    # each window inside one phase (a window spans the steps after the previous one's, to its own)
-    spans = [(before["step"], w) for before, w in itertools.pairwise(windows) if len(w["ranks"]) == 2]
-    seen = {p: [w for first, w in spans if p * PHASE + 5 < first and w["step"] < (p + 1) * PHASE - 2]
-            for p in range(3)}
     said = {p: [(w["straggler"], w["cause"], w["behind_s"]) for w in ws] for p, ws in seen.items()}
     assert all(seen.values()), said
     assert all(w["straggler"] is None for w in seen[0]), said  # balanced: nobody named
@@ -110,11 +120,35 @@ def test_the_slower_rank_is_named_with_its_cause_and_a_balanced_job_names_nobody
         assert all(w["straggler"] == 1 and w["cause"] == cause for w in named), said
     assert "straggler: rank 1 on " in r.stderr and "(compute)" in r.stderr and "(data)" in r.stderr, r.stderr
     assert "samples/s" in r.stderr and "ms/step" in r.stderr
+    # FLOPs counted once: the tiny model's two Linear layers, 2 * (8 * 32 + 32 * 2) per sample forward, three
+    # times that with the backward; per rank, over the window's samples
+    for w in windows:
+        assert w["flops_per_s"] == pytest.approx(1920 * w["samples_per_s"] / 2, rel=1e-3), w
+        assert w["mfu"] is None, w  # CPUs: no peak known, said once
+    assert r.stderr.count("no MFU: the peak FLOP/s of this device is not known") == 1, r.stderr
+    # ETA: examples/tiny.py says its last step (launcher.set_total_steps)
+    for w in windows:
+        assert w["eta_s"] == pytest.approx((3 * PHASE - w["step"]) * w["step_s"], abs=0.2), w
+    assert " kFLOP/s per rank | ETA " in r.stderr, r.stderr
     # the same figures in TensorBoard (installed with the dev extra), and drawn by `launcher curves`
     assert list((tmp_path / "tiny" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     r = run_cli("curves", str(tmp_path / "tiny"))
     assert r.returncode == 0 and "(1 curves)" in r.stderr, r.stderr
     assert (tmp_path / "tiny" / "curves.png").stat().st_size > 1000
+
+
+def test_under_fsdp_a_slower_forward_is_named_from_the_all_gather_waits(tmp_path):
+    # SyncBatchNorm off: the figures come from FSDP's all-gathers alone (each layer a unit of its own)
+    r = run_cli("run", "jobs/tiny.yaml", "entry=tests.test_perf:slow_rank1_in_phases",
+                f"output_dir={tmp_path}", "args.step_sleep=0.02", f"args.max_steps={2 * PHASE}",
+                "args.epochs=100", "args.log_every=0", "distributed.strategy=fsdp",
+                "distributed.sync_batchnorm=false", "data.num_workers=0", "checkpoint.every_steps=0",
+                "distributed.progress_s=0.5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = {p: [w["straggler"] for w in ws] for p, ws in windows_by_phase(tmp_path, 2)[1].items()}
+    assert said[0] and said[1], said
+    assert all(s is None for s in said[0]), said
+    assert said[1].count(1) >= len(said[1]) / 2 and set(said[1]) <= {1, None}, said
 
 
 def collectives_in_steps(folder, steps):
@@ -162,8 +196,8 @@ def test_the_figures_add_no_collective_to_a_step(tmp_path):
     for rank, counts in run_distributed(collectives_in_steps, tmp_path, 3).items():
         # per step: DDP's one gradient all-reduce (one bucket), SyncBatchNorm's gathers (forward, backward)
         assert counts == {"all_reduce": 3, "syncbn_gather": 6}, (rank, counts)
-    beat = (tmp_path / "rank0").read_text().split()  # at most one a second: step, time, waits, samples
-    assert len(beat) == 5 and int(beat[4]) >= 4, beat
+    beat = (tmp_path / "rank0").read_text().split()  # at most one a second: step, time, waits, samples...
+    assert len(beat) == 8 and int(beat[4]) >= 4, beat
 
 
 def metrics_rows(folder):

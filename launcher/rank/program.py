@@ -30,7 +30,7 @@ from ..data import workerserver
 from ..errors import StopForRequeue
 from ..rng import seed_everything
 from ..spec import MAIN_ALIAS, RankSpec
-from . import hostmem, interrupt, process, stacks, stop
+from . import figures, hostmem, interrupt, process, stacks, stop
 
 
 def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
@@ -106,6 +106,7 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
     environment = env_mod.detect()
     stacks.install(spec.stacks_dir, environment.rank())  # `launcher stacks`, and the report of a stall
     metrics.set_run_dir(spec.run_dir)
+    figures.enable(spec.figures)
     if spec.keep_freed_memory:
         hostmem.keep_freed_memory()
     if spec.runs_script:
