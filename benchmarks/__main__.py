@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, data, fsdp, gpu, multinode, overhead, syncbn
+from . import checkpoint, data, figures, fsdp, gpu, multinode, overhead, syncbn
 
 ALL = {"syncbn": syncbn.run, "data": data.run, "checkpoint": checkpoint.run, "overhead": overhead.run,
-       "multinode": multinode.run, "fsdp": fsdp.run, "gpu": gpu.run}
+       "multinode": multinode.run, "fsdp": fsdp.run, "figures": figures.run, "gpu": gpu.run}
 RESULTS = Path("benchmarks/RESULTS.md")
 HEADER = ["| comparison | ratio | target | met | medians | benchmark | measured |",
           "|---|---|---|---|---|---|---|"]
