@@ -130,6 +130,11 @@ def note_step(step: int) -> None:
     """
     _state["step"] = step
     _heartbeat(step)
+    if _state.get("pause"):  # Ctrl-Z: wait here, where no collective is in flight (launcher.rank.pause)
+        from .rank import pause
+
+        if pause.hold(step):
+            _state["pause"] = False
     if not _state["first_step_done"] and is_initialized() and _state["step_timeout_s"]:
         _state["first_step_done"] = True
         timeout = datetime.timedelta(seconds=_state["step_timeout_s"])
@@ -158,6 +163,11 @@ def set_total_steps(total: int | None) -> None:
 def note_flops(per_sample: float, peak: float) -> None:
     """FLOPs of one sample's training step, and the device's peak FLOP/s (0: not known), for the MFU."""
     _known.update(flops=per_sample, peak=peak)
+
+
+def request_pause() -> None:
+    """The launcher asked this rank to pause at its next step boundary (a signal handler calls this)."""
+    _state["pause"] = True
 
 
 def note_data_wait(seconds: float, samples: int) -> None:

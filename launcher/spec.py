@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 #: used by neither SLURM (USR1/USR2/TERM), submitit nor torch; every rank replaces its default (terminate).
 STACKS_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR1
 
+#: The signal that asks a rank to pause at its next step boundary (:mod:`launcher.rank.pause`, Ctrl-Z).
+PAUSE_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
 #: Module name under which a target defined in a script's ``__main__`` is imported in the ranks.
 MAIN_ALIAS = "__launcher_main__"  # not __mp_main__: torch aliases that to the real __main__
 

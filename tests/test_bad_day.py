@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import examples.tiny
 
@@ -212,10 +213,29 @@ def _states(pids: list[int]) -> set[str]:
     return {process_state(p) for p in pids}
 
 
+def rank_one_slower(job, args: examples.tiny.TinyArgs):
+    """Entry point: the tiny job with rank 1's forward 0.2 s slower: rank 0 is nearly always waiting for it
+    in a collective."""
+    import launcher
+
+    if launcher.get_rank() == 1:
+        forward = torch.nn.Sequential.forward
+
+        def slower(self, x):
+            time.sleep(0.2)
+            return forward(self, x)
+
+        torch.nn.Sequential.forward = slower  # type: ignore[method-assign]
+    return examples.tiny.main(job, args)
+
+
 def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path):
     from .conftest import descendants, rank_pids
 
-    proc = start_long_job(tmp_path / "runs", "checkpoint.every_steps=10")
+    # A stop longer than the collective timeout while rank 0 waits for rank 1 in a collective: without the
+    # ranks stopping at one step boundary first, rank 0's wait timed out right after `fg`.
+    proc = start_long_job(tmp_path / "runs", "checkpoint.every_steps=5", "distributed.timeout_s=4",
+                          "entry=tests.test_bad_day:rank_one_slower")
     ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
     try:
         assert wait_until(lambda: (ckpts / "latest").exists(), 90), "no checkpoint"
@@ -223,8 +243,11 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
         tree = [p for p in descendants(proc.pid) if p not in ranks]
         proc.send_signal(signal.SIGTSTP)  # what the terminal sends on Ctrl-Z
         assert wait_until(lambda: _states([proc.pid, *ranks]) == {"T"}, 5), _states([proc.pid, *ranks])
+        logs = tmp_path / "runs" / "tiny" / "logs"
+        waiting = [p.read_text() for p in sorted(logs.glob("heartbeat-*/paused-rank*"))]
+        assert len(waiting) == 2 and waiting[0] == waiting[1], waiting  # both after the same step
         latest = (ckpts / "latest").read_text()
-        time.sleep(3)
+        time.sleep(9)
         assert (ckpts / "latest").read_text() == latest, "the ranks trained on while the launcher was stopped"
         assert "R" not in _states(tree), "a worker ran on"
         proc.send_signal(signal.SIGCONT)  # `fg`

@@ -41,7 +41,7 @@ from .. import internals, rundir
 from ..dist import HEARTBEAT_ENV
 from ..errors import LaunchError, RankFailure
 from ..spec import Process, RankSpec, rank_function
-from . import failures, machines, perf, rankserver, stacks
+from . import failures, machines, pause, perf, rankserver, stacks
 
 #: Most ranks started from the fork server: torch's process context sends every rank the result queues of
 #: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many
@@ -150,7 +150,7 @@ def spawn(
                                 spec.timeout_s, lambda: agent.resumed_at, watch)
     # The agent writes os.environ (e.g. TORCHINDUCTOR_CACHE_DIR); callers keep theirs.
     environ = dict(os.environ)
-    restore = _install_signal_handlers(agent)
+    restore = _install_signal_handlers(agent, None if multi else heartbeats)
     # Another job took the run directory (removed under this one): its ranks go at once, then this launcher.
     rundir.on_lost(functools.partial(_stop_at_once, agent))
     try:
@@ -378,8 +378,8 @@ def _before_exit(agent: _Agent) -> None:
         shutil.rmtree(tempdir, ignore_errors=True)
 
 
-def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
-    """SIGINT/SIGTERM: graceful stop through the agent; a second signal kills every rank at once."""
+def _install_signal_handlers(agent: _Agent, heartbeats: Path | None) -> Callable[[], None]:
+    """SIGINT/SIGTERM: graceful stop through the agent; a second signal kills every rank at once. SIGTSTP."""
     # The agent registers its own handler for the signals in this variable each time it starts ranks;
     # we keep SIGINT/SIGTERM for ourselves so that the second signal can escalate.
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
@@ -396,11 +396,14 @@ def _install_signal_handlers(agent: _Agent) -> Callable[[], None]:
 
     def suspend(signum: int, frame: FrameType | None) -> None:
         """Ctrl-Z: the ranks (in sessions of their own, out of the terminal's reach) stop with the launcher
-        and go on with it, as torchrun's do; they trained on unsupervised before."""
+        and go on with it, as torchrun's do (they trained on unsupervised before); first they wait at a step
+        boundary, so that no collective waits across the stop (launching/pause.py)."""
         groups = list(dict.fromkeys(agent.current_pids))
+        pause.request(heartbeats, groups)
         _signal_groups(groups, signal.SIGSTOP)
         stopped = time.monotonic()
         os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell's `fg` or `bg` sent SIGCONT
+        pause.release(heartbeats)
         _signal_groups(groups, signal.SIGCONT)
         agent.suspended_s = max(agent.suspended_s, time.monotonic() - stopped)
         agent.resumed_at = time.time()

@@ -30,7 +30,7 @@ from ..data import workerserver
 from ..errors import StopForRequeue
 from ..rng import seed_everything
 from ..spec import MAIN_ALIAS, RankSpec
-from . import figures, hostmem, interrupt, process, stacks, stop
+from . import figures, hostmem, interrupt, pause, process, stacks, stop
 
 
 def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
@@ -107,6 +107,7 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
     stacks.install(spec.stacks_dir, environment.rank())  # `launcher stacks`, and the report of a stall
     metrics.set_run_dir(spec.run_dir)
     figures.enable(spec.figures)
+    pause.install()  # Ctrl-Z: stop at a step boundary, no collective in flight
     if spec.keep_freed_memory:
         hostmem.keep_freed_memory()
     if spec.runs_script:
