@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import functools
 import os
+import socket
 import time
 from typing import Any, TypeVar
 
@@ -186,7 +187,7 @@ def note_sync(started: float, ended: float) -> None:
 
 
 def _heartbeat(step: int) -> None:
-    """At most once a second: ``"STEP TIME DATA_S SYNC_S SAMPLES FLOPS PEAK TOTAL"`` into this rank's
+    """At most once a second: ``"STEP TIME DATA_S SYNC_S SAMPLES FLOPS PEAK TOTAL HOST"`` into this rank's
     heartbeat file (one ``pwrite``), so that the launcher can tell, when a collective times out, which rank
     stopped making progress, and, while the job runs, how fast it goes and which rank holds the others
     back."""
@@ -194,13 +195,16 @@ def _heartbeat(step: int) -> None:
     now = time.time()
     if not folder or now - _beat["last"] < 1.0:
         return
-    if _beat["pid"] != os.getpid():  # first beat of this process (a restarted rank is a new one)
-        _beat.update(pid=os.getpid(), fd=os.open(os.path.join(folder, f"rank{get_rank()}"),
-                                                  os.O_WRONLY | os.O_CREAT, 0o600))
     _beat["last"] = now
+    if _beat["pid"] != os.getpid():  # first beat of this process (a restarted rank is a new one)
+        try:
+            fd = os.open(os.path.join(folder, f"rank{get_rank()}"), os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:  # the folder went (its run directory removed; rank 0 done in place): a help only
+            return
+        _beat.update(pid=os.getpid(), fd=fd, host=socket.gethostname())
     w, k = _waits, _known
     os.pwrite(_beat["fd"], f"{step} {now:.3f} {w['data']:.4f} {w['sync']:.4f} {w['samples']:.0f} "
-              f"{k['flops']:.6g} {k['peak']:.6g} {k['total']:.0f}".ljust(128).encode(), 0)
+              f"{k['flops']:.6g} {k['peak']:.6g} {k['total']:.0f} {_beat['host']}".ljust(160).encode(), 0)
 
 
 def note_ended() -> None:

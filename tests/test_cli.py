@@ -1,5 +1,6 @@
 """The CLI end to end on the tiny job: runs, failures, signals, concurrency, torchrun in place."""
 
+import json
 import os
 import re
 import shutil
@@ -261,7 +262,9 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
             "run",
             "jobs/tiny.yaml",
             f"output_dir={run_root}",
-            "args.max_steps=4",
+            "args.max_steps=40",
+            "args.step_sleep=0.05",
+            "distributed.progress_s=0.5",  # no launcher process watches: rank 0 runs the progress line
             # With the job's 2 DataLoader workers per rank. One full-suite run once hung here silently: most
             # likely a worker forked from the rank deadlocked (see launcher.data.workerserver). Tight
             # timeouts turn any stuck wait (rendezvous, collective, batch from a worker) into the launcher's
@@ -283,6 +286,12 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
     # A rank in place leaves at once when done (launcher.rank.process.exit_now): what multiprocessing made is
     # gone first, the socket folder of the workers' fork server included.
     assert not list((run_root.parent / "tmp").glob("pymp-*"))
+    # The progress line and perf.jsonl, from rank 0; the ranks' heartbeat folder removed at the end.
+    logs = run_root / "tiny" / "logs"
+    windows = [json.loads(line) for line in (logs / "perf.jsonl").read_text().splitlines()]
+    assert any(len(w["ranks"]) == 2 and w["samples_per_s"] > 0 for w in windows), windows
+    assert "[launcher] step " in r.stderr and " ETA " in r.stderr, r.stderr
+    assert not list(logs.glob("heartbeat-*")), list(logs.iterdir())
 
 
 def fail_once(job, args: "examples.tiny.TinyArgs"):

@@ -121,9 +121,9 @@ def test_the_slower_rank_is_named_with_its_cause_and_a_balanced_job_names_nobody
     assert "straggler: rank 1 on " in r.stderr and "(compute)" in r.stderr and "(data)" in r.stderr, r.stderr
     assert "samples/s" in r.stderr and "ms/step" in r.stderr
     # FLOPs counted once: the tiny model's two Linear layers, 2 * (8 * 32 + 32 * 2) per sample forward, three
-    # times that with the backward; per rank, over the window's samples
+    # times that with the backward; per rank, over the window's samples (the last window may hold one rank)
     for w in windows:
-        assert w["flops_per_s"] == pytest.approx(1920 * w["samples_per_s"] / 2, rel=1e-3), w
+        assert w["flops_per_s"] == pytest.approx(1920 * w["samples_per_s"] / len(w["ranks"]), rel=1e-3), w
         assert w["mfu"] is None, w  # CPUs: no peak known, said once
     assert r.stderr.count("no MFU: the peak FLOP/s of this device is not known") == 1, r.stderr
     # ETA: examples/tiny.py says its last step (launcher.set_total_steps)
@@ -197,7 +197,7 @@ def test_the_figures_add_no_collective_to_a_step(tmp_path):
         # per step: DDP's one gradient all-reduce (one bucket), SyncBatchNorm's gathers (forward, backward)
         assert counts == {"all_reduce": 3, "syncbn_gather": 6}, (rank, counts)
     beat = (tmp_path / "rank0").read_text().split()  # at most one a second: step, time, waits, samples...
-    assert len(beat) == 8 and int(beat[4]) >= 4, beat
+    assert len(beat) == 9 and int(beat[4]) >= 4, beat
 
 
 def metrics_rows(folder):

@@ -37,11 +37,11 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalEx
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
-from .. import internals, rundir
+from .. import internals, perf, rundir
 from ..dist import HEARTBEAT_ENV
 from ..errors import LaunchError, RankFailure
 from ..spec import Process, RankSpec, rank_function
-from . import failures, machines, pause, perf, rankserver, stacks
+from . import failures, machines, pause, rankserver, stacks
 
 #: Most ranks started from the fork server: torch's process context sends every rank the result queues of
 #: all ranks, and the server passes at most 256 file descriptors per request (126 ranks failed with "too many

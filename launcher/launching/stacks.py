@@ -271,6 +271,6 @@ def _main_frames(dump: str) -> list[re.Match[str]]:
 
 def _beats(heartbeats: Path) -> dict[int, tuple[int, float]]:
     """``{rank: (last step, time)}`` of the ranks still at work (those that wrote ``ended-rankN`` are not)."""
-    from .perf import read_beats
+    from ..perf import read_beats
 
     return {r: (b.step, b.time) for r, b in read_beats(heartbeats).items()}

@@ -1,4 +1,4 @@
-"""What a rank measures for the launcher's figures (:mod:`launcher.launching.perf`), no collective added.
+"""What a rank measures for the launcher's figures (:mod:`launcher.perf`), no collective added.
 
 - The time its gradients wait for the other ranks': under DDP a comm hook that does what the reducer does
   without one, timed; under FSDP the time each unit's pre-forward (its parameters' all-gather) takes. Under

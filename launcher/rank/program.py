@@ -30,7 +30,7 @@ from ..data import workerserver
 from ..errors import StopForRequeue
 from ..rng import seed_everything
 from ..spec import MAIN_ALIAS, RankSpec
-from . import figures, hostmem, interrupt, pause, process, stacks, stop
+from . import figures, hostmem, inplace, interrupt, pause, process, stacks, stop
 
 
 def resolve(target: str, main_file: str | None = None) -> Callable[..., Any]:
@@ -96,7 +96,8 @@ def run_in_place(job: config_mod.Job) -> Any:
     if environment.rank() == 0:
         rundir.lock_job(job)
         config_mod.write_resolved(job)
-    return execute(spec, leaving=True)
+    with inplace.watched(spec, environment.rank()):  # no launcher watches: rank 0 runs the progress line
+        return execute(spec, leaving=True)
 
 
 def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool = False) -> Any:

@@ -1,7 +1,8 @@
 """How fast the job goes and who holds it back, from the ranks' heartbeats: a progress line on the console,
 ``RUN_DIR/logs/perf.jsonl`` (and TensorBoard events when ``tensorboard`` is installed), a straggler named.
 
-Runs in the ``launcher`` process: no collective and nothing added to a rank's step. Each rank's heartbeat
+Runs in the ``launcher`` process (in rank 0 where no launcher watches: :mod:`launcher.rank.inplace`): no
+collective and nothing added to a rank's step. Each rank's heartbeat
 (one ``pwrite`` a second, :func:`launcher.dist.note_step`) holds its step and, cumulated, the seconds it
 waited for data (the launcher's loader), the seconds a gradient all-reduce was in flight (DDP's comm hook)
 and the samples its loader gave. Under DDP every rank's step takes as long as the slowest one's: a slow rank
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..metrics import summary_writer
+from .metrics import summary_writer
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Beat:
     flops: float = 0.0  # of one sample's step (0: not counted)
     peak: float = 0.0  # the device's peak FLOP/s (0: not known)
     total: int = 0  # the run's last step (0: not known)
+    host: str = ""  # where the rank runs ("": this machine)
 
 
 def read_beats(heartbeats: Path) -> dict[int, Beat]:
@@ -47,10 +49,12 @@ def read_beats(heartbeats: Path) -> dict[int, Beat]:
         if p.name[4:] in ended:
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            words = p.read_text().split() + ["0"] * 6  # a beat of an older form: fewer fields
+            words = p.read_text().split()
+            host = words[8] if len(words) > 8 else ""
+            words = words[:8] + ["0"] * (8 - len(words))  # a beat of an older form: fewer fields
             out[int(p.name[4:])] = Beat(int(words[0]), float(words[1]), float(words[2]), float(words[3]),
                                         int(float(words[4])), float(words[5]), float(words[6]),
-                                        int(float(words[7])))
+                                        int(float(words[7])), host)
     return out
 
 
@@ -69,7 +73,7 @@ def window(before: dict[int, Beat], now: dict[int, Beat], host: str) -> dict[str
         if a is None or b.step <= a.step or b.time <= a.time:
             continue
         steps = b.step - a.step
-        ranks.append({"rank": r, "host": host, "step_s": (b.time - a.time) / steps,
+        ranks.append({"rank": r, "host": b.host or host, "step_s": (b.time - a.time) / steps,
                       "data_wait_s": (b.data_s - a.data_s) / steps,
                       "sync_wait_s": (b.sync_s - a.sync_s) / steps,
                       "samples_per_s": (b.samples - a.samples) / (b.time - a.time)})
