@@ -98,6 +98,30 @@ def windows_by_phase(run: Path, phases: int) -> tuple[list[dict], dict[int, list
                      for p in range(phases)}
 
 
+def test_a_first_forward_that_raises_leaves_no_flop_counter_behind(monkeypatch):
+    """FlopCounterMode is entered in a pre-forward hook and left in a forward hook: a forward that raises
+    must leave it too (``always_call``), or every later op of the rank would go through it."""
+    from launcher import dist
+    from launcher.rank import figures
+
+    monkeypatch.setitem(dist._known, "flops", 0.0)
+
+    class FailsOnce(torch.nn.Linear):
+        def forward(self, x):
+            if not getattr(self, "failed", False):
+                self.failed = True
+                raise ValueError("the first forward fails")
+            return super().forward(x)
+
+    model = FailsOnce(4, 2)
+    figures._count_flops_once(model)
+    with pytest.raises(ValueError):
+        model(torch.randn(3, 4))
+    assert torch._C._len_torch_dispatch_stack() == 0  # the counter was left
+    model(torch.randn(3, 4))  # counted once only: the hooks are gone
+    assert dist._known["flops"] == 0.0
+
+
 def test_the_slower_rank_is_named_with_its_cause_and_a_balanced_job_names_nobody(tmp_path):
     r = run_cli("run", "jobs/tiny.yaml", "entry=tests.test_perf:slow_rank1_in_phases",
                 f"output_dir={tmp_path}", "args.step_sleep=0.02", f"args.max_steps={3 * PHASE}",
