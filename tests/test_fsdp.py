@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -161,6 +162,19 @@ def fsdp_facts(folder):
         fully_shard(m, mesh=fsdp.mesh(), offload_policy=CPUOffloadPolicy())
         m(torch.randn(2, 4)).sum().backward()
 
+    # the launcher's figures: each unit's all-gather is timed (launcher.rank.figures); rank 1 coming 50 ms
+    # late to each forward shows as rank 0's wait there, the straggler rule's input under FSDP
+    from launcher import dist as launcher_dist
+    from launcher.rank import figures
+
+    timed = figures.watch_fsdp(fsdp.shard(mlp(), FsdpConfig()))
+    before = launcher_dist._waits["sync"]
+    for _ in range(4):
+        if rank == 1:
+            time.sleep(0.05)
+        timed(x.chunk(world)[rank]).sum().backward()
+    waited = launcher_dist._waits["sync"] - before
+
     moment = _async_save_keeps_the_moment(model, folder)
     gpu_host_mesh = _mesh_on_a_gpu_host(fsdp, FsdpConfig)
     torch_default_mesh = _mesh_on_a_gpu_host(fsdp, FsdpConfig, own=False)
@@ -169,7 +183,7 @@ def fsdp_facts(folder):
             "meta_equal": meta_equal, "rng_kept": rng_kept, "mesh": fsdp.mesh().device_type,
             "premul_sum": _trap(divide_factor_on_gloo), "pinned": _trap(pinned_offload_without_cuda),
             "factor_error": factor_error, "gpu_host_mesh": gpu_host_mesh,
-            "torch_default_mesh": torch_default_mesh,
+            "torch_default_mesh": torch_default_mesh, "waited": waited,
             "type": type(model).__name__}
 
 
@@ -177,6 +191,7 @@ def fsdp_facts(folder):
 def test_fsdp_on_gloo_computes_what_one_process_computes(tmp_path):
     out = run_distributed(fsdp_facts, tmp_path, world_size=2, timeout_s=120)
     assert out[0]["moment"], "an async sharded save wrote shards changed after it was called"
+    assert out[0]["waited"] - out[1]["waited"] > 0.15, out  # 4 forwards, rank 1 late by 50 ms each
     for rank, facts in out.items():
         assert facts["type"] == "FSDPSequential", facts
         assert facts["start_equal"], f"rank {rank} did not start from rank 0's weights"

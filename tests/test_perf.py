@@ -161,20 +161,6 @@ def test_the_slower_rank_is_named_with_its_cause_and_a_balanced_job_names_nobody
     assert (tmp_path / "tiny" / "curves.png").stat().st_size > 1000
 
 
-def test_under_fsdp_a_slower_forward_is_named_from_the_all_gather_waits(tmp_path):
-    # SyncBatchNorm off: the figures come from FSDP's all-gathers alone (each layer a unit of its own)
-    r = run_cli("run", "jobs/tiny.yaml", "entry=tests.test_perf:slow_rank1_in_phases",
-                f"output_dir={tmp_path}", "args.step_sleep=0.02", f"args.max_steps={2 * PHASE}",
-                "args.epochs=100", "args.log_every=0", "distributed.strategy=fsdp",
-                "distributed.sync_batchnorm=false", "data.num_workers=0", "checkpoint.every_steps=0",
-                "distributed.progress_s=0.5")
-    assert r.returncode == 0, r.stdout + r.stderr
-    said = {p: [w["straggler"] for w in ws] for p, ws in windows_by_phase(tmp_path, 2)[1].items()}
-    assert said[0] and said[1], said
-    assert all(s is None for s in said[0]), said
-    assert said[1].count(1) >= len(said[1]) / 2 and set(said[1]) <= {1, None}, said
-
-
 def collectives_in_steps(folder, steps):
     """On each rank: the collectives of ``steps`` steps of a DDP model with BatchNorm fed by the launcher's
     loader, with the heartbeat (and its figures) on: counted by name."""
