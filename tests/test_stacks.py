@@ -17,13 +17,16 @@ def wait_forever() -> None:
 
 def stalls_in_rank_one(job) -> None:
     """Entry point: three steps in step, then rank 1 stops in :func:`wait_forever` while rank 0 waits for it
-    in a collective."""
+    in a collective (each rank's DataLoader workers idle, waiting for the next request)."""
     import torch
     import torch.distributed as tdist
 
     import launcher
 
+    data = launcher.ShardedIterableDataset([256], _read, sizes=[256], batch_size=4, shuffle=False)
+    batches = iter(launcher.make_loader(data, job=job))
     for step in range(1, 4):
+        next(batches)
         tdist.all_reduce(torch.ones(1))
         launcher.note_step(step)
     if launcher.get_rank() == 1:
@@ -34,12 +37,14 @@ def stalls_in_rank_one(job) -> None:
 def test_a_stall_report_names_the_line_where_the_stalled_rank_is(tmp_path):
     started = time.monotonic()
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}",
-                "entry=tests.test_stacks:stalls_in_rank_one", "distributed.timeout_s=3", "data.num_workers=0")
+                "entry=tests.test_stacks:stalls_in_rank_one", "distributed.timeout_s=3", "data.num_workers=1")
     took = time.monotonic() - started
     assert r.returncode == 1, r.stderr
     assert "rank 1 stopped making progress" in r.stderr, r.stderr
     line = wait_forever.__code__.co_firstlineno + 1
     assert f"rank 1 was at {__file__}:{line} in wait_forever" in r.stderr, r.stderr
+    # idle, waiting for a request: Python's own frame (the console script is not the user's code)
+    assert "its DataLoader worker 0 was at " in r.stderr and "bin/launcher:" not in r.stderr, r.stderr
     assert (tmp_path / "tiny" / "logs" / "stacks" / "rank1.txt").read_text().count("wait_forever") >= 1
     print(f"stall reported {took:.1f} s after the start (timeout 3 s)")
 

@@ -20,7 +20,6 @@ import functools
 import inspect
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -178,7 +177,7 @@ def spawn(
             why = agent.roster.lost() if agent.roster else ""
             stalled = why or failures.left_early(failed, heartbeats) or \
                 failures.stall_report(failed, heartbeats, agent.states_at_failure)
-            stalled += _where_stalled(agent, stalled)
+            stalled += stacks.where_stalled(agent.stacks_dir, agent.stack_sizes, stalled)
             if stalled and agent.suspended_s > spec.timeout_s / 2:
                 # Gloo and NCCL count a collective's wait in monotonic time, which runs on while a process is
                 # stopped: a wait begun before Ctrl-Z can expire right after `fg`.
@@ -258,7 +257,7 @@ class _Agent(LocalElasticAgent):
         self.suspended_s = 0.0  # the longest Ctrl-Z so far
         self.resumed_at = 0.0  # time.time() of the last `fg` after a Ctrl-Z
         self.stacks_dir: Path | None = None  # where the ranks dump their stacks (launcher.rank.stacks)
-        self.stack_sizes: dict[int, int] = {}  # each rank's dump file before the failure's request
+        self.stack_sizes: dict[int | str, int] = {}  # each dump file before the failure's request
 
     def local_pids(self) -> dict[int, int]:
         """``{global rank: pid}`` of this attempt's ranks on this machine."""
@@ -282,7 +281,7 @@ class _Agent(LocalElasticAgent):
                 # a rank failed: where every other one is, before torch stops them (a C handler writes it
                 # at once, GIL or not)
                 alive = {r: pid for r, pid in zip(ranks, pids) if states[r] not in ("Z", "X", "?", "T", "t")}
-                self.stack_sizes = stacks.request(self.stacks_dir, alive)
+                self.stack_sizes = stacks.ask(self.stacks_dir, alive)  # and their DataLoader workers
 
     def remove_error_files(self) -> None:
         """torch.multiprocessing's per-rank traceback files of the last attempt, once they have been read."""
@@ -332,20 +331,6 @@ def stop_behind(error: UnboundLocalError) -> BaseException:
     ``finally`` replaced the stop with an UnboundLocalError: exit 1 and a traceback instead of 130 (seen once
     in a loaded make test)."""
     return error.__context__ if isinstance(error.__context__, SignalException) else error
-
-
-def _where_stalled(agent: _Agent, stalled: str) -> str:
-    """Where the rank that stopped making progress was when its peers failed: the innermost frame of the
-    user's code in its main thread (from the stacks asked for then); "" when unknown."""
-    m = re.match(r"rank (\d+) stopped making progress", stalled)
-    if m is None or agent.stacks_dir is None or int(m.group(1)) not in agent.stack_sizes:
-        return ""
-    rank = int(m.group(1))
-    dump = stacks.read_new(agent.stacks_dir, {rank: agent.stack_sizes[rank]}, wait_s=1.0)[rank]
-    at = stacks.where(dump)
-    if not at:
-        return f"\n(rank {rank} wrote no stacks: it may be in uninterruptible I/O)"
-    return f"\nrank {rank} was at {at} (every rank's threads: {agent.stacks_dir}/rank*.txt)"
 
 
 def _stop_at_once(agent: _Agent) -> None:

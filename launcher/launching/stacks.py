@@ -81,6 +81,15 @@ def request(stacks: Path, pids: Mapping[Key, int]) -> dict[Key, int]:
     return sizes
 
 
+def ask(stacks: Path, ranks: Mapping[int, int]) -> dict[int | str, int]:
+    """:func:`request` the stacks of ``ranks`` (``{rank: pid}``, this machine's) and of their live DataLoader
+    workers (keys from :func:`worker_key`)."""
+    pids: dict[int | str, int] = {r: pid for r, pid in ranks.items()}  # the key type widened
+    for r, workers in _live_workers(stacks, ranks).items():
+        pids.update({worker_key(r, w): pid for w, pid in workers.items()})
+    return request(stacks, pids)
+
+
 def read_new(stacks: Path, sizes: Mapping[Key, int], wait_s: float = WAIT_S) -> dict[Key, str]:
     """What each process wrote after ``sizes`` (``{key: dump}``, "" for one that wrote nothing), waiting up
     to ``wait_s`` for every one and until the dumps stop growing."""
@@ -113,8 +122,9 @@ def _size(path: Path) -> int:
 
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<fn>.+)$')
 _PATHS = sysconfig.get_paths()
-#: Frames from these folders are not the user's code: Python's, installed packages', the launcher's own.
-_NOT_USER = tuple({_PATHS["stdlib"], _PATHS["purelib"], _PATHS["platlib"], str(Path(__file__).parents[1])})
+#: Frames from these folders are not the user's code: Python's, installed packages and scripts, the launcher.
+_NOT_USER = tuple({_PATHS["stdlib"], _PATHS["purelib"], _PATHS["platlib"], _PATHS["scripts"],
+                   str(Path(__file__).parents[1])})
 
 
 def where(dump: str) -> str:
@@ -146,7 +156,7 @@ def cmd_stacks(run_dir: Path) -> int:
     workers = _live_workers(stacks, local)
     pids: dict[int | str, int] = {r: pid for r, pid in local.items()}  # the key type widened
     pids.update({worker_key(r, w): pid for r, ws in workers.items() for w, pid in ws.items()})
-    dumps = read_new(stacks, request(stacks, pids))
+    dumps = read_new(stacks, request(stacks, pids))  # not ask(): the pids are printed
     for rank in local:
         titles: dict[int | str, str] = {rank: f"rank {rank}"}
         for w in workers.get(rank, {}):
@@ -226,10 +236,8 @@ def watch_for_stalls(heartbeats: Path, stacks: Path, pids: Callable[[], dict[int
                 if not stale or done.is_set():
                     continue
                 warned.update({r: b[0] for r, b in stale.items()})
-                workers = _live_workers(stacks, {r: live[r] for r in stale})
-                asked: dict[int | str, int] = {r: live[r] for r in stale}
-                asked.update({worker_key(r, w): pid for r, ws in workers.items() for w, pid in ws.items()})
-                _warn(stale, read_new(stacks, request(stacks, asked), wait_s=2.0), now, timeout_s)
+                _warn(stale, read_new(stacks, ask(stacks, {r: live[r] for r in stale}), wait_s=2.0), now,
+                      timeout_s)
 
     threading.Thread(target=run, name="launcher-stall-watch", daemon=True).start()
     return done
@@ -246,16 +254,40 @@ def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | str, str], now:
         step, at = stale[rank]
         dump = dumps.get(rank, "")
         place = f" It is at {where(dump)}:\n{main_thread(dump)}" if dump else " It wrote no stacks."
-        for key, worker_dump in dumps.items():
-            if isinstance(key, str) and key.startswith(f"rank{rank}-worker"):
-                place += f"\nIts DataLoader worker {key.rpartition('worker')[2]} is at " \
-                         f"{where(worker_dump) or '(no stacks written)'}"
+        place += _workers_at(rank, dumps, "Its DataLoader worker {} is at")
         print(f"[launcher] rank {rank} made no step for {now - at:.0f} s (last step {step}); the job goes "
               f"on, and its peers' collectives time out after distributed.timeout_s ({timeout_s:g} s)."
               f"{place}", file=sys.stderr, flush=True)
     if waiting and len(shown) < len(stale):
         print(f"[launcher] rank(s) {', '.join(map(str, sorted(waiting)))} wait for it in a collective",
               file=sys.stderr, flush=True)
+
+
+def _workers_at(rank: int, dumps: Mapping[int | str, str], said: str) -> str:
+    """A line per DataLoader worker of ``rank`` in ``dumps``: ``said`` (given the worker's number), where."""
+    return "".join(f"\n{said.format(str(key).rpartition('worker')[2])} {where(dump) or '(no stacks written)'}"
+                   for key, dump in dumps.items() if _worker_of(key, rank))
+
+
+def _worker_of(key: int | str, rank: int) -> bool:
+    return isinstance(key, str) and key.startswith(f"rank{rank}-worker")
+
+
+def where_stalled(stacks: Path | None, sizes: Mapping[int | str, int], stalled: str) -> str:
+    """Where the rank that stopped making progress (named in ``stalled``, the report) was when its peers
+    failed: the innermost frame of the user's code in its main thread, and where each of its DataLoader
+    workers was (from the stacks :func:`ask` asked for then, ``sizes``); "" when unknown."""
+    m = re.match(r"rank (\d+) stopped making progress", stalled)
+    if m is None or stacks is None or int(m.group(1)) not in sizes:
+        return ""
+    rank = int(m.group(1))
+    mine = {k: n for k, n in sizes.items() if k == rank or _worker_of(k, rank)}
+    dumps = read_new(stacks, mine, wait_s=1.0)
+    at = where(dumps[rank])
+    if not at:
+        return f"\n(rank {rank} wrote no stacks: it may be in uninterruptible I/O)"
+    return (f"\nrank {rank} was at {at} (every rank's threads: {stacks}/rank*.txt)"
+            f"{_workers_at(rank, dumps, 'its DataLoader worker {} was at')}")
 
 
 def _in_collective(dump: str) -> bool:
