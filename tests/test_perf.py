@@ -98,6 +98,25 @@ def windows_by_phase(run: Path, phases: int) -> tuple[list[dict], dict[int, list
                      for p in range(phases)}
 
 
+def test_mfu_and_eta_from_the_heartbeats_on_a_gpu_with_a_known_peak(monkeypatch):
+    """The GPU side of the progress line, without a GPU: the peak of an H100 by its name, the MFU and ETA of a
+    window from two ranks' beats (1e12 FLOPs per sample, 200 samples/s per rank, 0.1 s per step)."""
+    from launcher import dist, perf
+    from launcher.rank import figures
+
+    monkeypatch.setattr(dist, "get_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert figures.peak_flops() == 989e12
+    before = {r: perf.Beat(100, 1000.0, samples=0, flops=1e12, peak=989e12, total=1100) for r in (0, 1)}
+    now = {r: perf.Beat(200, 1010.0, samples=2000, flops=1e12, peak=989e12, total=1100) for r in (0, 1)}
+    w = perf.window(before, now, "node1")
+    assert w is not None and w["flops_per_s"] == pytest.approx(200e12), w
+    assert w["mfu"] == pytest.approx(200 / 989, abs=1e-4), w
+    assert w["eta_s"] == pytest.approx(90.0), w  # 900 steps left at 0.1 s
+    assert perf.no_mfu_reason(w) is None
+    assert "| 200 TFLOP/s per rank | MFU 20% | ETA 1m30s" in perf.line(w), perf.line(w)
+
+
 def test_a_first_forward_that_raises_leaves_no_flop_counter_behind(monkeypatch):
     """FlopCounterMode is entered in a pre-forward hook and left in a forward hook: a forward that raises
     must leave it too (``always_call``), or every later op of the rank would go through it."""
