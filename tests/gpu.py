@@ -16,6 +16,8 @@ One line per check, PASS or FAIL with its numbers; exit 1 when any fails. Withou
 * fsdp-nccl: the tiny job under ``distributed.strategy: fsdp`` on NCCL, bf16 parameters and fp32 gradient
   reduction: its loss within bf16's reach of the DDP run's; fp32 FSDP 6 + resume + 6 equal to 12 straight, bit
   for bit (a sharded checkpoint staged from GPU memory);
+* mfu: the classify job 300 steps in bf16 with a progress line every second: every window has its FLOP/s,
+  and an MFU between 0 and 1 on a GPU of ``launcher.rank.figures.PEAK_BF16`` ("no MFU" said on another);
 * bench-gpu: ``python -m benchmarks gpu`` (launcher vs plain torchrun script, ResNet-18, bf16).
 """
 
@@ -118,6 +120,31 @@ def amp_classify(tmp: Path) -> str:
                    "data.num_workers=2")
         seen.append(f"{amp}: {_returned(out).get('val_accuracy')}")
     return "; ".join(seen)
+
+
+@check("mfu")
+def mfu(tmp: Path) -> str:
+    """The progress line's MFU on a GPU: FLOPs counted once by FlopCounterMode, the device's peak by name."""
+    import json
+
+    import torch
+
+    from examples.shapes import generate
+    from launcher.rank.figures import PEAK_BF16
+
+    generate(tmp / "shapes", train=2048, val=64, size=32, per_shard=256)
+    out = _run("run", "jobs/classify.yaml", f"output_dir={tmp}/runs", f"args.data_dir={tmp}/shapes",
+               "distributed.nproc_per_node=1", "args.amp=bf16", "args.max_steps=300", "args.epochs=100",
+               "data.num_workers=2", "distributed.progress_s=1")
+    windows = [json.loads(line) for line in (tmp / "runs" / "classify" / "logs" / "perf.jsonl").open()]
+    assert windows and all(w["flops_per_s"] for w in windows), windows
+    known = any(part in torch.cuda.get_device_name() for part in PEAK_BF16)
+    mfus = [w["mfu"] for w in windows]
+    if known:
+        assert all(m is not None and 0 < m < 1 for m in mfus) and " | MFU " in out, (mfus, out[-2000:])
+    else:
+        assert all(m is None for m in mfus) and "no MFU" in out, (mfus, out[-2000:])
+    return f"{torch.cuda.get_device_name()}: MFU {mfus} ({windows[-1]['flops_per_s'] / 1e12:.1f} TFLOP/s)"
 
 
 @check("syncbn-cuda")
