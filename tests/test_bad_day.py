@@ -230,7 +230,7 @@ def rank_one_slower(job, args: examples.tiny.TinyArgs):
 
 
 def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path):
-    from .conftest import descendants, rank_pids
+    from .conftest import descendants, left_behind, rank_pids
 
     # A stop longer than the collective timeout while rank 0 waits for rank 1 in a collective: without the
     # ranks stopping at one step boundary first, rank 0's wait timed out right after `fg`.
@@ -252,9 +252,15 @@ def test_ctrl_z_stops_the_ranks_with_the_launcher_and_fg_continues_them(tmp_path
         assert "R" not in _states(tree), "a worker ran on"
         proc.send_signal(signal.SIGCONT)  # `fg`
         assert wait_until(lambda: (ckpts / "latest").read_text() != latest, 30), "the ranks did not go on"
-        proc.send_signal(signal.SIGINT)
+        # Ctrl-Z again, then `kill -9 %1`: nothing of the job may stay behind, stopped or not (each rank's
+        # watcher used to be stopped with its group, and kept what the rank had started, stopped, for good)
+        proc.send_signal(signal.SIGTSTP)
+        assert wait_until(lambda: _states([proc.pid, *ranks]) == {"T"}, 5), _states([proc.pid, *ranks])
+        tree = descendants(proc.pid)
+        proc.kill()
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        assert wait_until(lambda: not left_behind(tree, ranks), 5), [(p, _states([p])) for p in
+                                                                     left_behind(tree, ranks)]
         assert "Timed out" not in err and "stopped making progress" not in err, err
     finally:
         proc.kill()

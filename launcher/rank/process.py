@@ -51,34 +51,38 @@ def group_dies_with_this_process() -> int:
 
     What the rank's code starts with ``subprocess`` (a logging service, a helper binary) is in the rank's
     group but gets no parent-death signal: a rank SIGKILLed with its launcher left such helpers running as
-    orphans. The watcher is one small process that only waits; it ignores the stop signals the group gets
-    (SIGINT, SIGTERM, SIGUSR2, SIGHUP) so that it outlives every other member. Call it before anything else
-    forks (the at-fork hooks of :func:`forked_children_die_with_this_process` must not apply to it), from
-    the main thread, in a process that leads its group.
+    orphans. The watcher is one small process that only waits, in a process group of its own: what the
+    group gets (SIGINT, SIGTERM, and Ctrl-Z's SIGSTOP, which nothing can ignore) never reaches it. A watcher
+    in the group was stopped with it: a launcher SIGKILLed while Ctrl-Z held the job left every rank's
+    watcher, and what the rank had started, stopped for good. Call it before anything else forks (the at-fork
+    hooks of :func:`forked_children_die_with_this_process` must not apply to it), from the main thread, in a
+    process that leads its group.
     """
     if not sys.platform.startswith("linux"):
         return 0
     parent = os.getpid()
+    group = os.getpgrp()
     pid = os.fork()
     if pid:
         return pid
     try:
+        os.setpgid(0, 0)
         set_name(f"launcher-reap{os.environ.get('RANK', '')}")
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, lambda *_: _kill_group_and_exit())
+        signal.signal(signal.SIGUSR1, lambda *_: _kill_group_and_exit(group))
         _prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1)
         if os.getppid() != parent:  # the rank died before prctl took effect
-            _kill_group_and_exit()
+            _kill_group_and_exit(group)
         while True:
             signal.pause()
     finally:
         os._exit(0)
 
 
-def _kill_group_and_exit() -> NoReturn:
+def _kill_group_and_exit(group: int) -> NoReturn:
     with contextlib.suppress(OSError):
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # this watcher too, last of its group
+        os.killpg(group, signal.SIGKILL)  # SIGKILL ends a stopped process too
     os._exit(0)
 
 
