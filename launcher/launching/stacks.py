@@ -84,10 +84,17 @@ def request(stacks: Path, pids: Mapping[Key, int]) -> dict[Key, int]:
 def ask(stacks: Path, ranks: Mapping[int, int]) -> dict[int | str, int]:
     """:func:`request` the stacks of ``ranks`` (``{rank: pid}``, this machine's) and of their live DataLoader
     workers (keys from :func:`worker_key`)."""
-    pids: dict[int | str, int] = {r: pid for r, pid in ranks.items()}  # the key type widened
-    for r, workers in _live_workers(stacks, ranks).items():
-        pids.update({worker_key(r, w): pid for w, pid in workers.items()})
-    return request(stacks, pids)
+    return request(stacks, _with_workers(stacks, ranks))
+
+
+def _with_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[int | str, int]:
+    """``{key: pid}`` of ``ranks`` and their live DataLoader workers, each rank followed by its workers."""
+    pids: dict[int | str, int] = {}
+    workers = _live_workers(stacks, ranks)
+    for r, pid in ranks.items():
+        pids[r] = pid
+        pids.update({worker_key(r, w): p for w, p in workers.get(r, {}).items()})
+    return pids
 
 
 def read_new(stacks: Path, sizes: Mapping[Key, int], wait_s: float = WAIT_S) -> dict[Key, str]:
@@ -153,19 +160,15 @@ def cmd_stacks(run_dir: Path) -> int:
     if not local and not elsewhere:
         print(f"launcher: no rank of {run_dir} is running", file=sys.stderr)
         return 1
-    workers = _live_workers(stacks, local)
-    pids: dict[int | str, int] = {r: pid for r, pid in local.items()}  # the key type widened
-    pids.update({worker_key(r, w): pid for r, ws in workers.items() for w, pid in ws.items()})
-    dumps = read_new(stacks, request(stacks, pids))  # not ask(): the pids are printed
-    for rank in local:
-        titles: dict[int | str, str] = {rank: f"rank {rank}"}
-        for w in workers.get(rank, {}):
-            titles[worker_key(rank, w)] = f"rank {rank}, DataLoader worker {w}"
-        for key, title in titles.items():
-            if key in dumps:
-                print(f"== {title} (pid {pids[key]} on {here})")
-                print(dumps[key].rstrip() if dumps[key] else f"(no stacks within {WAIT_S:.0f} s: the process "
-                      "may be stopped or in uninterruptible I/O)")
+    pids = _with_workers(stacks, local)
+    dumps = read_new(stacks, request(stacks, pids))
+    for key, pid in pids.items():
+        if key in dumps:
+            title = f"rank {key}" if isinstance(key, int) else "rank {}, DataLoader worker {}".format(
+                *key[len("rank"):].split("-worker"))
+            print(f"== {title} (pid {pid} on {here})")
+            print(dumps[key].rstrip() if dumps[key] else f"(no stacks within {WAIT_S:.0f} s: the process "
+                  "may be stopped or in uninterruptible I/O)")
     for rank, host in elsewhere.items():
         print(f"== rank {rank} runs on {host}: run `launcher stacks {run_dir}` there (under SLURM: "
               f"srun --overlap --jobid JOBID -w {host} launcher stacks {run_dir})")
