@@ -23,8 +23,8 @@ from ..processes import alive as pid_alive
 from ..processes import parent_of
 from ..spec import STACKS_SIGNAL as SIGNAL
 
-#: A rank (its number) or a DataLoader worker (:func:`worker_key`).
-Key = TypeVar("Key", bound=int | str)
+#: A rank (its number) or a DataLoader worker (``(rank, worker)``).
+Key = TypeVar("Key", bound=int | tuple[int, int])
 #: Longest wait for the dumps; a rank that has not written by then is named as such.
 WAIT_S = 5.0
 
@@ -59,17 +59,12 @@ def _pid_files(stacks: Path) -> dict[str, tuple[int, str]]:
     return dict(sorted(out.items()))
 
 
-def worker_key(rank: int, worker: int) -> str:
-    """A DataLoader worker's key for :func:`request` and :func:`read_new` (a rank's key is its number)."""
-    return f"rank{rank}-worker{worker}"
-
-
-def _dump_file(stacks: Path, key: int | str) -> Path:
-    return stacks / (f"rank{key}.txt" if isinstance(key, int) else f"{key}.txt")
+def _dump_file(stacks: Path, key: int | tuple[int, int]) -> Path:
+    return stacks / (f"rank{key}.txt" if isinstance(key, int) else f"rank{key[0]}-worker{key[1]}.txt")
 
 
 def request(stacks: Path, pids: Mapping[Key, int]) -> dict[Key, int]:
-    """Signal each process (``{key: pid}``, a key being a rank or a :func:`worker_key`) for its stacks;
+    """Signal each process (``{key: pid}``, a key being a rank or ``(rank, worker)``) for its stacks;
     returns the size of each one's dump file before, where its new dump starts (:func:`read_new`)."""
     sizes = {}
     for key, pid in pids.items():
@@ -81,19 +76,19 @@ def request(stacks: Path, pids: Mapping[Key, int]) -> dict[Key, int]:
     return sizes
 
 
-def ask(stacks: Path, ranks: Mapping[int, int]) -> dict[int | str, int]:
+def ask(stacks: Path, ranks: Mapping[int, int]) -> dict[int | tuple[int, int], int]:
     """:func:`request` the stacks of ``ranks`` (``{rank: pid}``, this machine's) and of their live DataLoader
-    workers (keys from :func:`worker_key`)."""
+    workers (keys ``(rank, worker)``)."""
     return request(stacks, _with_workers(stacks, ranks))
 
 
-def _with_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[int | str, int]:
+def _with_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[int | tuple[int, int], int]:
     """``{key: pid}`` of ``ranks`` and their live DataLoader workers, each rank followed by its workers."""
-    pids: dict[int | str, int] = {}
+    pids: dict[int | tuple[int, int], int] = {}
     workers = _live_workers(stacks, ranks)
     for r, pid in ranks.items():
         pids[r] = pid
-        pids.update({worker_key(r, w): p for w, p in workers.get(r, {}).items()})
+        pids.update({(r, w): p for w, p in workers.get(r, {}).items()})
     return pids
 
 
@@ -164,8 +159,7 @@ def cmd_stacks(run_dir: Path) -> int:
     dumps = read_new(stacks, request(stacks, pids))
     for key, pid in pids.items():
         if key in dumps:
-            title = f"rank {key}" if isinstance(key, int) else "rank {}, DataLoader worker {}".format(
-                *key[len("rank"):].split("-worker"))
+            title = f"rank {key}" if isinstance(key, int) else f"rank {key[0]}, DataLoader worker {key[1]}"
             print(f"== {title} (pid {pid} on {here})")
             print(dumps[key].rstrip() if dumps[key] else f"(no stacks within {WAIT_S:.0f} s: the process "
                   "may be stopped or in uninterruptible I/O)")
@@ -246,9 +240,9 @@ def watch_for_stalls(heartbeats: Path, stacks: Path, pids: Callable[[], dict[int
     return done
 
 
-def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | str, str], now: float,
+def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | tuple[int, int], str], now: float,
           timeout_s: float) -> None:
-    """Say where the stale ranks are, and their DataLoader workers (in ``dumps`` under :func:`worker_key`).
+    """Say where the stale ranks are, and their DataLoader workers (in ``dumps`` as ``(rank, worker)``).
     Ranks waiting in a collective for a peer stop stepping too: the ranks that are not (the ones holding the
     others back) are shown, all of them when every one waits."""
     waiting = {r for r in stale if _in_collective(dumps.get(r, ""))}
@@ -266,17 +260,13 @@ def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | str, str], now:
               file=sys.stderr, flush=True)
 
 
-def _workers_at(rank: int, dumps: Mapping[int | str, str], said: str) -> str:
+def _workers_at(rank: int, dumps: Mapping[int | tuple[int, int], str], said: str) -> str:
     """A line per DataLoader worker of ``rank`` in ``dumps``: ``said`` (given the worker's number), where."""
-    return "".join(f"\n{said.format(str(key).rpartition('worker')[2])} {where(dump) or '(no stacks written)'}"
-                   for key, dump in dumps.items() if _worker_of(key, rank))
+    return "".join(f"\n{said.format(key[1])} {where(dump) or '(no stacks written)'}"
+                   for key, dump in dumps.items() if isinstance(key, tuple) and key[0] == rank)
 
 
-def _worker_of(key: int | str, rank: int) -> bool:
-    return isinstance(key, str) and key.startswith(f"rank{rank}-worker")
-
-
-def where_stalled(stacks: Path | None, sizes: Mapping[int | str, int], stalled: str) -> str:
+def where_stalled(stacks: Path | None, sizes: Mapping[int | tuple[int, int], int], stalled: str) -> str:
     """Where the rank that stopped making progress (named in ``stalled``, the report) was when its peers
     failed: the innermost frame of the user's code in its main thread, and where each of its DataLoader
     workers was (from the stacks :func:`ask` asked for then, ``sizes``); "" when unknown."""
@@ -284,7 +274,7 @@ def where_stalled(stacks: Path | None, sizes: Mapping[int | str, int], stalled: 
     if m is None or stacks is None or int(m.group(1)) not in sizes:
         return ""
     rank = int(m.group(1))
-    mine = {k: n for k, n in sizes.items() if k == rank or _worker_of(k, rank)}
+    mine = {k: n for k, n in sizes.items() if k == rank or (isinstance(k, tuple) and k[0] == rank)}
     dumps = read_new(stacks, mine, wait_s=1.0)
     at = where(dumps[rank])
     if not at:
