@@ -25,3 +25,17 @@ def parent_of(pid: int) -> int | None:
         return None
     state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the name, in parentheses, may hold spaces
     return None if state in ("Z", "X") else int(ppid)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """The live process ``pid`` has a handler of its own for ``signum`` (``SigCgt`` in Linux's ``/proc``).
+    A child forked with a handler loses it when it runs another program (``exec``): a signal whose default
+    action ends a process must not reach it then."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        return False
+    return False

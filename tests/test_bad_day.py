@@ -137,7 +137,16 @@ def test_a_cleanup_error_never_hides_the_error_it_cleans_up_after(tmp_path, monk
     assert e.value.errno == 30 and e.value.filename.endswith(".tmp") and e.value.__context__ is None
 
 
-@pytest.mark.parametrize("value", ["", "abc", "0", "-1", "1e9", "99999"])
+def test_every_kind_of_bad_omp_num_threads_is_told_from_a_thread_count():
+    from launcher import env
+
+    bad = ["", " ", "abc", "0", "-1", "1e9", "4.0", "99999", str(env.MAX_THREADS + 1)]
+    assert [env.thread_count(v) for v in bad] == [None] * len(bad)
+    assert [env.thread_count(v) for v in ("1", " 8 ", str(env.MAX_THREADS))] == [1, 8, env.MAX_THREADS]
+
+
+# End to end, a value that does not parse and one too large (it failed at the fork); the others: above.
+@pytest.mark.parametrize("value", ["abc", "99999"])
 def test_a_bad_omp_num_threads_is_warned_about_not_fatal(tmp_path, value):
     env = {**os.environ, "OMP_NUM_THREADS": value}
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.max_steps=2", "data.num_workers=0",

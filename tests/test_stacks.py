@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import time
 
-from .conftest import run_cli, wait_until
+from .conftest import ROOT, cmdline, killable_env, launcher_cmd, run_cli, wait_until
 from .test_cli import start_long_job
+
+SCRIPTS = ROOT / "tests" / "scripts"
 
 
 def wait_forever() -> None:
@@ -132,3 +135,35 @@ def test_a_rank_without_a_step_for_a_while_gets_its_stack_printed_once_and_the_j
     assert f"It is at {loop}" in r.stderr, r.stderr  # the rank waits for its batch, in the user's loop
     assert f"Its DataLoader worker 0 is at {__file__}:{line} in pause_here" in r.stderr, r.stderr
     assert "rank(s) 0 wait for it in a collective" in r.stderr, r.stderr
+
+
+def test_launcher_stacks_shows_the_workers_of_a_scripts_own_dataloader(tmp_path):
+    """A torchrun script's own DataLoader (torch's, forked workers): each worker's stack, where it reads;
+    a helper program the rank forked and ran (it lost the handler: the signal would end it) is left alone."""
+    proc = subprocess.Popen(launcher_cmd("run", "--nproc-per-node", "2", str(SCRIPTS / "stuck_loader.py")),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=killable_env(tmp_path))
+    try:
+        run_dir = tmp_path / "runs" / "stuck_loader"
+        stacks = run_dir / "logs" / "stacks"
+        # 2 ranks, 2 workers each, and the helpers' files (written before they ran `sleep`)
+        assert wait_until(lambda: len(list(stacks.glob("rank*-pid*.pid"))) == 6, 60), "no workers started"
+        time.sleep(1)
+        children = [int(p.name.split("-pid")[1][:-4]) for p in stacks.glob("rank*-pid*.pid")]
+        helpers = [pid for pid in children if cmdline(pid).startswith("sleep 300")]
+        assert len(helpers) == 2, [cmdline(pid) for pid in children]
+        started = time.monotonic()
+        r = run_cli("stacks", str(run_dir), timeout=30)
+        took = time.monotonic() - started
+        assert r.returncode == 0, r.stderr
+        titles = re.findall(r"^== (rank \d(?:, \D+)?) \(pid", r.stdout, re.MULTILINE)
+        assert titles == ["rank 0", "rank 0, DataLoader worker", "rank 0, DataLoader worker", "rank 1",
+                          "rank 1, DataLoader worker", "rank 1, DataLoader worker"], r.stdout
+        workers = r.stdout.split("DataLoader worker (pid")[1:]
+        assert all("in slow_read" in w.split("== rank")[0] for w in workers), r.stdout
+        assert all(cmdline(pid).startswith("sleep 300") for pid in helpers), "a helper was signalled"
+        assert took < 5, took
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert not any(cmdline(pid) for pid in helpers), "a helper outlived its rank"

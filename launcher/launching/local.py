@@ -257,7 +257,7 @@ class _Agent(LocalElasticAgent):
         self.suspended_s = 0.0  # the longest Ctrl-Z so far
         self.resumed_at = 0.0  # time.time() of the last `fg` after a Ctrl-Z
         self.stacks_dir: Path | None = None  # where the ranks dump their stacks (launcher.rank.stacks)
-        self.stack_sizes: dict[int | tuple[int, int], int] = {}  # each dump file before the failure's request
+        self.stack_sizes: dict[int | tuple[int, str], int] = {}  # each dump file before the failure's request
 
     def local_pids(self) -> dict[int, int]:
         """``{global rank: pid}`` of this attempt's ranks on this machine."""

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..processes import alive as pid_alive
-from ..processes import parent_of
+from ..processes import catches, parent_of
 from ..spec import STACKS_SIGNAL as SIGNAL
 
-#: A rank (its number) or a DataLoader worker (``(rank, worker)``).
-Key = TypeVar("Key", bound=int | tuple[int, int])
+#: A rank (its number) or a process of its (``(rank, name)``, name ``workerW`` or ``pidP``: see
+#: :mod:`launcher.rank.stacks`).
+Key = TypeVar("Key", bound=int | tuple[int, str])
+AnyKey = int | tuple[int, str]
 #: Longest wait for the dumps; a rank that has not written by then is named as such.
 WAIT_S = 5.0
 
@@ -38,14 +40,25 @@ def ranks_of(stacks: Path) -> dict[int, tuple[int, str]]:
     return {int(name[4:]): where for name, where in _pid_files(stacks).items() if name[4:].isdigit()}
 
 
-def workers_of(stacks: Path) -> dict[int, dict[int, tuple[int, str]]]:
-    """``{rank: {worker: (pid, host)}}`` from the DataLoader workers' ``rankN-workerW.pid`` files (a later
-    epoch's workers replace an earlier one's)."""
-    out: dict[int, dict[int, tuple[int, str]]] = {}
+def workers_of(stacks: Path) -> dict[int, dict[str, tuple[int, str]]]:
+    """``{rank: {name: (pid, host)}}`` from the ``rankN-workerW.pid`` files of ``launcher.make_loader``'s
+    workers (a later epoch's replace an earlier one's) and the ``rankN-pidP.pid`` of the rank's forked
+    children, in that order."""
+    out: dict[int, dict[str, tuple[int, str]]] = {}
     for name, where in _pid_files(stacks).items():
-        if m := re.fullmatch(r"rank(\d+)-worker(\d+)", name):
-            out.setdefault(int(m.group(1)), {})[int(m.group(2))] = where
-    return {r: dict(sorted(w.items())) for r, w in sorted(out.items())}
+        if m := re.fullmatch(r"rank(\d+)-((?:worker|pid)\d+)", name):
+            out.setdefault(int(m.group(1)), {})[m.group(2)] = where
+    return {r: dict(sorted(w.items(), key=lambda i: (i[0].startswith("pid"), int(i[0].lstrip("wokerpid")))))
+            for r, w in sorted(out.items())}
+
+
+def label(name: str, dump: str, pid: bool = True) -> str:
+    """What a process of a rank is, from its name (:func:`workers_of`) and what it dumped; with its pid
+    (``pid``) when its name is one."""
+    if name.startswith("worker"):
+        return f"DataLoader worker {name[6:]}"
+    kind = "DataLoader worker" if "in _worker_loop" in dump else "child process"
+    return f"{kind} (pid {name[3:]})" if pid else kind
 
 
 def _pid_files(stacks: Path) -> dict[str, tuple[int, str]]:
@@ -59,12 +72,12 @@ def _pid_files(stacks: Path) -> dict[str, tuple[int, str]]:
     return dict(sorted(out.items()))
 
 
-def _dump_file(stacks: Path, key: int | tuple[int, int]) -> Path:
-    return stacks / (f"rank{key}.txt" if isinstance(key, int) else f"rank{key[0]}-worker{key[1]}.txt")
+def _dump_file(stacks: Path, key: AnyKey) -> Path:
+    return stacks / (f"rank{key}.txt" if isinstance(key, int) else f"rank{key[0]}-{key[1]}.txt")
 
 
 def request(stacks: Path, pids: Mapping[Key, int]) -> dict[Key, int]:
-    """Signal each process (``{key: pid}``, a key being a rank or ``(rank, worker)``) for its stacks;
+    """Signal each process (``{key: pid}``, a key being a rank or ``(rank, name)``) for its stacks;
     returns the size of each one's dump file before, where its new dump starts (:func:`read_new`)."""
     sizes = {}
     for key, pid in pids.items():
@@ -76,15 +89,15 @@ def request(stacks: Path, pids: Mapping[Key, int]) -> dict[Key, int]:
     return sizes
 
 
-def ask(stacks: Path, ranks: Mapping[int, int]) -> dict[int | tuple[int, int], int]:
+def ask(stacks: Path, ranks: Mapping[int, int]) -> dict[AnyKey, int]:
     """:func:`request` the stacks of ``ranks`` (``{rank: pid}``, this machine's) and of their live DataLoader
-    workers (keys ``(rank, worker)``)."""
+    workers and other children (keys ``(rank, name)``)."""
     return request(stacks, _with_workers(stacks, ranks))
 
 
-def _with_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[int | tuple[int, int], int]:
+def _with_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[AnyKey, int]:
     """``{key: pid}`` of ``ranks`` and their live DataLoader workers, each rank followed by its workers."""
-    pids: dict[int | tuple[int, int], int] = {}
+    pids: dict[AnyKey, int] = {}
     workers = _live_workers(stacks, ranks)
     for r, pid in ranks.items():
         pids[r] = pid
@@ -159,7 +172,9 @@ def cmd_stacks(run_dir: Path) -> int:
     dumps = read_new(stacks, request(stacks, pids))
     for key, pid in pids.items():
         if key in dumps:
-            title = f"rank {key}" if isinstance(key, int) else f"rank {key[0]}, DataLoader worker {key[1]}"
+            title = f"rank {key}"
+            if isinstance(key, tuple):
+                title = f"rank {key[0]}, {label(key[1], dumps[key], pid=False)}"
             print(f"== {title} (pid {pid} on {here})")
             print(dumps[key].rstrip() if dumps[key] else f"(no stacks within {WAIT_S:.0f} s: the process "
                   "may be stopped or in uninterruptible I/O)")
@@ -169,16 +184,19 @@ def cmd_stacks(run_dir: Path) -> int:
     return 0
 
 
-def _live_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[int, dict[int, int]]:
-    """``{rank: {worker: pid}}``: the live DataLoader workers of ``ranks`` (``{rank: pid}``, this machine's),
-    those whose parent is the rank or the rank's own fork server (:mod:`launcher.data.workerserver`)."""
-    out: dict[int, dict[int, int]] = {}
+def _live_workers(stacks: Path, ranks: Mapping[int, int]) -> dict[int, dict[str, int]]:
+    """``{rank: {name: pid}}``: the live DataLoader workers and forked children of ``ranks`` (``{rank:
+    pid}``, this machine's), those whose parent is the rank or the rank's own fork server
+    (:mod:`launcher.data.workerserver`) and that still handle :data:`SIGNAL` (one that ran another program
+    since would be ended by it)."""
+    out: dict[int, dict[str, int]] = {}
     for rank, workers in workers_of(stacks).items():
         if rank not in ranks:
             continue
         for w, (pid, _) in workers.items():
             parent = parent_of(pid)
-            if parent is not None and (parent == ranks[rank] or parent_of(parent) == ranks[rank]):
+            mine = parent is not None and (parent == ranks[rank] or parent_of(parent) == ranks[rank])
+            if mine and catches(pid, SIGNAL):
                 out.setdefault(rank, {})[w] = pid
     return out
 
@@ -240,9 +258,9 @@ def watch_for_stalls(heartbeats: Path, stacks: Path, pids: Callable[[], dict[int
     return done
 
 
-def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | tuple[int, int], str], now: float,
+def _warn(stale: dict[int, tuple[int, float]], dumps: dict[AnyKey, str], now: float,
           timeout_s: float) -> None:
-    """Say where the stale ranks are, and their DataLoader workers (in ``dumps`` as ``(rank, worker)``).
+    """Say where the stale ranks are, and their DataLoader workers (in ``dumps`` as ``(rank, name)``).
     Ranks waiting in a collective for a peer stop stepping too: the ranks that are not (the ones holding the
     others back) are shown, all of them when every one waits."""
     waiting = {r for r in stale if _in_collective(dumps.get(r, ""))}
@@ -251,7 +269,7 @@ def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | tuple[int, int]
         step, at = stale[rank]
         dump = dumps.get(rank, "")
         place = f" It is at {where(dump)}:\n{main_thread(dump)}" if dump else " It wrote no stacks."
-        place += _workers_at(rank, dumps, "Its DataLoader worker {} is at")
+        place += _workers_at(rank, dumps, "Its {} is at")
         print(f"[launcher] rank {rank} made no step for {now - at:.0f} s (last step {step}); the job goes "
               f"on, and its peers' collectives time out after distributed.timeout_s ({timeout_s:g} s)."
               f"{place}", file=sys.stderr, flush=True)
@@ -260,13 +278,13 @@ def _warn(stale: dict[int, tuple[int, float]], dumps: dict[int | tuple[int, int]
               file=sys.stderr, flush=True)
 
 
-def _workers_at(rank: int, dumps: Mapping[int | tuple[int, int], str], said: str) -> str:
-    """A line per DataLoader worker of ``rank`` in ``dumps``: ``said`` (given the worker's number), where."""
-    return "".join(f"\n{said.format(key[1])} {where(dump) or '(no stacks written)'}"
+def _workers_at(rank: int, dumps: Mapping[AnyKey, str], said: str) -> str:
+    """A line per DataLoader worker of ``rank`` in ``dumps``: ``said`` (given what the worker is), where."""
+    return "".join(f"\n{said.format(label(key[1], dump))} {where(dump) or '(no stacks written)'}"
                    for key, dump in dumps.items() if isinstance(key, tuple) and key[0] == rank)
 
 
-def where_stalled(stacks: Path | None, sizes: Mapping[int | tuple[int, int], int], stalled: str) -> str:
+def where_stalled(stacks: Path | None, sizes: Mapping[AnyKey, int], stalled: str) -> str:
     """Where the rank that stopped making progress (named in ``stalled``, the report) was when its peers
     failed: the innermost frame of the user's code in its main thread, and where each of its DataLoader
     workers was (from the stacks :func:`ask` asked for then, ``sizes``); "" when unknown."""
@@ -280,7 +298,7 @@ def where_stalled(stacks: Path | None, sizes: Mapping[int | tuple[int, int], int
     if not at:
         return f"\n(rank {rank} wrote no stacks: it may be in uninterruptible I/O)"
     return (f"\nrank {rank} was at {at} (every rank's threads: {stacks}/rank*.txt)"
-            f"{_workers_at(rank, dumps, 'its DataLoader worker {} was at')}")
+            f"{_workers_at(rank, dumps, 'its {} was at')}")
 
 
 def _in_collective(dump: str) -> bool:
