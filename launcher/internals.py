@@ -13,16 +13,12 @@ from typing import Any
 
 #: ``(module, dotted attribute path)`` of every private name used below (checked by the test suite).
 REQUIRED = [
-    ("multiprocessing.forkserver", "_forkserver"),
-    ("multiprocessing.forkserver", "_forkserver._forkserver_pid"),
-    ("multiprocessing.forkserver", "_forkserver._forkserver_alive_fd"),
-    ("multiprocessing.forkserver", "_forkserver._forkserver_address"),
+    *[("multiprocessing.forkserver", f"_forkserver{attr}")
+      for attr in ("", "._forkserver_pid", "._forkserver_alive_fd", "._forkserver_address")],
     ("multiprocessing.util", "_exit_function"),
     ("multiprocessing.util", "_args_from_interpreter_flags"),
     ("multiprocessing.resource_tracker", "_resource_tracker"),
-    ("multiprocessing.resource_tracker", "ResourceTracker._fd"),
-    ("multiprocessing.resource_tracker", "ResourceTracker._pid"),
-    ("multiprocessing.resource_tracker", "ResourceTracker._lock"),
+    *[("multiprocessing.resource_tracker", f"ResourceTracker.{attr}") for attr in ("_fd", "_pid", "_lock")],
     ("multiprocessing.process", "BaseProcess._config"),
     ("torch.nn.modules.batchnorm", "_BatchNorm"),
     ("torch.nn.modules._functions", "SyncBatchNorm"),
@@ -40,19 +36,13 @@ REQUIRED = [
     ("torch.utils.data.dataloader", "DataLoader._iterator"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._get_data"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._workers"),
-    ("torchdata.stateful_dataloader.stateful_dataloader",
-     "_StatefulMultiProcessingDataLoaderIter._index_queues"),
-    ("torchdata.stateful_dataloader.stateful_dataloader",
-     "_StatefulMultiProcessingDataLoaderIter._workers_status"),
+    *[("torchdata.stateful_dataloader.stateful_dataloader", f"_StatefulMultiProcessingDataLoaderIter.{name}")
+      for name in ("_index_queues", "_workers_status")],
     ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader._get_iterator"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader.next_iter_state"),
-    ("tarfile", "TarFile.members"),
-    ("tarfile", "TarInfo.offset"),
-    ("tarfile", "TarInfo.offset_data"),
-    ("torch", "_dynamo"),
-    ("atexit", "_clear"),
-    ("atexit", "_run_exitfuncs"),
-    ("threading", "_shutdown"),
+    ("tarfile", "TarFile.members"), ("tarfile", "TarInfo.offset"), ("tarfile", "TarInfo.offset_data"),
+    ("torch", "_dynamo"), ("atexit", "_clear"), ("atexit", "_run_exitfuncs"), ("threading", "_shutdown"),
+    ("torch.distributed.fsdp", "FSDPModule._get_fsdp_state"),
     ("multiprocessing.resource_tracker", "_CLEANUP_FUNCS"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"), ("torch.serialization", "_get_layout"),
@@ -334,6 +324,16 @@ def spawn_error_files(agent: Any) -> list[str]:
     """The ``pytorch-errorfile-*.pickle`` files torch.multiprocessing made in the temp directory for the
     agent's last attempt (``agent._pcontext._pc.error_files``): torch never removes them."""
     return [f for f in (getattr(_process_context(agent), "error_files", None) or []) if f]
+
+
+def fsdp_comms(module: Any) -> tuple[Any, Any] | None:
+    """The all-gather and reduce-scatter an FSDP2 module runs (torch's or the user's: torch 2.14 has setters,
+    no getters) in its one parameter group (``_get_fsdp_state()._fsdp_param_groups``); else None."""
+    groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", [])
+    if len(groups) != 1:
+        return None
+    comms = [getattr(groups[0], f"_{name}_comm", None) for name in ("all_gather", "reduce_scatter")]
+    return (comms[0], comms[1]) if None not in comms else None
 
 
 def dataloader_workers(iterator: Any) -> list[Any]:

@@ -162,18 +162,42 @@ def fsdp_facts(folder):
         fully_shard(m, mesh=fsdp.mesh(), offload_policy=CPUOffloadPolicy())
         m(torch.randn(2, 4)).sum().backward()
 
-    # the launcher's figures: each unit's all-gather is timed (launcher.rank.figures); rank 1 coming 50 ms
-    # late to each forward shows as rank 0's wait there, the straggler rule's input under FSDP
+    # the launcher's figures: each unit's all-gathers and reduce-scatters are timed (launcher.rank.figures);
+    # rank 1 coming 50 ms late to each forward, then to each backward, shows as rank 0's wait, the straggler
+    # rule's input under FSDP
+    import torch.distributed as tdist
+
     from launcher import dist as launcher_dist
     from launcher.rank import figures
 
     timed = figures.watch_fsdp(fsdp.shard(mlp(), FsdpConfig()))
-    before = launcher_dist._waits["sync"]
-    for _ in range(4):
-        if rank == 1:
-            time.sleep(0.05)
-        timed(x.chunk(world)[rank]).sum().backward()
-    waited = launcher_dist._waits["sync"] - before
+    waited = []
+    for late in ("forward", "backward"):
+        before = launcher_dist._waits["sync"]
+        for _ in range(4):
+            if rank == 1 and late == "forward":
+                time.sleep(0.05)
+            loss = timed(x.chunk(world)[rank]).sum()
+            if rank == 1 and late == "backward":
+                loss.register_hook(lambda grad: time.sleep(0.05))  # the backward starts 50 ms late
+            loss.backward()
+        waited.append(launcher_dist._waits["sync"] - before)
+
+    class CountingAllGather:  # a user's own all-gather (set_custom_all_gather): still the one run, timed
+        calls = 0
+
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            CountingAllGather.calls += 1
+            return tdist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    own = fsdp.shard(mlp(), FsdpConfig())
+    next(m for m in own.modules() if m is not own and hasattr(m, "unshard")).set_custom_all_gather(
+        CountingAllGather())
+    figures.watch_fsdp(own)(x.chunk(world)[rank]).sum().backward()
+    own_comm_ran = CountingAllGather.calls
 
     moment = _async_save_keeps_the_moment(model, folder)
     gpu_host_mesh = _mesh_on_a_gpu_host(fsdp, FsdpConfig)
@@ -183,7 +207,7 @@ def fsdp_facts(folder):
             "meta_equal": meta_equal, "rng_kept": rng_kept, "mesh": fsdp.mesh().device_type,
             "premul_sum": _trap(divide_factor_on_gloo), "pinned": _trap(pinned_offload_without_cuda),
             "factor_error": factor_error, "gpu_host_mesh": gpu_host_mesh,
-            "torch_default_mesh": torch_default_mesh, "waited": waited,
+            "torch_default_mesh": torch_default_mesh, "waited": waited, "own_comm_ran": own_comm_ran,
             "type": type(model).__name__}
 
 
@@ -191,7 +215,9 @@ def fsdp_facts(folder):
 def test_fsdp_on_gloo_computes_what_one_process_computes(tmp_path):
     out = run_distributed(fsdp_facts, tmp_path, world_size=2, timeout_s=120)
     assert out[0]["moment"], "an async sharded save wrote shards changed after it was called"
-    assert out[0]["waited"] - out[1]["waited"] > 0.15, out  # 4 forwards, rank 1 late by 50 ms each
+    for phase in (0, 1):  # 4 forwards, then 4 backwards, rank 1 late by 50 ms to each
+        assert out[0]["waited"][phase] - out[1]["waited"][phase] > 0.15, out
+    assert out[0]["own_comm_ran"] >= 2, out  # the forward's all-gather and the backward's
     for rank, facts in out.items():
         assert facts["type"] == "FSDPSequential", facts
         assert facts["start_equal"], f"rank {rank} did not start from rank 0's weights"

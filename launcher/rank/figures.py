@@ -1,9 +1,9 @@
 """What a rank measures for the launcher's figures (:mod:`launcher.perf`), no collective added.
 
-- The time its gradients wait for the other ranks': under DDP a comm hook that does what the reducer does
-  without one, timed; under FSDP the time each unit's pre-forward (its parameters' all-gather) takes. Under
-  either strategy a slow rank shows as the *others'* longer wait, since the collectives make every rank's
-  step equal.
+- The time it waits for the other ranks: under DDP a comm hook that does what the reducer does without
+  one, timed; under FSDP each unit's all-gathers (of its parameters, in the forward and the backward) and
+  reduce-scatters (of its gradients), timed. Under either strategy a slow rank shows as the *others'*
+  longer wait, since the collectives make every rank's step equal.
 - The FLOPs of one sample, counted once (torch's ``FlopCounterMode`` on the first forward: three times the
   forward's, the backward costing about twice the forward), and the device's peak, for the MFU.
 
@@ -73,27 +73,41 @@ _timed_allreduce.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
 def watch_fsdp(model: nn.Module) -> nn.Module:
-    """Time each FSDP unit's pre-forward, where its parameters are all-gathered (FSDP's own pre-forward hook
-    is prepended to the module's: one prepended after it runs before it, one appended runs after it); and
-    count the FLOPs of the first forward. The backward's all-gathers and reduce-scatters are not timed."""
+    """Time each FSDP unit's all-gathers (forward and backward) and reduce-scatters (its gradients), by
+    wrapping the collectives it runs (torch's, or the user's: ``set_custom_all_gather``); and count the FLOPs
+    of the first forward."""
     from torch.distributed.fsdp import FSDPModule
+
+    from .. import internals
 
     if not _on[0]:
         return model
     for module in model.modules():
-        if isinstance(module, FSDPModule):
-            started = [0.0]
-
-            def before(m: nn.Module, args: Any, started: list[float] = started) -> None:
-                started[0] = time.perf_counter()
-
-            def after(m: nn.Module, args: Any, started: list[float] = started) -> None:
-                dist.note_sync(started[0], time.perf_counter())
-
-            module.register_forward_pre_hook(before, prepend=True)
-            module.register_forward_pre_hook(after)
+        if isinstance(module, FSDPModule) and (comms := internals.fsdp_comms(module)) is not None:
+            # duck-typed: torch's AllGather and ReduceScatter classes are in a private module
+            module.set_custom_all_gather(_Timed(comms[0]))  # type: ignore[arg-type]
+            module.set_custom_reduce_scatter(_Timed(comms[1]))  # type: ignore[arg-type]
     _count_flops_once(model)
     return model
+
+
+class _Timed:
+    """An FSDP collective (the interface of ``set_custom_all_gather``: ``allocate`` and a call), run as it
+    was and timed when it blocks (:func:`launcher.dist.note_sync`): Gloo's do, until every rank's part is
+    in. An async one (``unshard_async_op``) returns its work unwaited and is not timed."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+
+    def allocate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.comm.allocate(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        work = self.comm(*args, **kwargs)
+        if work is None:
+            dist.note_sync(started, time.perf_counter())
+        return work
 
 
 def _count_flops_once(model: nn.Module) -> None:
