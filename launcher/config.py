@@ -19,10 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from . import yamlfile
-from .typed import (
-    ConfigError,
-    build,
-)
+from .typed import ConfigError, build
 
 #: Field metadata: a change of this key makes a resumed run differ from an uninterrupted one. The checkpointer
 #: refuses such a change unless ``checkpoint.allow_changes`` is set (entry points mark their own fields too).
@@ -103,6 +100,9 @@ class DistributedConfig:
     times, at least 30 s; never later than half of ``timeout_s``; 0: never."""
     progress_s: float = field(default=30.0, metadata=at_least(0, **IGNORED))
     """Seconds between progress lines (samples/s, a straggler named), each in ``logs/perf.jsonl``; 0: off."""
+    peak_flops: float | None = field(default=None, metadata=above(0, **IGNORED))
+    """Peak FLOP/s of one device, for the MFU (a GPU not in the launcher's table, another dtype than bf16, a
+    CPU); null: the bf16 data-sheet peak of a known GPU, none elsewhere."""
     stop_grace_s: float = field(default=30.0, metadata=above(0, **IGNORED))
     """Seconds a rank gets after Ctrl-C or SIGTERM (its own cleanup, a checkpoint write in flight) before it
     is killed; torchrun's is 30 s too. A second Ctrl-C kills at once."""

@@ -145,7 +145,8 @@ def no_mfu_reason(w: dict[str, Any]) -> str | None:
     if not w.get("flops_per_s") or w.get("mfu") is not None:
         return None
     return ("[launcher] no MFU: the peak FLOP/s of this device is not known (CPUs, or a GPU not in "
-            "launcher.rank.figures.PEAK_BF16); the TFLOP/s are the model's FLOPs counted once")
+            "launcher.rank.figures.PEAK_BF16; set distributed.peak_flops); the TFLOP/s are the model's FLOPs "
+            "counted once")
 
 
 def watch(heartbeats: Path, log_dir: Path, every_s: float) -> threading.Event:

@@ -95,6 +95,8 @@ class RankSpec:
     figures: bool = True
     """The rank times its waits and counts FLOPs for the launcher's figures (:mod:`launcher.rank.figures`);
     off with ``distributed.progress_s: 0``."""
+    peak_flops: float | None = None
+    """One device's peak FLOP/s for the MFU (the job key); None: :data:`launcher.rank.figures.PEAK_BF16`."""
     run_dir: str | None = None
     """The job's run directory (``launcher.log_metrics`` writes there); None: none (``launcher.launch``)."""
     stacks_dir: str | None = None
@@ -126,6 +128,7 @@ class RankSpec:
             "stacks_dir": str((job.run_dir / "logs" / "stacks").absolute()),
             "run_dir": str(job.run_dir.absolute()),
             "stall_warning_s": d.stall_warning_s, "progress_s": d.progress_s, "figures": d.progress_s > 0,
+            "peak_flops": d.peak_flops,
         }
         if job.script:
             is_module = job.script.startswith("-m ")

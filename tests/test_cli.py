@@ -265,6 +265,7 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
             "args.max_steps=40",
             "args.step_sleep=0.05",
             "distributed.progress_s=0.5",  # no launcher process watches: rank 0 runs the progress line
+            "distributed.peak_flops=2e6",  # the MFU on a CPU: a peak given (the tiny model's FLOP/s are ~1e6)
             # With the job's 2 DataLoader workers per rank. One full-suite run once hung here silently: most
             # likely a worker forked from the rank deadlocked (see launcher.data.workerserver). Tight
             # timeouts turn any stuck wait (rendezvous, collective, batch from a worker) into the launcher's
@@ -290,6 +291,9 @@ def test_torchrun_runs_the_same_job_in_place(run_root):
     logs = run_root / "tiny" / "logs"
     windows = [json.loads(line) for line in (logs / "perf.jsonl").read_text().splitlines()]
     assert any(len(w["ranks"]) == 2 and w["samples_per_s"] > 0 for w in windows), windows
+    measured = [w for w in windows if w["flops_per_s"]]
+    assert measured and all(w["mfu"] == round(w["flops_per_s"] / 2e6, 4) for w in measured), windows
+    assert "| MFU " in r.stderr and "no MFU" not in r.stderr, r.stderr
     assert "[launcher] step " in r.stderr and " ETA " in r.stderr, r.stderr
     assert not list(logs.glob("heartbeat-*")), list(logs.iterdir())
 

@@ -23,11 +23,13 @@ from torch import nn
 from .. import dist
 
 _on = [True]
+_peak: list[float | None] = [None]  # distributed.peak_flops
 
 
-def enable(on: bool) -> None:
-    """Whether models wrapped from now on are timed and counted (the rank's spec says, from the job)."""
-    _on[0] = on
+def enable(on: bool, peak: float | None = None) -> None:
+    """Whether models wrapped from now on are timed and counted, and the device's peak FLOP/s when the job
+    gives it (the rank's spec says, from the job)."""
+    _on[0], _peak[0] = on, peak
 
 
 def watch_ddp(ddp: Any, group: Any) -> None:
@@ -149,7 +151,10 @@ PEAK_BF16 = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L
 
 
 def peak_flops() -> float:
-    """This rank's device's peak FLOP/s (bf16, dense), 0 when not known (CPUs, an unlisted GPU)."""
+    """This rank's device's peak FLOP/s: the job's ``distributed.peak_flops``, else the bf16 dense peak of a
+    GPU in :data:`PEAK_BF16`; 0 when not known (CPUs, an unlisted GPU)."""
+    if _peak[0]:
+        return _peak[0]
     device = dist.get_device()
     if device.type != "cuda":
         return 0.0

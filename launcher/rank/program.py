@@ -107,7 +107,7 @@ def execute(spec: RankSpec, fn: Callable[..., Any] | None = None, leaving: bool 
     environment = env_mod.detect()
     stacks.install(spec.stacks_dir, environment.rank())  # `launcher stacks`, and the report of a stall
     metrics.set_run_dir(spec.run_dir)
-    figures.enable(spec.figures)
+    figures.enable(spec.figures, spec.peak_flops)
     pause.install()  # Ctrl-Z: stop at a step boundary, no collective in flight
     if spec.keep_freed_memory:
         hostmem.keep_freed_memory()
