@@ -146,10 +146,16 @@ def test_every_kind_of_bad_omp_num_threads_is_told_from_a_thread_count():
 
 
 # End to end, a value that does not parse and one too large (it failed at the fork); the others: above.
+# Each with a TMPDIR too long for a socket path in it: every start failed with "AF_UNIX path too long" (the
+# fork servers of the ranks and of their DataLoader workers; torchrun's spawned ranks need no socket).
 @pytest.mark.parametrize("value", ["abc", "99999"])
-def test_a_bad_omp_num_threads_is_warned_about_not_fatal(tmp_path, value):
-    env = {**os.environ, "OMP_NUM_THREADS": value}
-    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.max_steps=2", "data.num_workers=0",
+def test_a_bad_omp_num_threads_or_a_long_tmpdir_is_no_reason_to_fail(tmp_path, value):
+    from launcher.processes import SOCKET_PATH_MAX
+
+    long_tmp = tmp_path / ("t" * max(1, SOCKET_PATH_MAX - len(str(tmp_path))))
+    long_tmp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": value, "TMPDIR": str(long_tmp)}
+    r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.max_steps=2", "data.num_workers=1",
                 env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"warning: OMP_NUM_THREADS={value!r} is not a thread count" in r.stderr, r.stderr

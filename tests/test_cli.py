@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,8 @@ def with_a_helper(job, args: examples.tiny.TinyArgs):
     """Entry point: the tiny job, each rank first starting a helper process of its own (a logging service,
     say) with ``subprocess``, as user code does; its pid goes to ``RUN_DIR/helperRANK.pid``."""
     helper = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+    # what torch leaves when a process of the rank is killed while it shares a tensor (made, not yet unlinked)
+    Path(f"/dev/shm/torch_{helper.pid}_0_0").touch()
     (job.run_dir / f"helper{os.environ['RANK']}.pid").write_text(str(helper.pid))
     return examples.tiny.main(job, args)
 
@@ -188,6 +191,9 @@ def _kill_the_launcher_once(run_root, group: bool, workers: int) -> tuple[float,
         assert wait_until(lambda: not semaphores() & mine, 5), semaphores() & mine
         tmp = run_root.parent / "tmp"
         assert wait_until(lambda: not list(tmp.glob("pymp-*")), 5), list(tmp.glob("pymp-*"))
+        # each rank's watcher removes the shared-memory files of its group's processes (the helper's here)
+        shm = [Path(f"/dev/shm/torch_{pid}_0_0") for pid in helpers]
+        assert wait_until(lambda: not any(p.exists() for p in shm), 5), shm
         step = _last_step(run_root)
         time.sleep(1)
         assert _last_step(run_root) == step, "a rank trained on"
@@ -198,6 +204,8 @@ def _kill_the_launcher_once(run_root, group: bool, workers: int) -> tuple[float,
     finally:
         proc.kill()
         proc.communicate()
+        for p in (run_root / "tiny").glob("helper*.pid"):  # a failed run: its fake files go anyway
+            Path(f"/dev/shm/torch_{p.read_text()}_0_0").unlink(missing_ok=True)
 
 
 def _last_step(run_root) -> str:

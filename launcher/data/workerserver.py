@@ -28,7 +28,7 @@ from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from .. import internals
+from .. import internals, processes
 from ..spec import MAIN_ALIAS
 
 #: Modules a rank's own server for its DataLoader workers imports, besides those of the dataset.
@@ -60,6 +60,7 @@ def for_workers(*objects: Any) -> BaseContext | None:
     # For a fresh server only: ensure_running does nothing while the rank's early server (start_early) runs,
     # and starts a fresh one if it has died.
     multiprocessing.set_forkserver_preload(WORKER_PRELOAD + modules)
+    processes.short_socket_folder()
     with _stop_signals_blocked(stop.SIGNALS if stop.installed() else ()):
         forkserver.ensure_running()
     return multiprocessing.get_context("forkserver")
@@ -72,6 +73,7 @@ def start_early(modules: Sequence[str], stop_signals: Sequence[signal.Signals]) 
     and its workers (the signals :mod:`launcher.rank.stop` will handle in this rank)."""
     if threading.active_count() != 1 or internals.forkserver_pid() is not None:
         return
+    processes.short_socket_folder()
     rank = os.getpid()
     with _stop_signals_blocked(stop_signals):
         internals.forkserver_start_as_fork(WORKER_PRELOAD + list(modules), in_child=lambda: _serve(rank))

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator
 from multiprocessing import forkserver
 
-from .. import env, internals
+from .. import env, internals, processes
 
 #: Modules the server imports before it forks any rank: the server and its ranks die with the launcher first;
 #: what torch imports lazily in every rank last (:data:`launcher.internals.LAZY_TORCH_MODULES`).
@@ -81,6 +81,7 @@ def start(nproc: int, *, fork: bool = False) -> dict[str, str] | None:
     unknown, so the caller should start the ranks with the ``spawn`` method instead.
     """
     running = internals.forkserver_pid()  # the module's singleton, the one torch.multiprocessing forks from
+    processes.short_socket_folder()
     if running is not None and running not in _ours:
         return None
     with _environ(threads_env(nproc)):

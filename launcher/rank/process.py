@@ -6,14 +6,16 @@ Linux-only effects (``prctl``) are no-ops elsewhere.
 from __future__ import annotations
 
 import contextlib
+import glob
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, NoReturn
 
-from .. import internals
+from .. import internals, processes
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -81,9 +83,26 @@ def group_dies_with_this_process() -> int:
 
 
 def _kill_group_and_exit(group: int) -> NoReturn:
+    members = processes.in_group(group)
     with contextlib.suppress(OSError):
         os.killpg(group, signal.SIGKILL)  # SIGKILL ends a stopped process too
+    _remove_shared_memory_of(members)
     os._exit(0)
+
+
+def _remove_shared_memory_of(pids: list[int], wait_s: float = 1.0) -> None:
+    """Remove the shared-memory files torch made in ``pids`` (``/dev/shm/torch_PID_*``) once they are gone.
+
+    torch shares a tensor between processes (a DataLoader worker's batch) through a file it creates and
+    unlinks at once; a process killed between the two leaves it in /dev/shm for good (an empty one was left
+    by a killed job in the suite). Nobody else can still need it: the receiver holds its descriptor."""
+    deadline = time.monotonic() + wait_s
+    while any(processes.parent_of(p) is not None for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for pid in pids:
+        for path in glob.glob(f"/dev/shm/torch_{pid}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def forked_children_die_with_this_process() -> None:
