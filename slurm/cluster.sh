@@ -75,7 +75,16 @@ install_packages() {
   fi
 }
 
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2> /dev/null; }
+# alive PIDFILE: its process runs and is the one that wrote it, started before the file was. Pids wrap around
+# (at 32768 on the CI machines, after a few thousand processes of the suite), and the pid of a daemon that
+# died may belong to any process by now: `down` would have killed it (a test's DataLoader worker, say).
+alive() {
+  local pid fields
+  [[ -f $1 ]] && pid=$(cat "$1") && [[ $pid =~ ^[0-9]+$ ]] || return 1
+  fields=$(cat "/proc/$pid/stat" 2> /dev/null) || return 1
+  read -ra fields <<< "${fields##*) }"  # after the name; field 22 of stat(5), the start in clock ticks
+  (( $(awk '/^btime/ {print $2}' /proc/stat) + fields[19] / $(getconf CLK_TCK) <= $(stat -c %Y "$1") + 2 ))
+}
 
 # on_host NAME CMD...: CMD in namespace NAME, with its network, the hostname NAME, the cluster's hosts file and
 # a /dev/shm of its own (in mount and UTS namespaces of its own: `ip netns exec` remounts /sys, and slurmd then

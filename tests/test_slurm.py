@@ -243,6 +243,29 @@ def _script(env: dict[str, str], command: str) -> subprocess.CompletedProcess[st
                           timeout=120, check=False)
 
 
+def test_down_leaves_alone_a_process_that_took_a_dead_daemons_pid(tmp_path):
+    """Pids wrap around at 32768 on the CI machines: the pid file of a daemon that died may name another
+    process by now (one of a test's DataLoader workers, beside the cluster's tests), and ``down`` killed it.
+    A pid file's process must have started before the file was written."""
+    (tmp_path / "munge").mkdir()
+    pidfile = tmp_path / "munge" / "munged.pid"
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile.write_text(f"{stranger.pid}\n")
+        os.utime(pidfile, (time.time() - 60,) * 2)  # the daemon wrote it a minute before `sleep` started
+        r = _script({**os.environ, "LAUNCHER_SLURM_DIR": str(tmp_path)}, "down")
+        assert r.returncode == 0 and stranger.poll() is None, (r.stdout, r.stderr, stranger.returncode)
+        # a daemon's own pid file (a process that is not this one's child, as daemons are): stopped as before
+        started = ["bash", "-c", "sleep 60 > /dev/null 2>&1 & echo $!"]
+        daemon = int(subprocess.run(started, capture_output=True, text=True, check=True).stdout)
+        pidfile.write_text(f"{daemon}\n")
+        r = _script({**os.environ, "LAUNCHER_SLURM_DIR": str(tmp_path)}, "down")
+        assert r.returncode == 0 and not cmdline(daemon) and not pidfile.exists(), r.stderr
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_a_failed_up_stops_the_daemons_it_started_at_once(slurm_env, tmp_path):
     """MariaDB's port is taken: it exits at once, `up` fails at once (not after its 30-s wait) and stops the
     munge daemon it had started. Once the port is free `up` starts the cluster, and `down` (which takes the
