@@ -19,8 +19,10 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 # The whole suite as CI runs it: two xdist workers, the simulated clusters beside the rest (conftest.py).
+# A short --basetemp: the tests' TMPDIRs are in it, and a socket's path there must stay under 108 bytes
+# (pytest's own, /tmp/pytest-of-USER/pytest-NNN/popen-gwN/..., grows with every run on a machine).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=30
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=30 --basetemp=/tmp/launcher-tests-$$(id -u)
 
 # The quick tier: no process started, under a minute (conftest.py enforces the bound).
 quick: $(STAMP)
