@@ -163,6 +163,7 @@ def test_launcher_stacks_shows_the_workers_of_a_scripts_own_dataloader(tmp_path)
         assert all("in slow_read" in w.split("== rank")[0] for w in workers), r.stdout
         assert all(cmdline(pid).startswith("sleep 300") for pid in helpers), "a helper was signalled"
         assert took < 5, took
+        print(f"launcher stacks with a script's own workers: {took:.2f} s")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
