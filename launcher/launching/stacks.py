@@ -48,8 +48,9 @@ def workers_of(stacks: Path) -> dict[int, dict[str, tuple[int, str]]]:
     for name, where in _pid_files(stacks).items():
         if m := re.fullmatch(r"rank(\d+)-((?:worker|pid)\d+)", name):
             out.setdefault(int(m.group(1)), {})[m.group(2)] = where
-    return {r: dict(sorted(w.items(), key=lambda i: (i[0].startswith("pid"), int(i[0].lstrip("wokerpid")))))
-            for r, w in sorted(out.items())}
+    order = {r: sorted(w, key=lambda name: (name.startswith("pid"), int(re.sub(r"\D", "", name))))
+             for r, w in out.items()}
+    return {r: {name: out[r][name] for name in order[r]} for r in sorted(out)}
 
 
 def label(name: str, dump: str, pid: bool = True) -> str:

@@ -33,10 +33,11 @@ def install(folder: str | None, rank: int, name: str | None = None) -> None:
     if not folder:
         return
     if name is None:
+        if _where is None:  # once per process: a hook cannot be removed
+            # A child inherits the rank's handler, which would write into the rank's file: each forked child
+            # (a DataLoader worker of the user's own loader: fork is torch's default) gets a file of its own.
+            os.register_at_fork(after_in_child=_in_forked_child, after_in_parent=_prune)
         _where = (folder, rank)
-        # A child inherits the rank's handler, which would write into the rank's file: each forked child
-        # (a DataLoader worker of the user's own loader: fork is torch's default) gets a file of its own.
-        os.register_at_fork(after_in_child=_in_forked_child, after_in_parent=_prune)
     name = name or f"rank{rank}"
     try:
         os.makedirs(folder, exist_ok=True)
