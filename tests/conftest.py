@@ -42,6 +42,16 @@ def killable_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "TMPDIR": str(tmp)}
 
 
+def long_tmpdir(tmp_path: Path) -> Path:
+    """A folder whose path is as long as a Unix socket's may be (107 bytes): a socket in a folder made in it
+    cannot be bound ("AF_UNIX path too long"), as under a long TMPDIR."""
+    from launcher.processes import SOCKET_PATH_MAX
+
+    folder = tmp_path / ("t" * max(1, SOCKET_PATH_MAX - len(str(tmp_path))))
+    folder.mkdir()
+    return folder
+
+
 def launcher_cmd(*args: str) -> list[str]:
     """The CLI as users type it: the venv's console script, run from the repository root."""
     return [str(Path(sys.executable).with_name("launcher")), *args]

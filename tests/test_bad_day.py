@@ -16,7 +16,7 @@ import torch
 
 import examples.tiny
 
-from .conftest import ROOT, killable_env, launcher_cmd, run_cli, wait_until
+from .conftest import ROOT, killable_env, launcher_cmd, long_tmpdir, run_cli, wait_until
 from .test_cli import start_long_job
 
 #: Seconds the slowed checkpoint writer of :func:`slow_writes` takes per checkpoint.
@@ -150,11 +150,7 @@ def test_every_kind_of_bad_omp_num_threads_is_told_from_a_thread_count():
 # fork servers of the ranks and of their DataLoader workers; torchrun's spawned ranks need no socket).
 @pytest.mark.parametrize("value", ["abc", "99999"])
 def test_a_bad_omp_num_threads_or_a_long_tmpdir_is_no_reason_to_fail(tmp_path, value):
-    from launcher.processes import SOCKET_PATH_MAX
-
-    long_tmp = tmp_path / ("t" * max(1, SOCKET_PATH_MAX - len(str(tmp_path))))
-    long_tmp.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": value, "TMPDIR": str(long_tmp)}
+    env = {**os.environ, "OMP_NUM_THREADS": value, "TMPDIR": str(long_tmpdir(tmp_path))}
     r = run_cli("run", "jobs/tiny.yaml", f"output_dir={tmp_path}", "args.max_steps=2", "data.num_workers=1",
                 env=env)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, descendants, killable_env, launcher_cmd, torchrun_finished
+from .conftest import ROOT, descendants, killable_env, launcher_cmd, long_tmpdir, torchrun_finished
 
 SCRIPTS = ROOT / "tests" / "scripts"
 
@@ -67,10 +67,8 @@ def test_the_first_error_is_the_one_reported_while_dataloader_workers_run(tmp_pa
     killed by signal" when the rank killed its workers, and the report showed torch's placeholder."""
     # with a TMPDIR too long for a socket's path in it (107 bytes): torch's workers pass the batches'
     # shared-memory files through a multiprocessing.resource_sharer socket there
-    long_tmp = tmp_path / ("t" * max(1, 107 - len(str(tmp_path))))
-    long_tmp.mkdir()
     ours = _run(launcher_cmd("run", "--nproc-per-node", "2", str(SCRIPTS / "boom.py")), tmp_path,
-                tmpdir=long_tmp)
+                tmpdir=long_tmpdir(tmp_path))
     assert ours.returncode == 1 and "RuntimeError: boom on rank 0" in ours.stderr, ours.stderr
     try:
         # torchrun beside it (a TMPDIR of the usual length): the same error. Under the long one its ranks
