@@ -132,3 +132,11 @@ class RankFailure(LaunchError):
                 )
             )
         return "\n".join(lines)
+
+
+class DataLoaderWaitExpired(RuntimeError):
+    """No batch (or start-up answer) from any DataLoader worker for ``waited`` seconds, all of them alive."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(f"DataLoader timed out after {waited:.0f} seconds")
+        self.waited = waited

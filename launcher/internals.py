@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import multiprocessing.forkserver
 import multiprocessing.util
+import os
+import signal
+import sys
 from typing import Any
 
 #: ``(module, dotted attribute path)`` of every private name used below (checked by the test suite).
@@ -37,7 +40,8 @@ REQUIRED = [
     ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._get_data"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._workers"),
     *[("torchdata.stateful_dataloader.stateful_dataloader", f"_StatefulMultiProcessingDataLoaderIter.{name}")
-      for name in ("_index_queues", "_workers_status")],
+      for name in ("_index_queues", "_workers_status", "_worker_pids_set")],
+    ("torch.utils.data._utils.signal_handling", "_remove_worker_pids"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader._get_iterator"),
     ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader.next_iter_state"),
     ("tarfile", "TarFile.members"), ("tarfile", "TarInfo.offset"), ("tarfile", "TarInfo.offset_data"),
@@ -64,7 +68,6 @@ def forkserver_forget() -> None:
     """Let go of the fork server inherited from the parent: close its keep-alive pipe and forget its address
     (``_forkserver._forkserver_alive_fd`` / ``_forkserver_address``), so the next use starts a server of our
     own and the parent's server can end when its owner does."""
-    import os
 
     server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
     fd = getattr(server, "_forkserver_alive_fd", None)
@@ -77,8 +80,6 @@ def forkserver_forget() -> None:
 def forkserver_kill() -> None:
     """SIGKILL this process's fork server, reap it, forget it as ``ForkServer._stop`` would: the next use
     starts a new one (``_forkserver._forkserver_pid`` / ``_forkserver_alive_fd`` / ``_forkserver_address``)"""
-    import os
-    import signal
 
     server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
     pid = getattr(server, "_forkserver_pid", None)
@@ -105,9 +106,7 @@ def forkserver_start_as_fork(preload: list[str], in_child: Any = None) -> None:
     them. ``in_child``: called in the server first (a callable of no arguments). It never returns into the
     caller's code.
     """
-    import os
     import socket
-    import sys
     import traceback
     from multiprocessing import connection, forkserver, util
 
@@ -159,8 +158,6 @@ def start_resource_tracker_alone() -> None:
     a kill of that group (``kill -9 -PGID``, a closed terminal's SIGHUP) took it first, and the job's
     semaphores stayed in /dev/shm for good.
     """
-    import os
-    import signal
     import subprocess
     import threading
     from multiprocessing import resource_tracker, spawn, util
@@ -243,7 +240,6 @@ def run_python_exit() -> None:
     flush the streams. ``threading._shutdown`` and ``atexit._run_exitfuncs``, as ``Py_FinalizeEx`` calls
     them; each at most once."""
     import atexit
-    import sys
     import threading
 
     threading._shutdown()  # type: ignore[attr-defined]
@@ -346,13 +342,25 @@ def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
     (``_StatefulMultiProcessingDataLoaderIter``, made as ``StatefulDataLoader._get_iterator`` makes it,
     ``next_iter_state`` consumed), whose every wait for its workers (``_get_data``; the start-up handshake of
     an epoch too) polls their health every ``loader.timeout`` seconds and gives up after ``wait_s`` in all,
-    raising :class:`DataLoaderWaitExpired`."""
+    raising :class:`launcher.errors.DataLoaderWaitExpired`."""
     import time
 
+    from torch.utils.data._utils import signal_handling
     from torchdata.stateful_dataloader import stateful_dataloader as sd
 
+    from .errors import DataLoaderWaitExpired
+
     class Patient(sd._StatefulMultiProcessingDataLoaderIter):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any) -> None:
+            self.made_in = os.getpid()  # before torch's __init__, which an interrupt can cut short
+            super().__init__(*args)
+
         def __del__(self) -> None:
+            # Left to the garbage collector, its copy in a later loader's worker (forked meanwhile) was
+            # collected there: torch's shutdown ran in that worker ("Exception ignored ... can only test a
+            # child process") and told this process's workers to stop.
+            if getattr(self, "made_in", None) != os.getpid():
+                return
             # Interrupted in __init__ (Ctrl-C while its workers start), torchdata's __del__ failed on the
             # status list it sets last, printing an "Exception ignored" traceback, and stopped no worker.
             if not hasattr(self, "_workers_status") and hasattr(self, "_index_queues"):
@@ -374,34 +382,26 @@ def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
                         raise DataLoaderWaitExpired(waited) from e
                     # nothing yet, every worker alive: wait on (the iterator's state is unchanged)
 
+        def stop_workers(self) -> None:
+            """End the workers now, after an error that gives up on them. Left to torch, they ran until the
+            iterator was collected, whose shutdown then waited 5 s for each stuck one in whatever code ran."""
+            if getattr(self, "_worker_pids_set", False):  # else torch's SIGCHLD check calls a kill a crash
+                signal_handling._remove_worker_pids(id(self))
+                self._worker_pids_set = False
+            for w in getattr(self, "_workers", ()):
+                if w.is_alive():
+                    w.kill()
+            self.__del__()
+
     loader.check_worker_number_rationality()
     it = Patient(loader, loader.next_iter_state)
     loader.next_iter_state = None
     return it
 
 
-class DataLoaderWaitExpired(RuntimeError):
-    """No batch (or start-up answer) from any DataLoader worker for ``waited`` seconds, all of them alive."""
-
-    def __init__(self, waited: float) -> None:
-        super().__init__(f"DataLoader timed out after {waited:.0f} seconds")
-        self.waited = waited
-
-
 def dataloader_iterator(loader: Any) -> Any:
     """The iterator a DataLoader keeps for itself (``_iterator``; None before the first epoch)."""
     return getattr(loader, "_iterator", None)
-
-
-def torch_save_without_zip_crc() -> Any:
-    """A context manager turning off torch.save's per-record CRC32 (``torch.utils.serialization.config``,
-    torch >= 2.6), or None where torch has no such setting."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:
-        return None
-    patch = getattr(config, "patch", None)  # added when torch installs its config module
-    return patch({"save.compute_crc32": False}) if patch is not None else None
 
 
 def tar_forget_members(tar: Any) -> None:

@@ -142,3 +142,53 @@ def test_a_dataloader_iterator_interrupted_in_its_init_stops_its_workers_quietly
         sys.unraisablehook = old
     assert not unraisable, [u.exc_value for u in unraisable]
     assert not multiprocessing.active_children(), "the worker started before the interrupt still runs"
+
+
+def _numbers(shard):
+    import torch
+
+    return [{"x": torch.tensor(shard * 10 + i)} for i in range(8)]
+
+
+def _collect_garbage(worker_id):
+    import gc
+
+    gc.collect()
+
+
+def test_an_iterator_left_to_the_collector_is_shut_down_only_where_it_was_made(capfd):
+    """An iterator dropped mid-epoch in a reference cycle waits for the garbage collector, and a loader
+    started meanwhile forks a copy of it into each of its workers. A collection there ran torch's shutdown
+    in the worker: "Exception ignored ... can only test a child process" on the user's console, and the
+    first iterator's workers told to stop under it."""
+    import gc
+    import time
+    import weakref
+
+    from launcher.data import ShardedIterableDataset, make_loader
+
+    gc.disable()  # the collector runs when allocations say: here, only when the test says
+    try:
+        first = make_loader(ShardedIterableDataset([0, 1], _numbers, batch_size=2), num_workers=1, timeout=30)
+        it = iter(first)
+        next(it)
+        made = weakref.ref(internals.dataloader_iterator(first))
+        workers = internals.dataloader_workers(made())
+        cycle: list = [first, it]
+        cycle.append(cycle)
+        del first, it, cycle
+        second = make_loader(ShardedIterableDataset([2, 3], _numbers, batch_size=2), num_workers=2,
+                             timeout=30, worker_init_fn=_collect_garbage)
+        assert len(list(second)) == 8
+        time.sleep(1)  # a worker told to stop ends at its next look at the queue (torch: 5 s at most)
+        err = capfd.readouterr().err
+        assert "Exception ignored" not in err, err[-3000:]
+        assert [w.is_alive() for w in workers] == [True], "the first iterator's worker was stopped"
+    finally:
+        left = made()
+        if left is not None:
+            left.stop_workers()  # torch's shutdown at the collection would wait 5 s for it
+        del left
+        gc.enable()
+        gc.collect()
+    assert made() is None and not [w.pid for w in workers if w.is_alive()]

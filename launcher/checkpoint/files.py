@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .. import internals, processes, regularfile
+from .. import processes, regularfile
 
 FORMAT = "launcher-checkpoint/1"
 _NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")  # .dcp: a sharded checkpoint's folder (see .sharded)
@@ -77,11 +77,15 @@ def _without_zip_crc() -> Iterator[None]:
     file replaces it, and computing both capped the write at 0.75-0.85 of ``dd`` here (torch.save 0.25-0.28 s
     vs 0.21 s without it for 256 MB, dd 0.21 s). The setting is process-wide while a save runs; the lock keeps
     two of our saves in different threads from restoring it out of order."""
-    setting = internals.torch_save_without_zip_crc()
-    if setting is None:  # torch < 2.6: no such setting
+    try:
+        from torch.utils.serialization import config
+        patch = getattr(config, "patch", None)  # added when torch installs its config module
+    except ImportError:  # torch < 2.6: no such setting
+        patch = None
+    if patch is None:
         yield
         return
-    with _ZIP_CRC_LOCK, setting:
+    with _ZIP_CRC_LOCK, patch({"save.compute_crc32": False}):
         yield
 
 

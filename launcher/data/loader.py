@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import dist, internals
+from ..errors import DataLoaderWaitExpired
 from ..rank import stacks, stop
 from . import workerserver
 from .dataset import ShardedIterableDataset, positions
@@ -126,7 +127,7 @@ def _watched_class(base: type) -> type:
             except RuntimeError as e:
                 it = internals.dataloader_iterator(self)
                 it = _iterator_in(e) if it is None else it  # (not `or`: truth calls the loader's len())
-                raise RuntimeError(_explain(it, e)) from e
+                raise _given_up(it, e) from e
 
     return WatchedLoader
 
@@ -152,7 +153,7 @@ class _Explained:
         except RuntimeError as e:
             if not self.explain:
                 raise
-            raise RuntimeError(_explain(self.it, e)) from e
+            raise _given_up(self.it, e) from e
         dist.note_data_wait(time.perf_counter() - started, _batch_size(batch))
         return batch
 
@@ -177,10 +178,24 @@ def _iterator_in(error: BaseException) -> Any:
     return None
 
 
+def _given_up(iterator: Any, error: RuntimeError) -> RuntimeError:
+    """The error to raise for ``error`` from a DataLoader's iterator, explained. Where it gives up on the
+    workers (one died, or all are stuck), the others are ended now: torch leaves them running until the
+    iterator is collected, and its shutdown then waits 5 s for each stuck one, in whatever code runs then (a
+    user who catches the error and goes on, a test). An error from the user's code in a worker leaves them:
+    the iterator goes on after it."""
+    explained = RuntimeError(_explain(iterator, error))
+    if isinstance(error, DataLoaderWaitExpired) or "exited unexpectedly" in str(error):
+        stop_workers = getattr(iterator, "stop_workers", None)  # internals.stateful_workers_iterator's
+        if stop_workers is not None:
+            stop_workers()
+    return explained
+
+
 def _explain(iterator: Any, error: RuntimeError) -> str:
     """The rank's own words for a DataLoader error: which worker died and how, or how long it waited."""
     rank, text = dist.get_rank(), str(error)
-    if isinstance(error, internals.DataLoaderWaitExpired):
+    if isinstance(error, DataLoaderWaitExpired):
         return (f"rank {rank}: no batch from its DataLoader workers for {error.waited:.0f} s (workers "
                 "alive but stuck)\nHINT: a slow first batch needs distributed.startup_timeout_s; "
                 "otherwise look for a worker blocked on storage or a lock (py-spy dump --pid WORKER)")
