@@ -356,10 +356,11 @@ def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
             super().__init__(*args)
 
         def __del__(self) -> None:
-            # Left to the garbage collector, its copy in a later loader's worker (forked meanwhile) was
-            # collected there: torch's shutdown ran in that worker ("Exception ignored ... can only test a
-            # child process") and told this process's workers to stop.
+            # A copy forked into a later loader's worker, collected there, ran torch's shutdown in that worker
+            # and stopped this process's workers: there, only forget it in torch's registry of worker pids.
             if getattr(self, "made_in", None) != os.getpid():
+                if getattr(self, "_worker_pids_set", False):  # (a new iterator at its address would clash)
+                    signal_handling._remove_worker_pids(id(self))
                 return
             # Interrupted in __init__ (Ctrl-C while its workers start), torchdata's __del__ failed on the
             # status list it sets last, printing an "Exception ignored" traceback, and stopped no worker.
@@ -383,8 +384,7 @@ def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
                     # nothing yet, every worker alive: wait on (the iterator's state is unchanged)
 
         def stop_workers(self) -> None:
-            """End the workers now, after an error that gives up on them. Left to torch, they ran until the
-            iterator was collected, whose shutdown then waited 5 s for each stuck one in whatever code ran."""
+            """End the workers now, after an error that gives up on them (torch: when collected, 5 s each)."""
             if getattr(self, "_worker_pids_set", False):  # else torch's SIGCHLD check calls a kill a crash
                 signal_handling._remove_worker_pids(id(self))
                 self._worker_pids_set = False

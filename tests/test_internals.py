@@ -150,10 +150,20 @@ def _numbers(shard):
     return [{"x": torch.tensor(shard * 10 + i)} for i in range(8)]
 
 
+_FORGOTTEN: list[int] = []  # id of the iterator each worker of the second loader collects
+
+
 def _collect_garbage(worker_id):
     import gc
 
+    from torch.utils.data._utils import signal_handling
+
     gc.collect()
+    try:
+        signal_handling._remove_worker_pids(_FORGOTTEN[0])
+    except ValueError:  # "Cannot find worker information": forgotten at its collection, as it should be
+        return
+    raise AssertionError("the iterator collected here is still in this worker's registry of worker pids")
 
 
 def test_an_iterator_left_to_the_collector_is_shut_down_only_where_it_was_made(capfd):
@@ -173,6 +183,7 @@ def test_an_iterator_left_to_the_collector_is_shut_down_only_where_it_was_made(c
         it = iter(first)
         next(it)
         made = weakref.ref(internals.dataloader_iterator(first))
+        _FORGOTTEN[:] = [id(made())]
         workers = internals.dataloader_workers(made())
         cycle: list = [first, it]
         cycle.append(cycle)
