@@ -14,40 +14,36 @@ import signal
 import sys
 from typing import Any
 
+_ELASTIC, _STATEFUL = "torch.distributed.elastic.", "torchdata.stateful_dataloader.stateful_dataloader"
 #: ``(module, dotted attribute path)`` of every private name used below (checked by the test suite).
 REQUIRED = [
     *[("multiprocessing.forkserver", f"_forkserver{attr}")
       for attr in ("", "._forkserver_pid", "._forkserver_alive_fd", "._forkserver_address")],
-    ("multiprocessing.util", "_exit_function"),
-    ("multiprocessing.util", "_args_from_interpreter_flags"),
-    ("multiprocessing.resource_tracker", "_resource_tracker"),
+    ("multiprocessing.util", "_exit_function"), ("multiprocessing.util", "_args_from_interpreter_flags"),
+    *[("multiprocessing.resource_tracker", name) for name in ("_resource_tracker", "_CLEANUP_FUNCS")],
     *[("multiprocessing.resource_tracker", f"ResourceTracker.{attr}") for attr in ("_fd", "_pid", "_lock")],
-    ("multiprocessing.process", "BaseProcess._config"),
-    ("torch.nn.modules.batchnorm", "_BatchNorm"),
+    ("multiprocessing.process", "BaseProcess._config"), ("torch.nn.modules.batchnorm", "_BatchNorm"),
     ("torch.nn.modules._functions", "SyncBatchNorm"),
     ("torch.distributed.distributed_c10d", "_set_pg_timeout"),
-    ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._start_workers"),
-    ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._monitor_workers"),
-    ("torch.distributed.elastic.agent.server.api", "SimpleElasticAgent._restart_workers"),
-    ("torch.distributed.elastic.agent.server.api", "SimpleElasticAgent._remaining_restarts"),
-    ("torch.distributed.elastic.agent.server.local_elastic_agent", "LocalElasticAgent._pcontext"),
-    ("torch.distributed.elastic.multiprocessing.api", "MultiprocessContext._pc"),
-    ("torch.multiprocessing.spawn", "ProcessContext.error_files"),
-    ("torch.multiprocessing.spawn", "ProcessContext.join"),
-    ("torch.multiprocessing.spawn", "ProcessContext.sentinels"),
+    *[(_ELASTIC + "agent.server.local_elastic_agent", f"LocalElasticAgent.{attr}")
+      for attr in ("_start_workers", "_monitor_workers", "_pcontext")],
+    *[(_ELASTIC + "agent.server.api", f"SimpleElasticAgent.{attr}")
+      for attr in ("_restart_workers", "_remaining_restarts", "_store")],
+    (_ELASTIC + "multiprocessing.api", "MultiprocessContext._pc"),
+    *[(_ELASTIC + "rendezvous.dynamic_rendezvous", f"DynamicRendezvousHandler.{attr}")
+      for attr in ("_store", "_shared_tcp_store_server", "_state_holder")],
+    (_ELASTIC + "rendezvous.dynamic_rendezvous", "_BackendRendezvousStateHolder._backend"),
+    (_ELASTIC + "rendezvous.c10d_rendezvous_backend", "C10dRendezvousBackend._store"),
+    *[("torch.multiprocessing.spawn", f"ProcessContext.{a}") for a in ("error_files", "join", "sentinels")],
     ("torch.utils.data.dataloader", "_MultiProcessingDataLoaderIter._workers"),
     ("torch.utils.data.dataloader", "DataLoader._iterator"),
-    ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._get_data"),
-    ("torchdata.stateful_dataloader.stateful_dataloader", "_StatefulMultiProcessingDataLoaderIter._workers"),
-    *[("torchdata.stateful_dataloader.stateful_dataloader", f"_StatefulMultiProcessingDataLoaderIter.{name}")
-      for name in ("_index_queues", "_workers_status", "_worker_pids_set")],
+    *[(_STATEFUL, f"_StatefulMultiProcessingDataLoaderIter.{name}") for name in
+      ("_get_data", "_workers", "_index_queues", "_workers_status", "_worker_pids_set")],
     ("torch.utils.data._utils.signal_handling", "_remove_worker_pids"),
-    ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader._get_iterator"),
-    ("torchdata.stateful_dataloader.stateful_dataloader", "StatefulDataLoader.next_iter_state"),
+    *[(_STATEFUL, f"StatefulDataLoader.{name}") for name in ("_get_iterator", "next_iter_state")],
     ("tarfile", "TarFile.members"), ("tarfile", "TarInfo.offset"), ("tarfile", "TarInfo.offset_data"),
     ("torch", "_dynamo"), ("atexit", "_clear"), ("atexit", "_run_exitfuncs"), ("threading", "_shutdown"),
     ("torch.distributed.fsdp", "FSDPModule._get_fsdp_state"),
-    ("multiprocessing.resource_tracker", "_CLEANUP_FUNCS"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"), ("torch.serialization", "_get_layout"),
 ]
@@ -96,15 +92,11 @@ def forkserver_kill() -> None:
 
 def forkserver_start_as_fork(preload: list[str], in_child: Any = None) -> None:
     """Start multiprocessing's fork server as ``ForkServer.ensure_running`` does, but as a fork of this
-    process instead of a fresh interpreter, so that it inherits what this process has imported; then bind it
-    as ensure_running would (``_forkserver._forkserver_address`` / ``_forkserver_alive_fd`` /
-    ``_forkserver_pid``). Nothing when a server runs already.
-
-    Only for a process that runs no thread of its own (the ``launcher`` command before its agent starts): a
-    fork copies one thread, and a lock another thread held stays held (CPython issue 112275). The server
-    keeps stdin/stdout/stderr and its two descriptors and closes every other, as a fresh one would have
-    them. ``in_child``: called in the server first (a callable of no arguments). It never returns into the
-    caller's code.
+    process (it inherits what this process imported), and bind it as ensure_running would (``_forkserver.
+    _forkserver_address`` / ``_forkserver_alive_fd`` / ``_forkserver_pid``). Nothing when a server runs.
+    Only for a process that runs no thread of its own (a fork copies one thread; a lock another one held
+    stays held: CPython issue 112275). The server keeps stdin/stdout/stderr and its two descriptors, as a
+    fresh one would. ``in_child``: called in the server first (no arguments); it never returns to the caller.
     """
     import socket
     import traceback
@@ -151,13 +143,9 @@ def forkserver_start_as_fork(preload: list[str], in_child: Any = None) -> None:
 def start_resource_tracker_alone() -> None:
     """Start multiprocessing's resource tracker, as ``resource_tracker.ensure_running`` would, but leading a
     process group of its own and ignoring SIGHUP/SIGQUIT (``_resource_tracker._fd`` / ``_pid`` / ``_lock``,
-    ``util._args_from_interpreter_flags``). Nothing when it runs already.
-
-    The tracker unlinks the job's named semaphores (``/dev/shm/sem.mp-*``, DataLoader queues of every rank)
-    once all of the job's processes are gone. As the launcher's child it shared the launcher's process group:
-    a kill of that group (``kill -9 -PGID``, a closed terminal's SIGHUP) took it first, and the job's
-    semaphores stayed in /dev/shm for good.
-    """
+    ``util._args_from_interpreter_flags``); nothing when it runs. It unlinks the job's semaphores (``/dev/shm/
+    sem.mp-*``) once the job is gone; in the launcher's group, a kill of that group (``kill -9 -PGID``, a
+    closed terminal's SIGHUP) took it first and they stayed in /dev/shm for good."""
     import subprocess
     import threading
     from multiprocessing import resource_tracker, spawn, util
@@ -235,10 +223,9 @@ def forget_exit_handlers() -> None:
 
 
 def run_python_exit() -> None:
-    """What Python's own end does, for a rank that leaves by ``os._exit`` (multiprocessing's children do):
-    wait for non-daemon threads, then run ``atexit`` handlers (a logging service closes its run there), then
-    flush the streams. ``threading._shutdown`` and ``atexit._run_exitfuncs``, as ``Py_FinalizeEx`` calls
-    them; each at most once."""
+    """What Python's own end does, for a rank that leaves by ``os._exit`` (as multiprocessing's children do):
+    wait for non-daemon threads, run ``atexit`` handlers (a logging service closes its run there), flush the
+    streams (``threading._shutdown``, ``atexit._run_exitfuncs``, as ``Py_FinalizeEx``; each at most once)."""
     import atexit
     import threading
 
@@ -298,9 +285,8 @@ def agent_processes(agent: Any) -> tuple[dict[int, str], list[Any]]:
 
 def set_failure_grace(agent: Any, seconds: float, on_exit: Any = None) -> None:
     """When a rank of the agent's current attempt fails, torch's process context waits ``grace_period`` for
-    the others, SIGTERMs them, waits again, then SIGKILLs; its default is 30 s (``_pc.join``, called by the
-    elastic context's ``_poll`` without a grace period). Bind ours. ``on_exit(pids)`` runs when a rank has
-    ended, before torch stops the others (the moment to look at them)."""
+    the others, SIGTERMs them, waits again, then SIGKILLs; 30 s by default (``_pc.join``, called by ``_poll``
+    without one). Bind ours. ``on_exit(pids)`` runs when a rank has ended, before torch stops the others."""
     import multiprocessing.connection
 
     pc = _process_context(agent)
@@ -314,6 +300,21 @@ def set_failure_grace(agent: Any, seconds: float, on_exit: Any = None) -> None:
         return join(timeout, grace_period=seconds if grace_period is None else grace_period)
 
     pc.join = join_with_grace
+
+
+def release_rendezvous_stores(agent: Any) -> None:
+    """Drop an elastic agent's c10d stores once its run is over (``SimpleElasticAgent._store``; the rendezvous
+    handler's ``_store``, ``_shared_tcp_store_server``, ``_state_holder._backend._store``): the server and its
+    thread end now, here. Left to the garbage collector (the agent lives in cycles), a process forked since (a
+    DataLoader worker) collected its copy and joined the thread a fork does not copy: SIGSEGV."""
+    group = agent.get_worker_group()
+    group.store = None
+    handler = group.spec.rdzv_handler
+    backend = getattr(getattr(handler, "_state_holder", None), "_backend", None)
+    for owner, name in ((agent, "_store"), (handler, "_store"), (handler, "_shared_tcp_store_server"),
+                        (backend, "_store")):
+        if hasattr(owner, name):
+            setattr(owner, name, None)
 
 
 def spawn_error_files(agent: Any) -> list[str]:
@@ -338,11 +339,10 @@ def dataloader_workers(iterator: Any) -> list[Any]:
 
 
 def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
-    """torchdata's iterator over a StatefulDataLoader with workers
-    (``_StatefulMultiProcessingDataLoaderIter``, made as ``StatefulDataLoader._get_iterator`` makes it,
-    ``next_iter_state`` consumed), whose every wait for its workers (``_get_data``; the start-up handshake of
-    an epoch too) polls their health every ``loader.timeout`` seconds and gives up after ``wait_s`` in all,
-    raising :class:`launcher.errors.DataLoaderWaitExpired`."""
+    """torchdata's iterator of a StatefulDataLoader with workers (``_StatefulMultiProcessingDataLoaderIter``,
+    made as ``StatefulDataLoader._get_iterator`` does, ``next_iter_state`` consumed), whose every wait for its
+    workers (``_get_data``; an epoch's start-up handshake too) polls their health every ``loader.timeout`` s
+    and gives up after ``wait_s`` in all, raising :class:`launcher.errors.DataLoaderWaitExpired`."""
     import time
 
     from torch.utils.data._utils import signal_handling

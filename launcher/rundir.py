@@ -132,8 +132,8 @@ def lock(run_dir: Path, source: str = "", *, per_machine: bool = False, what: st
 def on_lost(action: Any) -> None:
     """Call ``action()`` (once, from the watcher thread) when a folder this process holds was removed and
     another job has taken it: this job must stop, or two jobs write one folder. Without an action the process
-    gets SIGTERM."""
-    _on_lost[:] = [action]
+    gets SIGTERM (also after ``on_lost(None)``, which lets go of the action)."""
+    _on_lost[:] = [] if action is None else [action]
 
 
 def lost() -> str:

@@ -189,6 +189,8 @@ def spawn(
     finally:
         os.environ.clear()
         os.environ.update(environ)
+        rundir.on_lost(None)
+        internals.release_rendezvous_stores(agent)
         if agent.roster is not None:
             agent.roster.stop()
         if disarm is not None:
