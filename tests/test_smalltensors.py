@@ -50,9 +50,10 @@ def read_items(shard):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_from_workers_are_plain_tensors_with_the_same_values(workers):
-    """Failed once in two fresh-clone ``make test`` runs (not reproduced in 29 runs since, alone, beside busy
-    loops and after the tests that share its pytest process): every assertion says what it saw, and a worker
-    that never answers fails in 60 s, naming it, instead of at pytest's 300-s timeout."""
+    """Failed once in two fresh-clone ``make test`` runs (issue #41): a worker died of SIGSEGV when an earlier
+    test in the same pytest process had called ``launcher.launch`` (fixed; guarded by
+    ``test_spawn.py::test_two_launches_in_one_process_draw_apart_and_leave_no_store_to_a_fork``). Every
+    assertion says what it saw, and a worker that never answers fails in 60 s, naming it."""
     import threading
 
     shards = [(7, 0), (5, 100)]
