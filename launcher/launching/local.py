@@ -190,7 +190,6 @@ def spawn(
         os.environ.clear()
         os.environ.update(environ)
         rundir.on_lost(None)
-        internals.release_rendezvous_stores(agent)
         if agent.roster is not None:
             agent.roster.stop()
         if disarm is not None:
@@ -198,6 +197,7 @@ def spawn(
         watch.set()
         agent.remove_error_files()
         shutil.rmtree(heartbeats, ignore_errors=True)
+        internals.release_rendezvous_stores(agent)  # last: the roster above talks to this machine's store
     return dict(sorted(result.return_values.items()))
 
 
