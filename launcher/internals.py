@@ -64,7 +64,6 @@ def forkserver_forget() -> None:
     """Let go of the fork server inherited from the parent: close its keep-alive pipe and forget its address
     (``_forkserver._forkserver_alive_fd`` / ``_forkserver_address``), so the next use starts a server of our
     own and the parent's server can end when its owner does."""
-
     server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
     fd = getattr(server, "_forkserver_alive_fd", None)
     if fd is not None:
@@ -76,7 +75,6 @@ def forkserver_forget() -> None:
 def forkserver_kill() -> None:
     """SIGKILL this process's fork server, reap it, forget it as ``ForkServer._stop`` would: the next use
     starts a new one (``_forkserver._forkserver_pid`` / ``_forkserver_alive_fd`` / ``_forkserver_address``)"""
-
     server: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
     pid = getattr(server, "_forkserver_pid", None)
     if pid is None:
@@ -92,8 +90,8 @@ def forkserver_kill() -> None:
 
 def forkserver_start_as_fork(preload: list[str], in_child: Any = None) -> None:
     """Start multiprocessing's fork server as ``ForkServer.ensure_running`` does, but as a fork of this
-    process (it inherits what this process imported), and bind it as ensure_running would (``_forkserver.
-    _forkserver_address`` / ``_forkserver_alive_fd`` / ``_forkserver_pid``). Nothing when a server runs.
+    process (it inherits what this process imported), and bind it as ensure_running would: ``_forkserver``'s
+    ``_forkserver_address`` / ``_forkserver_alive_fd`` / ``_forkserver_pid``. Nothing when a server runs.
     Only for a process that runs no thread of its own (a fork copies one thread; a lock another one held
     stays held: CPython issue 112275). The server keeps stdin/stdout/stderr and its two descriptors, as a
     fresh one would. ``in_child``: called in the server first (no arguments); it never returns to the caller.
