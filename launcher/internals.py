@@ -354,12 +354,14 @@ def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
             super().__init__(*args)
 
         def __del__(self) -> None:
-            # A copy forked into a later loader's worker, collected there, ran torch's shutdown in that worker
-            # and stopped this process's workers: there, only forget it in torch's registry of worker pids.
+            # A copy collected in a later loader's worker (a fork) would stop ours: only forget its pids.
             if getattr(self, "made_in", None) != os.getpid():
                 if getattr(self, "_worker_pids_set", False):  # (a new iterator at its address would clash)
                     signal_handling._remove_worker_pids(id(self))
                 return
+            self.shut_down()
+
+        def shut_down(self) -> None:  # torch's __del__; a no-op once done
             # Interrupted in __init__ (Ctrl-C while its workers start), torchdata's __del__ failed on the
             # status list it sets last, printing an "Exception ignored" traceback, and stopped no worker.
             if not hasattr(self, "_workers_status") and hasattr(self, "_index_queues"):
@@ -389,7 +391,7 @@ def stateful_workers_iterator(loader: Any, wait_s: float) -> Any:
             for w in getattr(self, "_workers", ()):
                 if w.is_alive():
                     w.kill()
-            self.__del__()
+            self.shut_down()
 
     loader.check_worker_number_rationality()
     it = Patient(loader, loader.next_iter_state)
